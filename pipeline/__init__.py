@@ -1,0 +1,3 @@
+"""segcal: calibration of semantic segmentation models on Ray."""
+
+__version__ = "0.1.0"
