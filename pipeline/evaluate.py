@@ -1,0 +1,749 @@
+"""Stage 3: evaluate every calibrator on every test set and aggregate the metrics with pandas.
+
+Run it with ``segcal evaluate CONFIG`` (or ``pipeline.evaluate.run(cfg)``) after extract and fit.
+
+For every test dataset (plus the held-out part of the calibration set, named
+``<dataset>-heldout``, when ``evaluate.include_heldout``) and every configured calibrator plus
+``uncalibrated``, a Ray Data pipeline over the shard files upsamples each image's stored logits
+to label resolution, applies the calibrator and reduces the image to one row of mergeable
+statistics (:class:`pipeline.metrics.ImageStats`). Only the image being processed is ever
+held per pixel, and the driver streams the rows to ``per_image.parquet`` while adding them into
+one running total per dataset x calibrator, so memory does not grow with the number of images
+(only one float per image, its ECE, is kept for the bootstrap). pandas then writes:
+
+- ``per_image.parquet``: one row per image x calibrator (the statistics, plus ``img_ece``).
+- ``summary.csv``: one row per dataset x calibrator (see :data:`SUMMARY_COLUMNS`).
+- ``domain_shift.csv``: each shifted dataset beside its reference domain, with deltas.
+- ``best.csv``: the best calibrator per test domain by image-wise ECE (ties: NLL).
+
+New files are written to a temporary folder inside ``OUTPUT`` and moved into place only when
+every table is complete, so a failed or killed evaluation leaves the earlier tables (and the
+report, which :mod:`pipeline.report` writes) as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from pipeline.calibrators import Calibrator, load
+from pipeline.calibrators.artifacts import CARD, read_card
+from pipeline.config import DatasetConfig, JobConfig, config_hash
+from pipeline.metrics import ImageStats, image_stats
+from pipeline.paths import RunPaths, atomic_write_text
+from pipeline.shards import (
+    MANIFEST_NAME,
+    ImageRecord,
+    Manifest,
+    decode_table,
+    file_sha256,
+    read_manifest,
+    upsample_logits,
+)
+
+logger = logging.getLogger(__name__)
+
+UNCALIBRATED = "uncalibrated"
+HELDOUT_SUFFIX = "-heldout"
+PER_IMAGE = "per_image.parquet"
+SUMMARY = "summary.csv"
+DOMAIN_SHIFT = "domain_shift.csv"
+BEST = "best.csv"
+# summary.csv last: the refresh stage treats it as the marker of a finished evaluation.
+TABLES = (PER_IMAGE, DOMAIN_SHIFT, BEST, SUMMARY)
+
+KEY_COLUMNS = ("dataset", "domain", "reference", "role", "calibrator")
+"""Columns naming a summary row (``reference`` is the reference domain of a shifted set)."""
+
+METRIC_COLUMNS = (
+    "img_ece", "img_ece_std", "ece", "mce", "ace", "sce", "nll", "brier", "miou", "pixel_acc",
+    "boundary_ece", "ece_correct", "ece_incorrect", "mis_auroc", "msp_auroc",
+    "flag_precision", "flag_recall", "msp_precision", "msp_recall",
+)
+"""Metrics of a summary row. ``mis_*``/``flag_*`` are the selector's misprediction detection
+(NaN for calibrators without a selector); ``msp_*`` the ``1 - max p`` baseline. A pixel is
+flagged when its score exceeds 0.5."""
+
+SUMMARY_COLUMNS = (
+    *KEY_COLUMNS, "n_images", "n_pixels", "img_ece", "img_ece_std", "img_ece_lo",
+    "img_ece_hi", *METRIC_COLUMNS[2:],
+)
+
+SHIFT_METRICS = (
+    "img_ece", "ece", "mce", "ace", "sce", "nll", "brier", "miou", "pixel_acc", "boundary_ece",
+    "ece_correct", "ece_incorrect", "mis_auroc", "msp_auroc",
+)
+
+_IMAGE_COLUMNS = ("dataset", "domain", "reference", "role", "image_id", "calibrator")
+# ImageStats.summary() names -> summary.csv names.
+_RENAME = {
+    "image_ece_mean": "img_ece", "image_ece_std": "img_ece_std",
+    "mis_precision": "flag_precision", "mis_recall": "flag_recall",
+}
+
+
+def _row_schema() -> pa.Schema:
+    """Arrow schema of a per-image row (list types do not depend on C or the bin counts)."""
+    stats = pa.Table.from_pylist([ImageStats.zero(2, 1).to_row()]).schema
+    meta = [pa.field(name, pa.string()) for name in _IMAGE_COLUMNS]
+    return pa.schema([*meta, pa.field("img_ece", pa.float64()), *stats])
+
+
+ROW_SCHEMA = _row_schema()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per image: logits -> calibrators -> one ImageStats row each
+
+
+def _image_tensor(record: ImageRecord) -> torch.Tensor | None:
+    """The stored RGB image as (1, 3, H, W) float in [0, 1] at label resolution, or None."""
+    if record.image is None:
+        return None
+    image = torch.tensor(record.image).permute(2, 0, 1)[None].float().div_(255.0)
+    size = (record.height, record.width)
+    if tuple(image.shape[-2:]) != size:
+        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    return image.clamp_(0.0, 1.0)
+
+
+def image_rows(
+    record: ImageRecord,
+    calibrators: Mapping[str, Calibrator | None],
+    *,
+    meta: Mapping[str, str | None],
+    n_bins: int,
+    boundary_width: int,
+    ignore_index: int | None,
+) -> list[dict[str, Any]]:
+    """One image's statistics rows, one per calibrator.
+
+    The stored logits are upsampled to label resolution, each calibrator is applied (spatial
+    ones also get the image, upsampled alike) and the image is reduced to an ImageStats row.
+
+    Args:
+        record: the image's stored logits (C, h, w), labels (H, W) and optional image.
+        calibrators: label -> fitted calibrator; None means ``uncalibrated`` (identity).
+        meta: ``dataset``, ``domain``, ``reference``, ``role`` for the rows.
+        n_bins: confidence bins.
+        boundary_width: boundary width in pixels.
+        ignore_index: label value left out of every metric.
+
+    Returns:
+        Rows with the keys of :data:`ROW_SCHEMA`.
+    """
+    logits = upsample_logits(record.logits, (record.height, record.width))[None]
+    labels = torch.from_numpy(record.labels.astype(np.int64, copy=False))
+    image = None
+    if any(c is not None and type(c).spatial for c in calibrators.values()):
+        image = _image_tensor(record)
+    rows = []
+    with torch.inference_mode():
+        for label, calibrator in calibrators.items():
+            score = None
+            calibrated = logits
+            if calibrator is not None:
+                cal_image = image if type(calibrator).spatial else None
+                calibrated = calibrator(logits, cal_image)
+                score = calibrator.mis_score(logits, cal_image)
+            probs = torch.softmax(calibrated[0], dim=0)
+            stats = image_stats(
+                probs, labels, n_bins=n_bins, ignore_index=ignore_index,
+                boundary_width=boundary_width,
+                mis_score=None if score is None else score.reshape(labels.shape),
+                validate_args=False,  # straight from a softmax
+            )
+            rows.append({
+                **meta, "image_id": record.image_id, "calibrator": label,
+                "img_ece": stats.image_ece_mean(), **stats.to_row(),
+            })
+    return rows
+
+
+def _iter_shard(path: Path, sha256: str, rows: int) -> Iterator[ImageRecord]:
+    """Records of one shard, one at a time, after checking it against its manifest entry."""
+    digest = file_sha256(path)
+    if digest != sha256:
+        raise ValueError(
+            f"Expected shard {path} to have sha256 {sha256} as in its manifest, but got "
+            f"{digest} (truncated or modified)"
+        )
+    shard = pq.ParquetFile(path)
+    if shard.metadata.num_rows != rows:
+        raise ValueError(
+            f"Expected shard {path} to hold {rows} rows, but got {shard.metadata.num_rows}"
+        )
+    # One row per batch: only one image's logits are decoded at a time.
+    for batch in shard.iter_batches(batch_size=1):
+        yield from decode_table(pa.Table.from_batches([batch]))
+
+
+class ShardEvaluator:
+    """Ray Data UDF (a callable class, so each actor loads the calibrators once).
+
+    Each input row names one shard file and the image ids to evaluate in it; each output row
+    holds one image x calibrator's statistics (:data:`ROW_SCHEMA`).
+
+    Args:
+        artifacts: calibrator label -> artifact folder.
+        n_bins: confidence bins.
+        boundary_width: boundary width in pixels.
+        threads: torch intra-op threads for this actor (None leaves torch's default).
+    """
+
+    def __init__(
+        self,
+        artifacts: Mapping[str, str],
+        *,
+        n_bins: int,
+        boundary_width: int,
+        threads: int | None = None,
+    ) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.calibrators: dict[str, Calibrator | None] = {UNCALIBRATED: None}
+        self.calibrators.update({label: load(path) for label, path in artifacts.items()})
+        self.n_bins = n_bins
+        self.boundary_width = boundary_width
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Evaluate the shards named in ``batch`` (columns of :func:`_work_items`)."""
+        rows: list[dict[str, Any]] = []
+        for item in batch.to_pylist():
+            keep = set(item["image_ids"])
+            meta = {k: item[k] for k in ("dataset", "domain", "reference", "role")}
+            for record in _iter_shard(Path(item["path"]), item["sha256"], item["rows"]):
+                if record.image_id in keep:
+                    rows.extend(image_rows(
+                        record, self.calibrators, meta=meta, n_bins=self.n_bins,
+                        boundary_width=self.boundary_width, ignore_index=item["ignore_index"],
+                    ))
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation (pandas; no Ray needed)
+
+
+def bootstrap_interval(
+    values: np.ndarray, *, resamples: int, seed: int, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values``.
+
+    Resamples are drawn in chunks, so memory stays at about 100 x len(values) indices.
+
+    Args:
+        values: (N,) float per-image values (NaNs are dropped).
+        resamples: number of bootstrap resamples; 0 gives (NaN, NaN).
+        seed: seed of the resampling; with the same N, the same images are drawn (paired
+            comparison across calibrators of one dataset).
+        level: coverage of the interval.
+
+    Returns:
+        ``(lo, hi)``; both equal the value for a single value; NaN without values.
+
+    Example:
+        >>> lo, hi = bootstrap_interval(np.array([0.1, 0.2, 0.3, 0.4]), resamples=200, seed=0)
+        >>> bool(lo <= 0.25 <= hi)
+        True
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if resamples == 0 or values.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = []
+    for start in range(0, resamples, 100):
+        idx = rng.integers(0, values.size, size=(min(100, resamples - start), values.size))
+        means.append(values[idx].mean(axis=1))
+    lo, hi = np.quantile(np.concatenate(means), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _metrics(total: ImageStats) -> dict[str, float]:
+    """The summary metrics of summed statistics."""
+    values = {_RENAME.get(k, k): v for k, v in total.summary().items()}
+    # The 1 - max p baseline flags pixels by the same rule as the selector (score > 0.5).
+    msp = dataclasses.replace(total, mis_hist_cor=total.msp_hist_cor,
+                              mis_hist_inc=total.msp_hist_inc)
+    values["msp_precision"], values["msp_recall"] = msp.mis_precision(), msp.mis_recall()
+    return {k: values[k] for k in METRIC_COLUMNS}
+
+
+class Aggregator:
+    """Adds per-image rows, batch by batch, into per dataset x calibrator totals.
+
+    Keeps one :class:`ImageStats` per dataset x calibrator and one float per image (its ECE,
+    for the bootstrap), never the rows themselves.
+
+    Args:
+        bootstrap: bootstrap resamples for ``img_ece_lo``/``img_ece_hi`` (0: NaN).
+        seed: bootstrap seed.
+    """
+
+    def __init__(self, *, bootstrap: int, seed: int) -> None:
+        self.bootstrap = bootstrap
+        self.seed = seed
+        self.totals: dict[tuple[str, ...], ImageStats] = {}
+        self._ece: list[pd.DataFrame] = []
+
+    def add(self, rows: pd.DataFrame) -> None:
+        """Add a batch of per-image rows (columns of :data:`ROW_SCHEMA`)."""
+        if rows.empty:
+            return
+        rows = rows.assign(reference=rows["reference"].fillna(""))
+        for key, group in rows.groupby(list(KEY_COLUMNS), sort=False):
+            part = ImageStats.sum_rows(group)
+            self.totals[key] = self.totals[key] + part if key in self.totals else part
+        self._ece.append(rows[["dataset", "calibrator", "image_id", "img_ece"]])
+
+    def summary(self) -> pd.DataFrame:
+        """One row per dataset x calibrator with :data:`SUMMARY_COLUMNS`."""
+        if not self.totals:
+            raise ValueError("Expected at least one per-image row to summarise, but got none")
+        ece = pd.concat(self._ece, ignore_index=True).sort_values("image_id", kind="stable")
+        per_group = {k: g["img_ece"].to_numpy() for k, g in ece.groupby(["dataset", "calibrator"])}
+        records = []
+        for key, total in self.totals.items():
+            row: dict[str, Any] = dict(zip(KEY_COLUMNS, key, strict=True))
+            row["reference"] = row["reference"] or None
+            row["n_images"], row["n_pixels"] = total.n_images, total.n_pixels
+            row.update(_metrics(total))
+            row["img_ece_lo"], row["img_ece_hi"] = bootstrap_interval(
+                per_group[(row["dataset"], row["calibrator"])],
+                resamples=self.bootstrap, seed=self.seed,
+            )
+            records.append(row)
+        return pd.DataFrame.from_records(records, columns=list(SUMMARY_COLUMNS))
+
+    def domain_totals(self, datasets: Iterable[str]) -> dict[str, ImageStats]:
+        """Per calibrator, the statistics of ``datasets`` pooled (exact, by adding sums)."""
+        wanted = set(datasets)
+        pooled: dict[str, ImageStats] = {}
+        for (dataset, *_, calibrator), total in self.totals.items():
+            if dataset in wanted:
+                pooled[calibrator] = pooled[calibrator] + total if calibrator in pooled else total
+        return pooled
+
+
+def domain_shift(
+    summary: pd.DataFrame, aggregator: Aggregator, references: Mapping[str, list[str]]
+) -> pd.DataFrame:
+    """Each shifted dataset beside its reference domain, per calibrator, with deltas.
+
+    Args:
+        summary: the summary table.
+        aggregator: holds the totals, so that a reference domain spread over several datasets
+            is pooled exactly.
+        references: reference domain -> the datasets that make it up.
+
+    Returns:
+        Columns ``dataset, domain, reference, reference_datasets, calibrator`` and, for every
+        metric m of :data:`SHIFT_METRICS`, ``m_reference``, ``m`` and ``m_delta`` (shifted
+        minus reference).
+    """
+    columns = ["dataset", "domain", "reference", "reference_datasets", "calibrator"]
+    for m in SHIFT_METRICS:
+        columns += [f"{m}_reference", m, f"{m}_delta"]
+    records = []
+    shifted = summary[summary["reference"].notna() & (summary["role"] == "test")]
+    pooled = {ref: aggregator.domain_totals(names) for ref, names in references.items()}
+    for row in shifted.itertuples(index=False):
+        ref_total = pooled.get(row.reference, {}).get(row.calibrator)
+        if ref_total is None:
+            continue
+        ref = _metrics(ref_total)
+        out = {
+            "dataset": row.dataset, "domain": row.domain, "reference": row.reference,
+            "reference_datasets": "+".join(references[row.reference]),
+            "calibrator": row.calibrator,
+        }
+        for m in SHIFT_METRICS:
+            value = getattr(row, m)
+            out[f"{m}_reference"], out[m], out[f"{m}_delta"] = ref[m], value, value - ref[m]
+        records.append(out)
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def best_per_domain(summary: pd.DataFrame) -> pd.DataFrame:
+    """The best calibrator per test domain by image-wise ECE, ties broken by NLL.
+
+    A domain spread over several test datasets is pooled: image-wise ECE weighted by images,
+    NLL by pixels (both exact, as each is a mean over images or pixels).
+
+    Args:
+        summary: the summary table (rows of role ``test`` are ranked).
+
+    Returns:
+        One row per domain: ``domain, datasets, n_images, best, img_ece, nll,
+        uncalibrated_img_ece, uncalibrated_nll, reduction`` where ``reduction`` is the
+        relative drop of image-wise ECE against ``uncalibrated`` (0.34 = 34% lower).
+
+    Example:
+        >>> s = pd.DataFrame({"dataset": ["d"] * 3, "domain": ["dusk"] * 3,
+        ...     "role": ["test"] * 3, "calibrator": ["uncalibrated", "a", "b"],
+        ...     "n_images": [2] * 3, "n_pixels": [8] * 3,
+        ...     "img_ece": [0.1, 0.05, 0.05], "nll": [1.0, 0.9, 0.8]})
+        >>> best_per_domain(s)[["domain", "best", "reduction"]].to_dict("records")
+        [{'domain': 'dusk', 'best': 'b', 'reduction': 0.5}]
+    """
+    columns = ["domain", "datasets", "n_images", "best", "img_ece", "nll",
+               "uncalibrated_img_ece", "uncalibrated_nll", "reduction"]
+    test = summary[summary["role"] == "test"]
+    records = []
+    for domain, rows in test.groupby("domain", sort=False):
+        pooled = rows.groupby("calibrator", sort=False).apply(
+            lambda g: pd.Series({
+                "img_ece": np.average(g["img_ece"], weights=g["n_images"]),
+                "nll": np.average(g["nll"], weights=g["n_pixels"]),
+                "n_images": int(g["n_images"].sum()),
+            }),
+            include_groups=False,
+        )
+        ranked = pooled.reset_index().sort_values(["img_ece", "nll", "calibrator"],
+                                                  kind="stable")
+        best = ranked.iloc[0]
+        base = pooled.loc[UNCALIBRATED] if UNCALIBRATED in pooled.index else None
+        base_ece = math.nan if base is None else float(base["img_ece"])
+        records.append({
+            "domain": domain,
+            "datasets": "+".join(dict.fromkeys(rows["dataset"])),
+            "n_images": int(best["n_images"]),
+            "best": best["calibrator"],
+            "img_ece": float(best["img_ece"]),
+            "nll": float(best["nll"]),
+            "uncalibrated_img_ece": base_ece,
+            "uncalibrated_nll": math.nan if base is None else float(base["nll"]),
+            "reduction": (base_ece - float(best["img_ece"])) / base_ece if base_ece else math.nan,
+        })
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: what to evaluate, checked before any work starts
+
+
+@dataclass(frozen=True)
+class Target:
+    """One dataset (or the held-out part of one) to evaluate."""
+
+    name: str
+    config: DatasetConfig
+    directory: Path
+    manifest: Manifest
+    image_ids: frozenset[str]
+
+
+def _check_manifest(
+    cfg: JobConfig, ds: DatasetConfig, directory: Path, fingerprint: str
+) -> Manifest:
+    # Imported here: pipeline.extract pulls in the model adapters.
+    from pipeline.extract import content_hash
+
+    try:
+        manifest = read_manifest(directory)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"Expected dataset {ds.name!r} of config {cfg.source or '<dict>'} to have a "
+            f"manifest at {directory / MANIFEST_NAME}, but it is missing: run `segcal extract` "
+            "first"
+        ) from None
+    where = directory / MANIFEST_NAME
+    if manifest.model_fingerprint != fingerprint:
+        raise ValueError(
+            f"Expected the shards in {where} to come from model {fingerprint[:12]} of config "
+            f"{cfg.source or '<dict>'}, but they come from {manifest.model_fingerprint[:12]}"
+        )
+    # content_hash covers only what changes the stored rows (dataset tags, labels, corruption,
+    # store options), unlike the manifest's config_hash, which covers the whole config: adding
+    # a calibrator or a test set must not invalidate what was extracted.
+    expected = content_hash(ds, cfg.extract)
+    if manifest.content_hash != expected:
+        raise ValueError(
+            f"Expected the shards in {where} to match config {cfg.source or '<dict>'} "
+            f"(content hash {expected}, config hash {config_hash(cfg)}), but they were "
+            f"extracted with content hash {manifest.content_hash!r} by config hash "
+            f"{manifest.config_hash}: re-run `segcal extract` or use another output folder"
+        )
+    if manifest.num_classes != cfg.model.num_classes:
+        raise ValueError(
+            f"Expected {where} to hold {cfg.model.num_classes} classes as in `model.num_classes`, "
+            f"but got {manifest.num_classes}"
+        )
+    return manifest
+
+
+def plan_targets(cfg: JobConfig, paths: RunPaths) -> list[Target]:
+    """The datasets to evaluate, with their manifests checked.
+
+    Raises:
+        ValueError: no test dataset; shards of another model or config; class-count mismatch.
+        FileNotFoundError: a dataset without a manifest.
+    """
+    tests = cfg.datasets_with_role("test")
+    if not tests:
+        raise ValueError(
+            f"Expected at least one dataset with role 'test' in config {cfg.source or '<dict>'},"
+            " but got none"
+        )
+    targets = []
+    if cfg.evaluate.include_heldout and cfg.fit.heldout_fraction > 0:
+        # The fit stage's own rule, applied to the union of the calibration sets' ids as there
+        # (corrupted copies of an image share its id, so they are held out together).
+        from pipeline.fit import split_heldout
+
+        calibration = [
+            (ds, _check_manifest(cfg, ds, paths.dataset_dir(ds.name), paths.model_fingerprint))
+            for ds in cfg.datasets_with_role("calibration")
+        ]
+        union = {i for _, m in calibration for i in m.image_ids()}
+        heldout = split_heldout(union, cfg.fit.heldout_fraction, cfg.fit.seed)
+        for ds, manifest in calibration:
+            ids = frozenset(manifest.image_ids() & heldout)
+            if ids:
+                targets.append(Target(ds.name + HELDOUT_SUFFIX, ds, paths.dataset_dir(ds.name),
+                                      manifest, ids))
+    for ds in tests:
+        directory = paths.dataset_dir(ds.name)
+        manifest = _check_manifest(cfg, ds, directory, paths.model_fingerprint)
+        targets.append(Target(ds.name, ds, directory, manifest, frozenset(manifest.image_ids())))
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expected unique evaluation names, but got {names}")
+    return targets
+
+
+def reference_datasets(targets: Sequence[Target]) -> dict[str, list[str]]:
+    """Reference domain -> the evaluated datasets that make it up.
+
+    A reference names a domain. It is made of the unshifted test datasets of that domain or,
+    when there are none, the held-out calibration sets of that domain.
+
+    Raises:
+        ValueError: a shifted dataset whose reference domain has no evaluated dataset.
+    """
+    refs: dict[str, list[str]] = {}
+    for t in targets:
+        ref = t.config.reference
+        if ref is None or t.config.role != "test" or ref in refs:
+            continue
+        same = [u for u in targets if u.config.domain == ref and u.config.reference is None]
+        chosen = [u.name for u in same if u.config.role == "test"] or [u.name for u in same]
+        if not chosen:
+            raise ValueError(
+                f"Expected a test dataset (or a held-out calibration set) of domain {ref!r}, "
+                f"the `reference` of dataset {t.name!r}, but there is none"
+            )
+        refs[ref] = chosen
+    return refs
+
+
+def check_artifacts(cfg: JobConfig, paths: RunPaths, targets: Sequence[Target]) -> dict[str, str]:
+    """Artifact folders of the configured calibrators, checked against the shards' classes.
+
+    Returns:
+        Calibrator label -> artifact folder.
+
+    Raises:
+        FileNotFoundError: a configured calibrator without an artifact.
+        ValueError: an artifact of another calibrator, or whose classes differ from the
+            shards'.
+    """
+    artifacts = {}
+    for spec in cfg.calibrators:
+        directory = paths.artifact_dir(spec.key)
+        try:
+            card = read_card(directory)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"Expected an artifact for calibrator {spec.key!r} at {directory}, but it is "
+                "missing: run `segcal fit` first"
+            ) from None
+        where = directory / CARD
+        if card["name"] != spec.name:
+            raise ValueError(
+                f"Expected {where} to hold calibrator {spec.name!r} as configured for label "
+                f"{spec.key!r}, but it holds {card['name']!r}"
+            )
+        for t in targets:
+            names = card["class_names"]
+            if card["num_classes"] != t.manifest.num_classes or (
+                names is not None and names != t.manifest.class_names
+            ):
+                raise ValueError(
+                    f"Expected the classes of artifact {where} ({card['num_classes']}: {names}) "
+                    f"to equal those of the shards in {t.directory / MANIFEST_NAME} "
+                    f"({t.manifest.num_classes}: {t.manifest.class_names})"
+                )
+        load(directory)  # fail here, not inside a Ray actor, on a corrupt artifact
+        artifacts[spec.key] = str(directory)
+    return artifacts
+
+
+def _work_items(targets: Sequence[Target]) -> list[dict[str, Any]]:
+    """One item per shard file holding at least one image to evaluate."""
+    items = []
+    for t in targets:
+        for shard in t.manifest.shards:
+            ids = [i for i in shard.image_ids if i in t.image_ids]
+            if ids:
+                items.append({
+                    "path": str(t.directory / shard.file), "sha256": shard.sha256,
+                    "rows": shard.rows, "image_ids": ids, "dataset": t.name,
+                    "domain": t.config.domain, "reference": t.config.reference,
+                    "role": t.config.role, "ignore_index": t.manifest.ignore_index,
+                })
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution: Ray Data (run) or in-process (tests, debugging)
+
+
+def _pool(requested: int | None, n_items: int) -> tuple[int, float, int]:
+    """Actor pool size, CPUs per actor and torch threads per actor.
+
+    Ray Data hangs when an actor pool holds every CPU (ray-project/ray#44687): the read tasks
+    never get scheduled. One CPU (half of a lone CPU) is therefore left free.
+    """
+    import ray
+
+    free = float(ray.available_resources().get("CPU", 1.0))
+    total = float(ray.cluster_resources().get("CPU", free))
+    reserve = 1.0 if free >= 2 else free / 2
+    limit = max(1, int(free - reserve))
+    size = min(requested or limit, limit, n_items)
+    if requested is not None and size < min(requested, n_items):
+        warnings.warn(
+            f"`evaluate.num_actors`={requested} exceeds what the cluster has free ({free:g} CPU, "
+            f"one kept for read tasks); using {size}",
+            stacklevel=3,
+        )
+    num_cpus = max(0.01, min(1.0, (free - reserve) / size))
+    return size, num_cpus, max(1, int(total // size))
+
+
+def _batches_ray(
+    items: list[dict[str, Any]], evaluator_kwargs: dict[str, Any], num_actors: int | None
+) -> Iterator[pa.Table]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    size, num_cpus, threads = _pool(num_actors, len(items))
+    # [1] one block per shard file, so that the shards spread over the actors
+    shards = ray.data.from_items(items, override_num_blocks=len(items))
+    # [2] an actor pool of evaluators, each holding the loaded calibrators
+    rows = shards.map_batches(
+        ShardEvaluator,
+        fn_constructor_kwargs={**evaluator_kwargs, "threads": threads},
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=size),
+        num_cpus=num_cpus,
+    )
+    # [3] stream the small rows back to the driver as they are produced
+    yield from rows.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _batches_local(
+    items: list[dict[str, Any]], evaluator_kwargs: dict[str, Any]
+) -> Iterator[pa.Table]:
+    evaluator = ShardEvaluator(**evaluator_kwargs)
+    for item in items:
+        yield evaluator(pa.Table.from_pylist([item]))
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    # repr-precision floats: the tables are read back by the report and by tests.
+    atomic_write_text(path, df.to_csv(index=False, float_format="%.17g"))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run(cfg: JobConfig, *, local: bool = False) -> Path:
+    """Evaluate every configured calibrator and ``uncalibrated`` on the test sets.
+
+    Starts local Ray when none is running (``RAY_ADDRESS`` connects to a cluster instead).
+
+    Args:
+        cfg: the run config (``cfg.evaluate`` holds the options).
+        local: evaluate in this process without Ray (tests and debugging); the results are
+            the same.
+
+    Returns:
+        The output folder, holding ``per_image.parquet``, ``summary.csv``,
+        ``domain_shift.csv`` and ``best.csv``.
+
+    Raises:
+        FileNotFoundError: a dataset without a manifest, a calibrator without an artifact.
+        ValueError: no test dataset; shards of another model or config; artifact classes that
+            differ from the shards'; a reference domain without a dataset.
+    """
+    from pipeline.models import model_fingerprint
+
+    output = Path(cfg.output)
+    paths = RunPaths(output, model_fingerprint(cfg.model))
+    targets = plan_targets(cfg, paths)
+    references = reference_datasets(targets)
+    artifacts = check_artifacts(cfg, paths, targets)
+    items = _work_items(targets)
+    kwargs = {"artifacts": artifacts, "n_bins": cfg.evaluate.n_bins,
+              "boundary_width": cfg.evaluate.boundary_width}
+    logger.info("evaluating %d calibrators + uncalibrated on %d datasets (%d shards)",
+                len(artifacts), len(targets), len(items))
+
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=output))
+    try:
+        batches = _batches_local(items, kwargs) if local else _batches_ray(
+            items, kwargs, cfg.evaluate.num_actors)
+        aggregator = Aggregator(bootstrap=cfg.evaluate.bootstrap, seed=cfg.evaluate.seed)
+        with pq.ParquetWriter(tmp / PER_IMAGE, ROW_SCHEMA, compression="zstd") as writer:
+            for batch in batches:
+                batch = batch.cast(ROW_SCHEMA)
+                writer.write_table(batch)
+                aggregator.add(batch.to_pandas())
+        _fsync(tmp / PER_IMAGE)
+        summary = _ordered(aggregator.summary(), targets, ["uncalibrated", *artifacts])
+        _write_csv(summary, tmp / SUMMARY)
+        _write_csv(domain_shift(summary, aggregator, references), tmp / DOMAIN_SHIFT)
+        _write_csv(best_per_domain(summary), tmp / BEST)
+        for name in TABLES:
+            os.replace(tmp / name, output / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("evaluation tables written to %s", output)
+    return output
+
+
+def _ordered(summary: pd.DataFrame, targets: Sequence[Target], labels: list[str]) -> pd.DataFrame:
+    """Rows in config order of datasets, then calibrators (uncalibrated first)."""
+    dataset_rank = {t.name: i for i, t in enumerate(targets)}
+    label_rank = {label: i for i, label in enumerate(labels)}
+    order = np.lexsort(
+        (summary["calibrator"].map(label_rank), summary["dataset"].map(dataset_rank))
+    )
+    return summary.iloc[order].reset_index(drop=True)
