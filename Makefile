@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/segcal run configs/camvid_espnet.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline jobs tests benchmarks
