@@ -1,0 +1,183 @@
+"""Dataset listings: which image goes with which label file.
+
+Three layouts, chosen by ``DatasetConfig.format``:
+
+- ``folder``: ``images`` holds files matching ``glob`` (``**`` recurses); ``labels`` holds one
+  label file per image with the same relative path and file stem (any image suffix).
+- ``cityscapes``: ``images`` is the Cityscapes root, holding
+  ``leftImg8bit/<split>/<city>/<id>_leftImg8bit.png`` and
+  ``gtFine/<split>/<city>/<id>_gtFine_labelIds.png`` (``labels`` may point to another folder
+  laid out like ``gtFine``).
+- ``manifest``: a CSV or Parquet table with columns ``image`` and ``label`` (URIs: local paths
+  or any fsspec/pyarrow filesystem URL; relative ones are relative to the manifest) and an
+  optional ``image_id``.
+
+Listing only looks at names; files are opened later, in :mod:`pipeline.data.decode`, inside
+Ray read tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.config import DatasetConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+_CS_IMAGE_SUFFIX = "_leftImg8bit.png"
+_CS_LABEL_SUFFIX = "_gtFine_labelIds.png"
+
+
+class DataError(ValueError):
+    """A dataset file or listing that cannot be used; the message names the file or key."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One listed image: its id, its URI and its label's URI (None when no label was found)."""
+
+    image_id: str
+    uri: str
+    label_uri: str | None
+
+
+def _listing_folder(cfg: DatasetConfig) -> list[Sample]:
+    images, labels = Path(cfg.images or ""), Path(cfg.labels or "")
+    for key, folder in (("images", images), ("labels", labels)):
+        if not folder.is_dir():
+            raise DataError(
+                f"Expected `{key}` of dataset {cfg.name!r} to be a folder, but got {folder}"
+            )
+    label_index: dict[str, Path] = {}
+    for p in sorted(labels.rglob("*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+            continue
+        stem = p.relative_to(labels).with_suffix("").as_posix()
+        if stem in label_index:
+            raise DataError(
+                f"Expected one label file per stem in {labels}, but got {label_index[stem]} "
+                f"and {p}"
+            )
+        label_index[stem] = p
+    samples = []
+    for p in sorted(images.glob(cfg.glob)):
+        if not p.is_file():
+            continue
+        image_id = p.relative_to(images).with_suffix("").as_posix()
+        label = label_index.get(image_id)
+        samples.append(Sample(image_id, str(p), None if label is None else str(label)))
+    return samples
+
+
+def _listing_cityscapes(cfg: DatasetConfig) -> list[Sample]:
+    root = Path(cfg.images or "")
+    image_dir = root / "leftImg8bit" / cfg.split
+    label_dir = Path(cfg.labels) if cfg.labels else root / "gtFine"
+    label_dir = label_dir / cfg.split
+    if not image_dir.is_dir():
+        raise DataError(
+            f"Expected `images` of dataset {cfg.name!r} to be a Cityscapes root with "
+            f"leftImg8bit/{cfg.split}/, but {image_dir} is not a folder"
+        )
+    samples = []
+    for p in sorted(image_dir.glob(f"*/*{_CS_IMAGE_SUFFIX}")):
+        image_id = p.name[: -len(_CS_IMAGE_SUFFIX)]
+        label = label_dir / p.parent.name / f"{image_id}{_CS_LABEL_SUFFIX}"
+        samples.append(Sample(image_id, str(p), str(label) if label.is_file() else None))
+    return samples
+
+
+def _join_uri(base: str, uri: str) -> str:
+    if "://" in uri or posixpath.isabs(uri) or Path(uri).is_absolute():
+        return uri
+    return posixpath.join(base, uri)
+
+
+def _read_manifest_table(uri: str, name: str) -> pa.Table:
+    suffix = posixpath.splitext(uri.split("?")[0])[1].lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise DataError(
+            f"Expected `manifest` of dataset {name!r} to end in .csv or .parquet, but got {uri}"
+        )
+    try:
+        with fsspec.open(uri, "rb") as f:
+            return pacsv.read_csv(f) if suffix == ".csv" else pq.read_table(f)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise DataError(f"Expected manifest {uri} to be a readable table, but got: {err}") from err
+
+
+def _listing_manifest(cfg: DatasetConfig) -> list[Sample]:
+    uri = cfg.manifest or ""
+    table = _read_manifest_table(uri, cfg.name)
+    missing = [c for c in ("image", "label") if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"Expected manifest {uri} to have columns ['image', 'label'], but {missing} are "
+            f"missing (columns: {table.column_names})"
+        )
+    base = posixpath.dirname(uri)
+    images = table.column("image").cast(pa.string()).to_pylist()
+    labels = table.column("label").cast(pa.string()).to_pylist()
+    if "image_id" in table.column_names:
+        ids = table.column("image_id").cast(pa.string()).to_pylist()
+    else:
+        ids = [posixpath.splitext(posixpath.basename(u or ""))[0] for u in images]
+    samples = []
+    for row, (image_id, image, label) in enumerate(zip(ids, images, labels, strict=True)):
+        if not image or not image_id:
+            raise DataError(f"Expected row {row} of manifest {uri} to name an image, but got none")
+        samples.append(
+            Sample(image_id, _join_uri(base, image), _join_uri(base, label) if label else None)
+        )
+    return samples
+
+
+def _sample_rank(seed: int, image_id: str) -> bytes:
+    return hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+
+
+_LISTINGS = {"folder": _listing_folder, "cityscapes": _listing_cityscapes,
+             "manifest": _listing_manifest}
+
+
+def list_samples(cfg: DatasetConfig) -> list[Sample]:
+    """List a dataset's images and their labels, filtered by ``include`` and ``limit``.
+
+    Args:
+        cfg: the dataset's config.
+
+    Returns:
+        Samples sorted by ``image_id``. With ``limit``, the ``limit`` images of lowest seeded
+        hash rank: a uniform sample without replacement that only grows with ``limit`` and keeps
+        its images when new files arrive, so incremental reruns extract only the newcomers.
+
+    Raises:
+        DataError: a missing folder or unreadable manifest, duplicate image ids, or no image
+            left to extract.
+    """
+    samples = _LISTINGS[cfg.format](cfg)
+    ids = [s.image_id for s in samples]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise DataError(f"Expected unique image ids in dataset {cfg.name!r}, but got {dupes}")
+    if cfg.include:
+        prefixes = tuple(cfg.include)
+        samples = [s for s in samples if posixpath.basename(s.uri).startswith(prefixes)]
+    samples.sort(key=lambda s: s.image_id)
+    if cfg.limit is not None and cfg.limit < len(samples):
+        keep = sorted(samples, key=lambda s: _sample_rank(cfg.sample_seed, s.image_id))
+        samples = sorted(keep[: cfg.limit], key=lambda s: s.image_id)
+    if not samples:
+        source = cfg.manifest if cfg.format == "manifest" else cfg.images
+        raise DataError(
+            f"Expected dataset {cfg.name!r} to list at least one image (format {cfg.format}, "
+            f"source {source}, glob {cfg.glob!r}, include {cfg.include}), but found none"
+        )
+    return samples

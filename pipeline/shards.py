@@ -1,0 +1,388 @@
+"""Parquet logit shards and their manifests: the single owner of the on-disk schema.
+
+A dataset's shards live in ``OUTPUT/shards/<fp12>/<dataset>/`` as ``part-00000.parquet``, ...,
+plus ``manifest.json``, which is written last. One row per image:
+
+================== ======================================= ====================================
+column             Arrow type                              meaning
+================== ======================================= ====================================
+dataset            string                                  dataset name
+domain             string                                  domain tag (e.g. ``day``)
+role               string                                  ``calibration`` or ``test``
+image_id           string                                  id unique within the dataset
+uri                string                                  where the image was read from
+height, width      int32                                   label resolution
+model_fingerprint  string                                  model that produced the logits
+labels             fixed_shape_tensor<uint8|uint16>[H, W]  labels at label resolution
+logits             fixed_shape_tensor<float16>[C, h, w]    logits at stored resolution
+image (optional)   fixed_shape_tensor<uint8>[h, w, 3]      RGB image at the logits' resolution
+================== ======================================= ====================================
+
+Tensor columns use Arrow's canonical ``arrow.fixed_shape_tensor`` extension type, so plain
+pyarrow reads them back as ndarrays (``column.combine_chunks().to_numpy_ndarray()``). Every shard
+holds one shape per tensor column; the writer groups records by shape.
+
+Logits are stored at the model's output resolution (optionally reduced by ``store_stride``) and
+brought back to label resolution with :func:`upsample_logits`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from pipeline.paths import atomic_write_bytes, atomic_write_json
+
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = "part-*.parquet"
+_STRING_COLUMNS = ("dataset", "domain", "role", "image_id", "uri", "model_fingerprint")
+_LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+# Parquet options: byte-stream-split puts the float16 logits' high bytes (sign, exponent)
+# together, which zstd then compresses well (ESPNet CamVid logits: 2.7 instead of 3.6 MB per
+# image, and faster to write); dictionaries only pay off for the repeated string columns.
+_WRITE_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "use_dictionary": ["dataset", "domain", "role", "model_fingerprint"],
+    "use_byte_stream_split": ["logits.list.element"],
+}
+
+
+@dataclass
+class ImageRecord:
+    """One image's stored extraction result.
+
+    Args:
+        dataset: dataset name.
+        domain: domain tag.
+        role: ``calibration`` or ``test``.
+        image_id: id unique within the dataset.
+        uri: where the image was read from.
+        height: label height H.
+        width: label width W.
+        model_fingerprint: fingerprint of the model that produced ``logits``.
+        labels: (H, W) uint8 or uint16 labels, already remapped.
+        logits: (C, h, w) float16 logits at the stored resolution.
+        image: (h, w, 3) uint8 RGB at the logits' resolution, or None.
+    """
+
+    dataset: str
+    domain: str
+    role: str
+    image_id: str
+    uri: str
+    height: int
+    width: int
+    model_fingerprint: str
+    labels: np.ndarray
+    logits: np.ndarray
+    image: np.ndarray | None = None
+
+
+@dataclass
+class ShardInfo:
+    """A written shard: its file name (relative to the dataset folder), rows, sha256, ids."""
+
+    file: str
+    rows: int
+    sha256: str
+    image_ids: list[str]
+
+
+@dataclass
+class Manifest:
+    """What a dataset folder holds; written last, so it never names a shard that is missing.
+
+    ``content_hash`` identifies the dataset and extract options that change the stored rows
+    (labels, corruption, stride, ...), so a rerun with different options is refused instead of
+    mixing incompatible shards.
+    """
+
+    dataset: str
+    role: str
+    domain: str
+    reference: str | None
+    num_classes: int
+    class_names: list[str]
+    ignore_index: int
+    model_fingerprint: str
+    config_hash: str
+    shards: list[ShardInfo]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    created: str = ""
+    content_hash: str = ""
+
+    @property
+    def n_images(self) -> int:
+        """Rows over all shards."""
+        return sum(s.rows for s in self.shards)
+
+    def image_ids(self) -> set[str]:
+        """Ids of every stored image."""
+        return {i for s in self.shards for i in s.image_ids}
+
+
+def _tensor_column(arrays: Sequence[np.ndarray], dtype: np.dtype, name: str) -> pa.Array:
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"Expected every `{name}` in a shard to have one shape, but got {sorted(shapes)}"
+        )
+    stacked = np.ascontiguousarray(np.stack(arrays).astype(dtype, copy=False))
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+
+
+def encode_records(records: Sequence[ImageRecord]) -> pa.Table:
+    """Encode records as one Arrow table in the shard schema.
+
+    Args:
+        records: at least one record; all share the shapes of ``labels``, ``logits`` and
+            ``image``, the labels' dtype, and either all or none carry an image.
+
+    Returns:
+        The table; ``logits`` is cast to float16.
+
+    Raises:
+        ValueError: no records, mixed shapes, mixed image presence, or bad label dtype/ndim.
+
+    Example:
+        >>> r = ImageRecord("d", "day", "test", "a", "a.png", 4, 4, "fp",
+        ...                 np.zeros((4, 4), np.uint8), np.zeros((3, 2, 2), np.float16))
+        >>> encode_records([r]).column("logits").type.shape
+        [3, 2, 2]
+    """
+    if not records:
+        raise ValueError("Expected `records` to hold at least one record, but got none")
+    label_dtype = records[0].labels.dtype
+    for r in records:
+        if r.labels.dtype not in _LABEL_DTYPES or r.labels.dtype != label_dtype:
+            raise ValueError(
+                f"Expected `labels` of image {r.image_id!r} to be {label_dtype} (uint8 or "
+                f"uint16), but got {r.labels.dtype}"
+            )
+        if r.labels.ndim != 2 or r.logits.ndim != 3:
+            raise ValueError(
+                f"Expected `labels` (H, W) and `logits` (C, h, w) for image {r.image_id!r}, "
+                f"but got {r.labels.shape} and {r.logits.shape}"
+            )
+    with_image = [r.image is not None for r in records]
+    if any(with_image) and not all(with_image):
+        raise ValueError("Expected either every record or none to carry an `image`")
+    columns: dict[str, pa.Array] = {
+        name: pa.array([getattr(r, name) for r in records], pa.string())
+        for name in _STRING_COLUMNS
+    }
+    columns["height"] = pa.array([r.height for r in records], pa.int32())
+    columns["width"] = pa.array([r.width for r in records], pa.int32())
+    columns["labels"] = _tensor_column([r.labels for r in records], label_dtype, "labels")
+    columns["logits"] = _tensor_column([r.logits for r in records], np.float16, "logits")
+    if all(with_image):
+        columns["image"] = _tensor_column([r.image for r in records], np.uint8, "image")
+    return pa.table(columns)
+
+
+def _tensor_values(table: pa.Table, name: str) -> np.ndarray:
+    column = table.column(name).combine_chunks()
+    if not isinstance(column.type, pa.FixedShapeTensorType):
+        raise TypeError(
+            f"Expected column `{name}` to be an arrow.fixed_shape_tensor, but got {column.type}"
+        )
+    return column.to_numpy_ndarray()
+
+
+def decode_table(table: pa.Table) -> list[ImageRecord]:
+    """Decode a shard table back into records (the inverse of :func:`encode_records`).
+
+    The arrays are zero-copy, read-only views of the table's buffers; copy before writing.
+
+    Raises:
+        ValueError: a column of the schema is missing.
+        TypeError: a tensor column is not a fixed-shape tensor.
+    """
+    required = (*_STRING_COLUMNS, "height", "width", "labels", "logits")
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise ValueError(f"Expected shard columns {list(required)}, but {missing} are missing")
+    labels = _tensor_values(table, "labels")
+    logits = _tensor_values(table, "logits")
+    images = _tensor_values(table, "image") if "image" in table.column_names else None
+    meta = table.select([*_STRING_COLUMNS, "height", "width"]).to_pylist()
+    return [
+        ImageRecord(
+            labels=labels[i],
+            logits=logits[i],
+            image=None if images is None else images[i],
+            **row,
+        )
+        for i, row in enumerate(meta)
+    ]
+
+
+def write_shard(path: str | Path, records: Sequence[ImageRecord]) -> ShardInfo:
+    """Write records as one Parquet shard, atomically (temp file, then rename).
+
+    Args:
+        path: the shard file; its parent folder is created.
+        records: records of one shape (see :func:`encode_records`).
+
+    Returns:
+        The shard's file name, row count, sha256 of its bytes and image ids.
+    """
+    path = Path(path)
+    buf = io.BytesIO()
+    pq.write_table(encode_records(records), buf, **_WRITE_OPTIONS)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return ShardInfo(
+        file=path.name,
+        rows=len(records),
+        sha256=hashlib.sha256(data).hexdigest(),
+        image_ids=[r.image_id for r in records],
+    )
+
+
+def _read_table(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise FileNotFoundError(f"Expected shard {path} to exist, but it is missing")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"Expected {path} to be a readable Parquet shard, but got: {err}") from err
+
+
+def read_shard(path: str | Path) -> list[ImageRecord]:
+    """Read one shard's records.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file is not a readable Parquet shard in this schema.
+    """
+    path = Path(path)
+    table = _read_table(path)
+    try:
+        return decode_table(table)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{path}: {err}") from err
+
+
+def upsample_logits(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize stored logits to ``size`` bilinearly (``align_corners=False``).
+
+    Args:
+        logits: (C, h, w) float logits (any float dtype, numpy or torch).
+        size: the target (H, W), usually the label resolution.
+
+    Returns:
+        (C, H, W) float32 logits; a float32 copy of the input when the sizes already match.
+
+    Example:
+        >>> upsample_logits(np.ones((2, 3, 4), np.float16), (6, 8)).shape
+        torch.Size([2, 6, 8])
+    """
+    if isinstance(logits, np.ndarray):
+        # A copy: shard arrays are read-only views of Arrow buffers, which torch warns about.
+        x = torch.from_numpy(np.array(logits, dtype=np.float32))
+    else:
+        x = logits.float()
+    if x.ndim != 3:
+        raise ValueError(f"Expected `logits` of shape (C, h, w), but got {tuple(x.shape)}")
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x.clone() if x is logits else x
+    return F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
+    """Write ``directory/manifest.json`` atomically; call it after every shard it names."""
+    return atomic_write_json(Path(directory) / MANIFEST_NAME, asdict(manifest))
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Read ``directory/manifest.json``.
+
+    Raises:
+        FileNotFoundError: no manifest (the dataset was never extracted, or its run failed).
+        ValueError: the manifest is not valid JSON or lacks fields.
+    """
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Expected a manifest at {path}, but it is missing: extract the dataset first"
+        )
+    try:
+        raw: dict[str, Any] = json.loads(path.read_text())
+        raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
+        return Manifest(**raw)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"Expected {path} to be a valid shard manifest, but got: {err}") from err
+
+
+def iter_dataset(directory: str | Path, *, verify: bool = True) -> Iterator[ImageRecord]:
+    """Yield every record of an extracted dataset, shard by shard.
+
+    Args:
+        directory: the dataset folder holding ``manifest.json``.
+        verify: check each shard's sha256 and row count against the manifest first.
+
+    Raises:
+        FileNotFoundError: the manifest or a shard is missing.
+        ValueError: a shard's checksum or row count differs from the manifest (truncated or
+            modified) or it cannot be read.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for shard in manifest.shards:
+        path = directory / shard.file
+        if verify:
+            if not path.is_file():
+                raise FileNotFoundError(f"Expected shard {path} to exist, but it is missing")
+            digest = file_sha256(path)
+            if digest != shard.sha256:
+                raise ValueError(
+                    f"Expected shard {path} to have sha256 {shard.sha256} as in the manifest, "
+                    f"but got {digest} (truncated or modified)"
+                )
+        records = read_shard(path)
+        if verify and len(records) != shard.rows:
+            raise ValueError(
+                f"Expected shard {path} to hold {shard.rows} rows, but got {len(records)}"
+            )
+        yield from records
+
+
+def describe_shard(path: str | Path) -> ShardInfo:
+    """Describe an existing shard file (rows, sha256, ids) without decoding its tensors.
+
+    A killed run leaves complete shards (writes are atomic) but no manifest entry for them;
+    this lets a rerun adopt them instead of extracting those images again.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file is not a readable Parquet shard with an ``image_id`` column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Expected shard {path} to exist, but it is missing")
+    try:
+        ids = pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        raise ValueError(f"Expected {path} to be a readable Parquet shard, but got: {err}") from err
+    return ShardInfo(file=path.name, rows=len(ids), sha256=file_sha256(path), image_ids=ids)

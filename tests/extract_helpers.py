@@ -1,0 +1,42 @@
+"""Tiny `python`-kind model factories for the extraction tests (importable by Ray workers).
+
+Ray workers start in the driver's working directory (the repository root under pytest), so
+``model.path: "tests.extract_helpers:tiny_net"`` resolves there as it does in the driver.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NUM_CLASSES = 4
+
+
+def tiny_net(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """Seeded conv net with logits at half the input resolution (exercises upsampling)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(3, num_classes, 3, padding=1))
+
+
+class _NanOnBright(nn.Module):
+    """tiny_net, except images brighter than 0.9 on average get NaN logits."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.net = tiny_net(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        bright = x.mean(dim=(1, 2, 3)) > 0.9
+        out[bright] = float("nan")
+        return out
+
+
+def nan_on_bright(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """A model whose output is unusable (NaN) for bright images only."""
+    return _NanOnBright(num_classes)
+
+
+def too_few_classes() -> nn.Module:
+    """A model with one channel fewer than the tests' class count."""
+    return tiny_net(NUM_CLASSES - 1)

@@ -1,0 +1,319 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline import extract
+from pipeline.config import CorruptionConfig, parse_config
+from pipeline.data import DataError, list_samples
+from pipeline.extract import LogitPredictor, content_hash, decode_row
+from pipeline.models import load_model, model_fingerprint
+from pipeline.paths import RunPaths
+from pipeline.shards import (
+    ImageRecord,
+    Manifest,
+    iter_dataset,
+    read_manifest,
+    upsample_logits,
+    write_manifest,
+    write_shard,
+)
+from tests.extract_helpers import NUM_CLASSES
+
+H, W = 12, 16
+
+
+def add_images(root, stems, *, seed=0, bright=()):
+    rng = np.random.default_rng(seed)
+    for stem in stems:
+        img = rng.integers(0, 200, (H, W, 3), dtype=np.uint8)
+        if stem in bright:
+            img[:] = 250
+        lab = rng.integers(0, NUM_CLASSES, (H, W)).astype(np.uint8)
+        lab[0, :3] = 255
+        (root / "img").mkdir(parents=True, exist_ok=True)
+        (root / "lab").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "img" / f"{stem}.png")
+        Image.fromarray(lab).save(root / "lab" / f"{stem}.png")
+
+
+def make_cfg(root, factory="tiny_net", **extract_opts):
+    return parse_config({
+        "output": str(root / "out"),
+        "model": {"kind": "python", "path": f"tests.extract_helpers:{factory}",
+                  "num_classes": NUM_CLASSES},
+        "datasets": [{"name": "toy", "role": "calibration", "domain": "day",
+                      "images": str(root / "img"), "labels": str(root / "lab")}],
+        "extract": {"batch_size": 2, "rows_per_shard": 3, "num_actors": 1, **extract_opts},
+    })
+
+
+def decoded_batch(cfg):
+    ds = cfg.datasets[0]
+    rows = [decode_row({"image_id": s.image_id, "uri": s.uri, "label_uri": s.label_uri or ""},
+                       ds, NUM_CLASSES) for s in list_samples(ds)]
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def direct_logits(cfg, image):
+    return load_model(cfg.model)(torch.from_numpy(np.array(image))[None])[0]
+
+
+@pytest.mark.parametrize(
+    ("opts", "size"),
+    [
+        pytest.param({}, (H // 2, W // 2), id="native"),
+        pytest.param({"store_stride": 2}, (H // 4, W // 4), id="stride2"),
+        pytest.param({"label_resolution": True}, (H, W), id="label-resolution"),
+    ],
+)
+def test_predictor_stores_logits_at_the_configured_resolution(tmp_path, opts, size):
+    add_images(tmp_path, ["a", "b", "c"])
+    cfg = make_cfg(tmp_path, **opts)
+    batch = decoded_batch(cfg)
+    out = LogitPredictor(cfg.model, cfg.extract)(batch)
+    assert list(out["error"]) == ["", "", ""]
+    assert out["logits"].shape == (3, NUM_CLASSES, *size)
+    assert out["logits"].dtype == np.float16
+    assert out["image"].shape == (3, *size, 3)
+    for i, image in enumerate(batch["image"]):
+        logits = direct_logits(cfg, image)
+        if opts.get("store_stride") == 2:
+            logits = F.avg_pool2d(logits, 2)
+        if opts.get("label_resolution"):
+            logits = F.interpolate(logits[None], (H, W), mode="bilinear", align_corners=False)[0]
+        np.testing.assert_array_equal(out["logits"][i], logits.half().numpy())
+        np.testing.assert_array_equal(out["labels"][i], batch["labels"][i])
+        resized = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+        np.testing.assert_array_equal(out["image"][i], resized)
+
+
+def test_predictor_without_images(tmp_path):
+    add_images(tmp_path, ["a"])
+    cfg = make_cfg(tmp_path, store_image=False)
+    out = LogitPredictor(cfg.model, cfg.extract)(decoded_batch(cfg))
+    assert "image" not in out
+
+
+def test_predictor_flags_only_images_with_nan_logits(tmp_path):
+    add_images(tmp_path, ["a", "b", "c"], bright=("b",))
+    cfg = make_cfg(tmp_path, factory="nan_on_bright")
+    out = LogitPredictor(cfg.model, cfg.extract)(decoded_batch(cfg))
+    assert out["error"][0] == ""
+    assert out["error"][2] == ""
+    assert out["error"][1].startswith("Expected usable model output for image")
+    assert "b.png" in out["error"][1]
+    assert "NaN/inf" in out["error"][1]
+    assert out["logits"][1].size == 0
+    assert out["logits"][0].shape == (NUM_CLASSES, H // 2, W // 2)
+
+
+def test_predictor_flags_a_class_count_mismatch(tmp_path):
+    add_images(tmp_path, ["a", "b"])
+    cfg = make_cfg(tmp_path, factory="too_few_classes")
+    out = LogitPredictor(cfg.model, cfg.extract)(decoded_batch(cfg))
+    for error in out["error"]:
+        assert f"at least num_classes={NUM_CLASSES} channels, but got 3" in error
+
+
+def test_predictor_passes_decode_errors_through(tmp_path):
+    add_images(tmp_path, ["a", "b"])
+    (tmp_path / "lab" / "b.png").unlink()
+    cfg = make_cfg(tmp_path)
+    out = LogitPredictor(cfg.model, cfg.extract)(decoded_batch(cfg))
+    assert out["error"][0] == ""
+    assert "Expected a label file for image" in out["error"][1]
+
+
+def test_content_hash_tracks_row_changing_options(tmp_path):
+    cfg = make_cfg(tmp_path)
+    ds, ex = cfg.datasets[0], cfg.extract
+    base = content_hash(ds, ex)
+    assert content_hash(ds.model_copy(update={"limit": 3, "images": "/else"}), ex) == base
+    changed = [
+        content_hash(ds.model_copy(update={"label_map": {1: 2}}), ex),
+        content_hash(ds.model_copy(update={"corruption": CorruptionConfig(kind="dark",
+                                                                           severity=2)}), ex),
+        content_hash(ds.model_copy(update={"domain": "dusk"}), ex),
+        content_hash(ds, ex.model_copy(update={"store_stride": 2})),
+    ]
+    assert base not in changed
+    assert len(set(changed)) == len(changed)
+
+
+@pytest.mark.parametrize(
+    ("free", "expected"),
+    [
+        pytest.param({"CPU": 2.0}, {"size": 1, "num_gpus": 0, "num_cpus": 1.0, "threads": 2,
+                                    "read_cpus": 1.0}, id="2cpu"),
+        pytest.param({"CPU": 4.0}, {"size": 2, "num_gpus": 0, "num_cpus": 1.0, "threads": 2,
+                                    "read_cpus": 1.0}, id="4cpu"),
+        pytest.param({"CPU": 1.0}, {"size": 1, "num_gpus": 0, "num_cpus": 0.5, "threads": 1,
+                                    "read_cpus": 0.5}, id="1cpu"),
+        pytest.param({"CPU": 16.0, "GPU": 2.0}, {"size": 2, "num_gpus": 1, "num_cpus": 1.0,
+                                                 "threads": 8, "read_cpus": 1.0}, id="gpu"),
+    ],
+)
+def test_pool_resources_leave_a_cpu_for_read_tasks(monkeypatch, free, expected):
+    monkeypatch.setattr(extract.ray, "available_resources", lambda: free)
+    monkeypatch.setattr(extract.ray, "cluster_resources", lambda: free)
+    pool = extract._pool_resources(None, blocks=10)
+    assert pool == expected
+    # The actors and one decode task fit at once (ray-project/ray#44687).
+    assert pool["size"] * pool["num_cpus"] + pool["read_cpus"] <= free["CPU"]
+
+
+def test_pool_resources_clamp_requests_with_a_warning(monkeypatch):
+    monkeypatch.setattr(extract.ray, "available_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(extract.ray, "cluster_resources", lambda: {"CPU": 4.0})
+    with pytest.warns(UserWarning, match=r"`extract.num_actors`=4 exceeds .* using 3"):
+        assert extract._pool_resources(4, blocks=10)["size"] == 3
+
+
+def test_pool_resources_never_exceed_the_block_count(monkeypatch):
+    monkeypatch.setattr(extract.ray, "available_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(extract.ray, "cluster_resources", lambda: {"CPU": 8.0})
+    pool = extract._pool_resources(None, blocks=1)
+    assert pool["size"] == 1
+    assert pool["threads"] == 8
+
+
+def test_run_rejects_stride_with_label_resolution(tmp_path):
+    cfg = make_cfg(tmp_path, store_stride=2, label_resolution=True)
+    with pytest.raises(ValueError, match="`extract.store_stride` to be 1 with"):
+        extract.run(cfg)
+
+
+def shard_files(directory):
+    return sorted(p.name for p in directory.glob("part-*.parquet"))
+
+
+@pytest.mark.ray
+def test_extract_end_to_end_incremental_and_failure_safe(ray_local, tmp_path):
+    add_images(tmp_path, ["f0", "f1", "f2", "f3"])
+    cfg = make_cfg(tmp_path)
+    fp = model_fingerprint(cfg.model)
+    directory = RunPaths(tmp_path / "out", fp).dataset_dir("toy")
+
+    assert extract.run(cfg) == {"toy": directory}
+    manifest = read_manifest(directory)
+    assert manifest.n_images == 4
+    assert manifest.model_fingerprint == fp
+    assert manifest.skipped == []
+    assert manifest.num_classes == NUM_CLASSES
+    assert sorted(s.file for s in manifest.shards) == shard_files(directory)
+    records = {r.image_id: r for r in iter_dataset(directory)}
+    assert sorted(records) == ["f0", "f1", "f2", "f3"]
+    for image_id, r in records.items():
+        image = np.asarray(Image.open(tmp_path / "img" / f"{image_id}.png"))
+        labels = np.asarray(Image.open(tmp_path / "lab" / f"{image_id}.png"))
+        np.testing.assert_array_equal(r.logits, direct_logits(cfg, image).half().numpy())
+        np.testing.assert_array_equal(r.labels, labels)
+        assert (r.dataset, r.domain, r.role, r.height, r.width) == ("toy", "day",
+                                                                    "calibration", H, W)
+
+    # A rerun finds everything stored and writes no shard.
+    before = {p.name: p.stat().st_mtime_ns for p in directory.glob("part-*.parquet")}
+    extract.run(cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in directory.glob("part-*.parquet")} == before
+    assert read_manifest(directory).n_images == 4
+
+    # New images, one of them corrupt. Under on_error=fail the run stops on it; the manifest
+    # keeps naming only shards that exist, and the shards the failed run did write (one row
+    # each) are adopted by the next run instead of being extracted again.
+    add_images(tmp_path, ["g0", "g1", "g2", "g3"], seed=1)
+    (tmp_path / "img" / "g2.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match=r"Dataset 'toy': Expected image .*g2.png to be a "
+                                        r"readable image"):
+        extract.run(make_cfg(tmp_path, rows_per_shard=1))
+    manifest = read_manifest(directory)
+    assert manifest.n_images == 4
+    assert len(list(iter_dataset(directory))) == 4
+    orphans = set(shard_files(directory)) - {s.file for s in manifest.shards}
+
+    # on_error=skip: only the new images are extracted, the old shards stay untouched and
+    # the corrupt file is recorded with its reason.
+    extract.run(make_cfg(tmp_path, on_error="skip", rows_per_shard=1))
+    manifest = read_manifest(directory)
+    assert orphans <= {s.file for s in manifest.shards}
+    new = [s for s in manifest.shards if s.file not in before]
+    assert sorted(i for s in new for i in s.image_ids) == ["g0", "g1", "g3"]
+    assert {p.name: p.stat().st_mtime_ns for p in directory.glob("part-*.parquet")
+            if p.name in before} == before
+    assert manifest.n_images == 7
+    assert [s["uri"] for s in manifest.skipped] == [str(tmp_path / "img" / "g2.png")]
+    assert "format is not recognised" in manifest.skipped[0]["reason"]
+    assert {r.image_id for r in iter_dataset(directory)} == manifest.image_ids()
+
+    # Changing what the rows hold under the same output is refused, not mixed in.
+    with pytest.raises(ValueError, match="same label/corruption/storage options"):
+        extract.run(make_cfg(tmp_path, store_stride=2))
+
+
+@pytest.mark.ray
+@pytest.mark.data
+def test_extract_real_camvid_with_espnet(ray_local, tmp_path, camvid_root, espnet_weights):
+    bgr_mean = (110.331055, 108.40889, 105.03321)
+    cfg = parse_config({
+        "output": str(tmp_path / "out"),
+        # The authors' recipe ((bgr - mean) / std) / 255 as (x / 255 - mean / 255) / std.
+        "model": {"kind": "espnet", "path": str(espnet_weights), "num_classes": 11,
+                  "input_size": [360, 480], "channel_order": "bgr", "scale": 1 / 255,
+                  "mean": [m / 255 for m in bgr_mean], "std": [72.12569, 72.690765, 69.904335]},
+        "datasets": [{"name": "camvid", "role": "test", "domain": "day",
+                      "images": str(camvid_root / "test"),
+                      "labels": str(camvid_root / "testannot"), "ignore_index": 11,
+                      "limit": 2}],
+        "extract": {"batch_size": 2, "store_stride": 2},
+    })
+    (directory,) = extract.run(cfg).values()
+    records = list(iter_dataset(directory))
+    assert len(records) == 2
+    for r in records:
+        assert r.logits.shape == (11, 180, 240)
+        assert r.image.shape == (180, 240, 3)
+        assert (r.height, r.width) == (360, 480)
+        pred = upsample_logits(r.logits, (360, 480)).argmax(0).numpy()
+        valid = r.labels != 11
+        # The released weights reach 87.7% pixel accuracy over the test set.
+        assert (pred[valid] == r.labels[valid]).mean() > 0.7
+
+
+def toy_records(ids, fp="f" * 64):
+    return [ImageRecord("toy", "day", "calibration", i, f"/{i}.png", 2, 2, fp,
+                        np.zeros((2, 2), np.uint8), np.zeros((NUM_CLASSES, 1, 1), np.float16))
+            for i in ids]
+
+
+def test_existing_shards_keeps_manifest_shards_and_adopts_orphans(tmp_path):
+    cfg = make_cfg(tmp_path)
+    ds, content, fp = cfg.datasets[0], content_hash(cfg.datasets[0], cfg.extract), "f" * 64
+    d = tmp_path / "toy"
+    kept = write_shard(d / "part-00000.parquet", toy_records(["a", "b"]))
+    gone = write_shard(d / "part-00001.parquet", toy_records(["c"]))
+    write_manifest(d, Manifest("toy", "calibration", "day", None, NUM_CLASSES, list("abcd"), 255,
+                               fp, "h", [kept, gone], content_hash=content))
+    (d / "part-00001.parquet").unlink()
+    orphan = write_shard(d / "part-00002.parquet", toy_records(["d"]))
+    duplicate = write_shard(d / "part-00003.parquet", toy_records(["a"]))
+    (d / "part-00004.parquet").write_bytes(b"half a shard")
+    (d / ".part-00005.parquet.x1.tmp").write_bytes(b"killed mid-write")
+    with (
+        pytest.warns(UserWarning, match="part-00001.parquet named in the manifest is missing"),
+        pytest.warns(UserWarning, match="Removing unreadable orphan shard"),
+    ):
+        shards = extract._existing_shards(d, ds, fp, content)
+    assert shards == [kept, orphan]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "manifest.json", "part-00000.parquet", "part-00002.parquet"]
+    assert duplicate.file not in {s.file for s in shards}
+    assert extract._next_index(d) == 3
+
+    with pytest.raises(ValueError, match=r"manifest.json to be for model 0+, but got f+"):
+        extract._existing_shards(d, ds, "0" * 64, content)
+    with pytest.raises(ValueError, match=r"same label/corruption/storage options \(content "
+                                         r"hash other\)"):
+        extract._existing_shards(d, ds, fp, "other")

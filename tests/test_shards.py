@@ -1,0 +1,232 @@
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.shards import (
+    ImageRecord,
+    Manifest,
+    decode_table,
+    describe_shard,
+    encode_records,
+    iter_dataset,
+    read_manifest,
+    read_shard,
+    upsample_logits,
+    write_manifest,
+    write_shard,
+)
+
+C, H, W = 3, 8, 12
+
+
+def make_records(n=3, *, label_dtype=np.uint8, stride=1, image=True, seed=0, prefix="img"):
+    rng = np.random.default_rng(seed)
+    h, w = H // stride, W // stride
+    top = 300 if label_dtype == np.uint16 else 255
+    return [
+        ImageRecord(
+            dataset="ds", domain="day", role="test", image_id=f"{prefix}{i}", uri=f"/x/{i}.png",
+            height=H, width=W, model_fingerprint="f" * 64,
+            labels=rng.integers(0, top, (H, W)).astype(label_dtype),
+            logits=rng.normal(size=(C, h, w)).astype(np.float16),
+            image=rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if image else None,
+        )
+        for i in range(n)
+    ]
+
+
+def assert_records_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for f in dataclasses.fields(ImageRecord):
+            u, v = getattr(x, f.name), getattr(y, f.name)
+            if isinstance(u, np.ndarray) or isinstance(v, np.ndarray):
+                assert u is not None, f.name
+                assert v is not None, f.name
+                assert (u.dtype, u.shape) == (v.dtype, v.shape), f.name
+                np.testing.assert_array_equal(u, v, err_msg=f.name)
+            else:
+                assert u == v, f.name
+
+
+@pytest.mark.parametrize(
+    ("label_dtype", "stride", "image"),
+    [
+        pytest.param(np.uint8, 1, True, id="uint8-full-image"),
+        pytest.param(np.uint16, 1, False, id="uint16-noimage"),
+        pytest.param(np.uint8, 2, True, id="stride2"),
+        pytest.param(np.uint16, 4, True, id="uint16-stride4"),
+    ],
+)
+def test_shard_round_trip(tmp_path, label_dtype, stride, image):
+    records = make_records(label_dtype=label_dtype, stride=stride, image=image)
+    info = write_shard(tmp_path / "part-00000.parquet", records)
+    assert info.rows == 3
+    assert info.image_ids == ["img0", "img1", "img2"]
+    assert info.file == "part-00000.parquet"
+    assert_records_equal(read_shard(tmp_path / info.file), records)
+    assert not list(tmp_path.glob(".*"))  # no temp file left behind
+
+
+def test_tensor_columns_read_by_plain_pyarrow(tmp_path):
+    records = make_records(stride=2)
+    write_shard(tmp_path / "s.parquet", records)
+    table = pq.read_table(tmp_path / "s.parquet")
+    logits_type = table.schema.field("logits").type
+    assert isinstance(logits_type, pa.FixedShapeTensorType)
+    assert logits_type.value_type == pa.float16()
+    logits = table.column("logits").combine_chunks().to_numpy_ndarray()
+    assert logits.shape == (3, C, H // 2, W // 2)
+    np.testing.assert_array_equal(logits[1], records[1].logits)
+    labels = table.column("labels").combine_chunks().to_numpy_ndarray()
+    np.testing.assert_array_equal(labels[2], records[2].labels)
+
+
+def test_encode_casts_logits_to_float16():
+    rec = make_records(1)[0]
+    rec.logits = rec.logits.astype(np.float32)
+    (out,) = decode_table(encode_records([rec]))
+    assert out.logits.dtype == np.float16
+    np.testing.assert_array_equal(out.logits, rec.logits.astype(np.float16))
+
+
+def test_encode_errors():
+    recs = make_records(2)
+    with pytest.raises(ValueError, match="at least one record"):
+        encode_records([])
+    bad_shape = make_records(2)
+    bad_shape[1].logits = bad_shape[1].logits[:, :4]
+    with pytest.raises(ValueError, match="`logits` in a shard to have one shape"):
+        encode_records(bad_shape)
+    mixed = make_records(2)
+    mixed[1].image = None
+    with pytest.raises(ValueError, match="every record or none to carry an `image`"):
+        encode_records(mixed)
+    recs[1].labels = recs[1].labels.astype(np.int32)
+    with pytest.raises(ValueError, match="Expected `labels` of image 'img1' to be uint8"):
+        encode_records(recs)
+    flat = make_records(1)
+    flat[0].logits = flat[0].logits[0]
+    with pytest.raises(ValueError, match=r"`logits` \(C, h, w\) for image 'img0'"):
+        encode_records(flat)
+
+
+def test_decode_errors():
+    table = encode_records(make_records(1))
+    with pytest.raises(ValueError, match=r"\['logits'\] are missing"):
+        decode_table(table.drop_columns(["logits"]))
+    plain = table.set_column(
+        table.schema.get_field_index("logits"), "logits",
+        pa.array([[1.0]], pa.list_(pa.float32())),
+    )
+    with pytest.raises(TypeError, match="`logits` to be an arrow.fixed_shape_tensor"):
+        decode_table(plain)
+
+
+def test_read_shard_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        read_shard(tmp_path / "nope.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"junk.parquet to be a readable Parquet shard"):
+        read_shard(tmp_path / "junk.parquet")
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match=r"other.parquet: Expected shard columns"):
+        read_shard(tmp_path / "other.parquet")
+
+
+@pytest.mark.parametrize("size", [(8, 12), (16, 24), (32, 48)], ids=["same", "x2", "x4"])
+def test_upsample_logits_matches_torch_bilinear(size):
+    logits = np.random.default_rng(0).normal(size=(C, 8, 12)).astype(np.float16)
+    out = upsample_logits(logits, size)
+    assert out.dtype == torch.float32
+    assert out.shape == (C, *size)
+    expected = F.interpolate(
+        torch.from_numpy(logits).float()[None], size=size, mode="bilinear", align_corners=False
+    )[0]
+    torch.testing.assert_close(out, expected)
+
+
+def test_upsample_logits_preserves_constant_maps_and_rejects_bad_shape():
+    const = np.full((2, 3, 4), 1.5, np.float32)
+    torch.testing.assert_close(upsample_logits(const, (9, 13)), torch.full((2, 9, 13), 1.5))
+    with pytest.raises(ValueError, match=r"\(C, h, w\), but got \(3, 4\)"):
+        upsample_logits(np.zeros((3, 4)), (6, 8))
+
+
+def make_manifest(shards, **kw):
+    fields = dict(
+        dataset="ds", role="test", domain="day", reference=None, num_classes=C,
+        class_names=["a", "b", "c"], ignore_index=255, model_fingerprint="f" * 64,
+        config_hash="0" * 16, shards=shards, skipped=[{"uri": "/x/bad.png", "reason": "corrupt"}],
+        created="2024-01-01T00:00:00+00:00", content_hash="1" * 16,
+    )
+    fields.update(kw)
+    return Manifest(**fields)
+
+
+def write_dataset(tmp_path):
+    a = make_records(3, prefix="a")
+    b = make_records(2, prefix="b", stride=2, seed=1)
+    shards = [write_shard(tmp_path / "part-00000.parquet", a),
+              write_shard(tmp_path / "part-00001.parquet", b)]
+    write_manifest(tmp_path, make_manifest(shards))
+    return a + b
+
+
+def test_manifest_round_trip_and_iter_dataset(tmp_path):
+    records = write_dataset(tmp_path)
+    manifest = read_manifest(tmp_path)
+    assert manifest.n_images == 5
+    assert manifest.image_ids() == {r.image_id for r in records}
+    assert manifest.skipped == [{"uri": "/x/bad.png", "reason": "corrupt"}]
+    assert_records_equal(list(iter_dataset(tmp_path)), records)
+
+
+def test_iter_dataset_detects_truncation_and_missing_shards(tmp_path):
+    write_dataset(tmp_path)
+    shard = tmp_path / "part-00001.parquet"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"part-00001.parquet to have sha256 .*truncated"):
+        list(iter_dataset(tmp_path))
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=r"part-00001.parquet to exist"):
+        list(iter_dataset(tmp_path))
+
+
+def test_iter_dataset_detects_row_count_mismatch(tmp_path):
+    write_dataset(tmp_path)
+    manifest = read_manifest(tmp_path)
+    manifest.shards[0].rows = 4
+    write_manifest(tmp_path, manifest)
+    with pytest.raises(ValueError, match=r"part-00000.parquet to hold 4 rows, but got 3"):
+        list(iter_dataset(tmp_path))
+    assert len(list(iter_dataset(tmp_path, verify=False))) == 5
+
+
+def test_read_manifest_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json, but it is missing"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="valid shard manifest"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"dataset": "ds"}')
+    with pytest.raises(ValueError, match="valid shard manifest"):
+        read_manifest(tmp_path)
+
+
+def test_describe_shard(tmp_path):
+    info = write_shard(tmp_path / "part-00003.parquet", make_records(2))
+    assert describe_shard(tmp_path / "part-00003.parquet") == info
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match="bad.parquet to be a readable Parquet shard"):
+        describe_shard(tmp_path / "bad.parquet")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        describe_shard(tmp_path / "gone.parquet")
