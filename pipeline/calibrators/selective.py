@@ -1,0 +1,891 @@
+"""Selective scaling: a selector flags likely-wrong pixels and only those get their logits softened.
+
+The published method (Wang, Gong and Wang, CVPR 2023) trains a per-pixel MLP on the log-softmax
+vector to tell mispredicted from correct pixels and divides the logits of the flagged pixels by
+a large temperature T_mis, leaving the others at T_cor = 1. Because each pixel's logits are
+divided by one positive number, the argmax (and so mIoU) never changes.
+
+Beyond the paper, each an option of `SelectiveScaling` and measured against the published form
+in ``tests/calibrators/test_selective.py``:
+
+- ``t_mis="fit"`` / ``t_cor="fit"``: the group temperatures are fitted by NLL on held-out pixels
+  (T_cor may fall below 1 and sharpen); ``per_class_t_cor`` fits one T_cor per predicted class;
+- ``gate="soft"``: temperature = p_mis * T_mis + (1 - p_mis) * T_cor instead of a hard flag;
+- ``base``: another calibrator (e.g. ``"temperature"``) applied before the selective step;
+- ``features="rich"``: max probability, margin and entropy beside the log-probabilities;
+- `SpatialSelectiveScaling` (``selective_spatial``): a small conv net over the logit map (and the
+  image) as the selector, so that disagreement with neighbours and boundaries count.
+
+The published form is ``build_calibrator("selective", C, t_mis=1e10)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+try:  # Python 3.11+
+    from typing import Self
+except ImportError:  # pragma: no cover - Python 3.10
+    from typing_extensions import Self
+
+from pipeline.calibrators.base import (
+    Calibrator,
+    FitData,
+    check_bool,
+    check_choice,
+    check_float,
+    check_images,
+    check_int,
+    check_logits,
+    from_points,
+    optimise,
+    to_points,
+)
+
+__all__ = [
+    "REGISTRY",
+    "SelectiveScaling",
+    "SpatialSelectiveScaling",
+    "balanced_order",
+    "fit_group_temperatures",
+    "selector_features",
+    "train_with_early_stopping",
+]
+
+# Rich features added beside the C log-probabilities: max probability, margin, entropy.
+_N_RICH = 3
+# Least T_cor weight (pixels) for a class to get its own T_cor when `per_class_t_cor`.
+_MIN_CLASS_PIXELS = 100
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces: features, the balanced sampler, the temperature fit, the training loop.
+
+
+def selector_features(logits: Tensor, rich: bool) -> Tensor:
+    """The selector's per-pixel inputs, computed along dim 1.
+
+    Args:
+        logits: (P, C) or (N, C, H, W) float logits.
+        rich: Append max probability, top-1 minus top-2 probability margin and entropy.
+
+    Returns:
+        (P, D) or (N, D, H, W) float features, D = C (+ 3 when ``rich``): the log-probabilities
+        first.
+
+    Example:
+        >>> selector_features(torch.zeros(2, 4), rich=True)[0]
+        tensor([-1.3863, -1.3863, -1.3863, -1.3863,  0.2500,  0.0000,  1.3863])
+    """
+    log_probs = logits.log_softmax(1)
+    if not rich:
+        return log_probs
+    probs = log_probs.exp()
+    top2 = probs.topk(2, dim=1).values
+    entropy = -(probs * log_probs).sum(1, keepdim=True)
+    return torch.cat([log_probs, top2[:, :1], top2[:, :1] - top2[:, 1:2], entropy], 1)
+
+
+def balanced_order(targets: Tensor, generator: torch.Generator) -> Tensor:
+    """A shuffled epoch of indices in which the minority target is duplicated to balance.
+
+    Every index of the majority class appears once; the minority class is repeated
+    ``majority // minority`` times plus a random remainder drawn without replacement, so both
+    classes appear exactly ``majority`` times (the paper's duplication of mispredicted pixels).
+
+    Args:
+        targets: (P,) int64 in {0, 1} (1 = mispredicted), both values present.
+        generator: The CPU generator for the remainder and the shuffle.
+
+    Returns:
+        (2 * majority,) int64 indices into ``targets``, on ``targets``' device.
+
+    Example:
+        >>> order = balanced_order(torch.tensor([0, 0, 0, 0, 1]), torch.Generator().manual_seed(0))
+        >>> torch.tensor([0, 0, 0, 0, 1])[order].bincount().tolist()
+        [4, 4]
+    """
+    cpu = targets.cpu()
+    groups = [torch.nonzero(cpu == 0).squeeze(1), torch.nonzero(cpu == 1).squeeze(1)]
+    major, minor = sorted(groups, key=len, reverse=True)
+    repeats, remainder = divmod(len(major), len(minor))
+    extra = minor[torch.randperm(len(minor), generator=generator)[:remainder]]
+    order = torch.cat([major, minor.repeat(repeats), extra])
+    return order[torch.randperm(len(order), generator=generator)].to(targets.device)
+
+
+def fit_group_temperatures(
+    logits: Tensor,
+    labels: Tensor,
+    gate: Tensor,
+    *,
+    t_cor: float | None,
+    t_mis: float | None,
+    per_class_t_cor: bool = False,
+    t_min: float = 0.05,
+    max_iter: int = 100,
+) -> tuple[Tensor, float]:
+    """Fit T_cor and/or T_mis by the NLL of ``logits / (gate * T_mis + (1 - gate) * T_cor[k])``.
+
+    k is each pixel's predicted class (T_cor is one value per class when ``per_class_t_cor``,
+    else shared). A hard gate (0/1) fits each group on its own pixels; a soft gate fits both
+    jointly. Each fitted temperature is ``t_min + exp(a)``, optimised in ``a`` with L-BFGS: the
+    floor stops a soft gate from collapsing to T ~ p_mis * T_mis with T_cor -> 0, which would
+    make every pixel the selector trusts one-hot. A per-class fit starts from the shared fit,
+    and a class with less than 100 pixels of T_cor weight keeps the shared value.
+
+    Args:
+        logits: (P, C) float logits of valid pixels.
+        labels: (P,) int64 labels in [0, C).
+        gate: (P,) float in [0, 1], the weight of T_mis per pixel.
+        t_cor: A fixed T_cor, or None to fit it.
+        t_mis: A fixed T_mis, or None to fit it.
+        per_class_t_cor: Fit one T_cor per predicted class (needs ``t_cor=None``).
+        t_min: Floor of the fitted temperatures.
+        max_iter: L-BFGS iterations.
+
+    Returns:
+        ``(t_cor, t_mis)``: a (C,) float32 tensor of per-class T_cor (all equal unless
+        ``per_class_t_cor``) and the T_mis value.
+
+    Raises:
+        ValueError: When ``per_class_t_cor`` is set with a fixed ``t_cor``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z = torch.randn(20000, 3, generator=g) * 3
+        >>> y = torch.multinomial(z.softmax(1), 1, generator=g).squeeze(1)
+        >>> gate = (torch.arange(20000) % 2).float()
+        >>> t_cor, t_mis = fit_group_temperatures(z * gate[:, None].add(1), y, gate, t_cor=None,
+        ...                                       t_mis=None)
+        >>> round(float(t_cor[0]), 1), round(t_mis, 1)
+        (1.0, 2.0)
+    """
+    if per_class_t_cor and t_cor is not None:
+        raise ValueError(
+            f"Expected `t_cor` to be None (fitted) when `per_class_t_cor` is set, but got {t_cor}"
+        )
+    num_classes, device = logits.shape[1], logits.device
+    if t_cor is not None and t_mis is not None:
+        return torch.full((num_classes,), float(t_cor)), t_mis
+    start_cor = start_mis = 1.0
+    if per_class_t_cor:
+        shared, start_mis = fit_group_temperatures(
+            logits, labels, gate, t_cor=None, t_mis=t_mis, t_min=t_min, max_iter=max_iter
+        )
+        start_cor = float(shared[0])
+
+    def free(start: float, size: tuple[int, ...]) -> Tensor:
+        """The free parameter a of T = t_min + exp(a), at T = ``start``."""
+        value = math.log(max(start - t_min, 1e-6))
+        return torch.full(size, value, device=device, requires_grad=True)
+
+    a_cor = None if t_cor is not None else free(start_cor, (num_classes if per_class_t_cor else 1,))
+    a_mis = None if t_mis is not None else free(start_mis, ())
+    predicted = logits.argmax(1)
+    gate = gate.to(logits.dtype)
+    # Classes with little T_cor weight keep the shared value instead of over-fitting a few pixels.
+    support = torch.zeros(num_classes, device=device).index_add_(0, predicted, 1 - gate)
+    own = (support >= _MIN_CLASS_PIXELS)[predicted]
+
+    def nll() -> Tensor:
+        cor = t_cor if a_cor is None else t_min + a_cor.exp()
+        if per_class_t_cor:
+            cor = torch.where(own, cor[predicted], start_cor)
+        mis = t_mis if a_mis is None else t_min + a_mis.exp()
+        temperature = gate * mis + (1 - gate) * cor
+        return F.cross_entropy(logits / temperature.unsqueeze(1), labels)
+
+    optimise(nll, [a for a in (a_cor, a_mis) if a is not None], max_iter=max_iter)
+    # Fixed values are returned as given, not through a float32 round trip.
+    fitted_cor = torch.tensor([t_cor]) if a_cor is None else t_min + a_cor.detach().exp().cpu()
+    if per_class_t_cor:
+        fitted_cor[support.cpu() < _MIN_CLASS_PIXELS] = start_cor
+    fitted_mis = t_mis if a_mis is None else t_min + float(a_mis.detach().exp())
+    return fitted_cor.expand(num_classes).clone(), fitted_mis
+
+
+def train_with_early_stopping(
+    module: nn.Module,
+    batch_loss: Callable[[], Tensor],
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    heldout_loss: Callable[[], float] | None,
+    patience: int,
+) -> None:
+    """AdamW mini-batch epochs on ``module``; keep the state with the lowest held-out loss.
+
+    ``heldout_loss`` runs with ``module`` in eval mode and without gradients before training
+    (so an initialisation that is already good, e.g. at the TS solution, can win) and after
+    each epoch; training stops after ``patience`` epochs without improvement.
+
+    Args:
+        module: The network whose parameters are trained and whose state is kept.
+        batch_loss: Draws the next mini-batch and returns its loss.
+        steps_per_epoch: Mini-batches per epoch.
+        epochs: The most epochs.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        heldout_loss: The held-out model-pick loss, or None to train all epochs.
+        patience: Epochs without improvement before stopping.
+    """
+    best: dict[str, Any] = {"loss": math.inf, "state": None, "stale": 0}
+
+    def evaluate() -> bool:
+        if heldout_loss is None:
+            return False
+        module.eval()
+        with torch.no_grad():
+            value = heldout_loss()
+        module.train()
+        if value < best["loss"]:
+            best.update(loss=value, state=copy.deepcopy(module.state_dict()), stale=0)
+            return False
+        best["stale"] += 1
+        return best["stale"] >= patience
+
+    evaluate()
+    optimise(
+        batch_loss, module.parameters(), method="adamw", max_iter=epochs * steps_per_epoch,
+        lr=lr, weight_decay=weight_decay,
+        callback=lambda step, _: (step + 1) % steps_per_epoch == 0 and evaluate(),
+    )
+    if best["state"] is not None:
+        module.load_state_dict(best["state"])
+    module.eval()
+
+
+def _batches(
+    targets: Tensor, batch_size: int, balance: bool, generator: torch.Generator
+) -> tuple[Iterator[Tensor], int]:
+    """Endless mini-batches of pixel indices, reshuffled (and rebalanced) every epoch.
+
+    Returns the iterator and the number of batches per epoch; a short last batch is dropped,
+    since BatchNorm cannot train on a single pixel.
+    """
+    n_wrong = int(targets.sum())
+    epoch_len = 2 * max(n_wrong, len(targets) - n_wrong) if balance else len(targets)
+    size = min(batch_size, epoch_len)
+
+    def draw() -> Iterator[Tensor]:
+        while True:
+            if balance:
+                order = balanced_order(targets, generator)
+            else:
+                order = torch.randperm(len(targets), generator=generator).to(targets.device)
+            yield from order[: epoch_len // size * size].split(size)
+
+    return draw(), epoch_len // size
+
+
+# --------------------------------------------------------------------------------------------
+# Selector networks.
+
+
+def _mlp_selector(dim: int) -> nn.Sequential:
+    """The paper's MLP: Linear(D, D) at the identity, D -> 2D -> D with BN + ReLU, then D -> 2."""
+    first = nn.Linear(dim, dim)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(dim))
+        first.bias.zero_()
+    return nn.Sequential(
+        first, nn.BatchNorm1d(dim), nn.ReLU(),
+        nn.Linear(dim, 2 * dim), nn.BatchNorm1d(2 * dim), nn.ReLU(),
+        nn.Linear(2 * dim, dim), nn.BatchNorm1d(dim), nn.ReLU(),
+        nn.Linear(dim, 2),
+    )
+
+
+def _conv_selector(dim: int, hidden: int) -> nn.Sequential:
+    """A 1x1 conv at the identity (the MLP's first layer), then two 3x3 convs (one dilated)."""
+    first = nn.Conv2d(dim, dim, 1)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(dim)[:, :, None, None])
+        first.bias.zero_()
+    return nn.Sequential(
+        first, nn.BatchNorm2d(dim), nn.ReLU(),
+        nn.Conv2d(dim, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(),
+        nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2), nn.BatchNorm2d(hidden), nn.ReLU(),
+        nn.Conv2d(hidden, 2, 1),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The calibrators.
+
+
+class SelectiveScaling(Calibrator):
+    """Selective scaling: logits of pixels a selector flags as wrong are divided by T_mis.
+
+    Each pixel's logits (after the optional ``base`` calibrator) are divided by
+    T = g * T_mis + (1 - g) * T_cor[k], where k is the predicted class and g the gate: 1 where
+    the selector's "wrong" output beats its "correct" output (``gate="hard"``), or the
+    selector's P(mispredicted) (``gate="soft"``). The selector is trained with AdamW on
+    cross-entropy against correct/incorrect targets (ignored pixels excluded), the minority
+    group duplicated each epoch (``oversample``); with ``heldout`` data it is picked by the
+    held-out (class-balanced) selector loss, and the temperatures marked ``"fit"`` are fitted
+    on held-out pixels. The argmax of the selective step's input never changes.
+
+    Args:
+        num_classes: The class count C.
+        t_mis: T_mis, or ``"fit"`` to fit it by held-out NLL. The paper uses a large fixed
+            value (1e10: flagged pixels become uniform). Defaults to ``"fit"``.
+        t_cor: T_cor, or ``"fit"``. Defaults to ``1.0`` (the paper).
+        per_class_t_cor: One T_cor per predicted class (needs ``t_cor="fit"``).
+        t_min: Floor of the fitted temperatures (see `fit_group_temperatures`). Defaults to
+            ``0.05``.
+        gate: ``"hard"`` (the paper) or ``"soft"``.
+        features: ``"logprobs"`` (the paper) or ``"rich"`` (plus max prob, margin, entropy).
+        base: Registry name of a calibrator applied first (e.g. ``"temperature"``), or None.
+        base_options: Options for ``base``.
+        epochs: Most selector training epochs. Defaults to ``10``.
+        batch_size: Pixels per AdamW step. Defaults to ``4096``.
+        lr: AdamW learning rate. Defaults to ``1e-3`` (the paper).
+        weight_decay: AdamW weight decay. Defaults to ``1e-6`` (the paper).
+        patience: Epochs without held-out improvement before stopping. Defaults to ``3``.
+        oversample: Balance the two groups by duplicating the minority. Defaults to True.
+
+    Raises:
+        TypeError, ValueError: On bad options, e.g. ``per_class_t_cor`` with a fixed T_cor,
+            or an unknown or spatial ``base``.
+
+    References:
+        Wang, Gong and Wang, "On Calibrating Semantic Segmentation Models: Analyses and An
+        Algorithm", CVPR 2023 (arXiv 2212.12053).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z = torch.randn(4000, 3, generator=g) * 4
+        >>> y = torch.multinomial((z / 2).softmax(1), 1, generator=g).squeeze(1)
+        >>> sel = SelectiveScaling(3, t_mis=1e10, epochs=2).fit(z, y)
+        >>> bool((sel(z).argmax(1) == z.argmax(1)).all())
+        True
+    """
+
+    name = "selective"
+    # Rows per chunk when scoring held-out data.
+    _chunk = 65536
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        t_mis: float | Literal["fit"] = "fit",
+        t_cor: float | Literal["fit"] = 1.0,
+        per_class_t_cor: bool = False,
+        t_min: float = 0.05,
+        gate: Literal["hard", "soft"] = "hard",
+        features: Literal["logprobs", "rich"] = "logprobs",
+        base: str | None = None,
+        base_options: dict[str, Any] | None = None,
+        epochs: int = 10,
+        batch_size: int = 4096,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        patience: int = 3,
+        oversample: bool = True,
+    ) -> None:
+        check_int("batch_size", batch_size, ge=2)
+        self._setup(
+            num_classes, t_mis=t_mis, t_cor=t_cor, per_class_t_cor=per_class_t_cor, t_min=t_min,
+            gate=gate, features=features, base=base, base_options=base_options, epochs=epochs,
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
+            oversample=oversample,
+        )
+
+    def _setup(
+        self,
+        num_classes: int,
+        *,
+        t_mis: float | str,
+        t_cor: float | str,
+        per_class_t_cor: bool,
+        t_min: float,
+        gate: str,
+        features: str,
+        base: str | None,
+        base_options: dict[str, Any] | None,
+        epochs: int,
+        lr: float,
+        weight_decay: float,
+        patience: int,
+        oversample: bool,
+        **extra: Any,
+    ) -> None:
+        """Check the shared options, store all options, build the base and the selector."""
+        for name, value in (("t_mis", t_mis), ("t_cor", t_cor)):
+            if value != "fit":
+                check_float(name, value, gt=0)
+        check_bool("per_class_t_cor", per_class_t_cor)
+        if per_class_t_cor and t_cor != "fit":
+            raise ValueError(
+                f"Expected `t_cor` to be 'fit' when `per_class_t_cor` is set, but got {t_cor!r}"
+            )
+        check_float("t_min", t_min, gt=0, lt=1)
+        check_choice("gate", gate, ["hard", "soft"])
+        check_choice("features", features, ["logprobs", "rich"])
+        if base_options is not None and not isinstance(base_options, dict):
+            raise TypeError(f"Expected `base_options` to be a dict, but got {base_options!r}")
+        if base is None and base_options:
+            raise ValueError(
+                f"Expected `base` to name a calibrator when `base_options` are given, but got "
+                f"None with {base_options!r}"
+            )
+        check_int("epochs", epochs, ge=1)
+        check_float("lr", lr, gt=0)
+        check_float("weight_decay", weight_decay, ge=0)
+        check_int("patience", patience, ge=1)
+        check_bool("oversample", oversample)
+        Calibrator.__init__(
+            self, num_classes, t_mis=t_mis, t_cor=t_cor, per_class_t_cor=per_class_t_cor,
+            t_min=t_min, gate=gate, features=features, base=base, base_options=base_options,
+            epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience,
+            oversample=oversample, **extra,
+        )
+        self.soft = gate == "soft"
+        self.rich = features == "rich"
+        self.base = None if base is None else self._build_base(base, base_options or {})
+        self.selector = self._build_selector()
+        # Buffers, not parameters: they are fitted by `fit_temperatures`, never by `loss`.
+        self.register_buffer("t_cor", torch.full((num_classes,), 1.0 if t_cor == "fit" else t_cor))
+        self.register_buffer("t_mis", torch.tensor(1.0 if t_mis == "fit" else float(t_mis)))
+
+    def _build_base(self, name: str, options: dict[str, Any]) -> Calibrator:
+        # Imported here: the registry imports this module.
+        from pipeline.calibrators import build_calibrator
+
+        base = build_calibrator(name, self.num_classes, **options)
+        if type(base).spatial and not self.spatial:
+            raise ValueError(
+                f"Expected `base` to be a pointwise calibrator for {self.name!r} (use "
+                f"'selective_spatial' for spatial ones), but got {name!r}"
+            )
+        return base
+
+    def _feature_dim(self) -> int:
+        return self.num_classes + (_N_RICH if self.rich else 0)
+
+    def _build_selector(self) -> nn.Sequential:
+        return _mlp_selector(self._feature_dim())
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def _base_logits(self, logits: Tensor, image: Tensor | None) -> Tensor:
+        if self.base is not None:
+            return self.base._calibrate(logits, image)
+        return logits
+
+    def _selector_logits(self, logits: Tensor, image: Tensor | None) -> Tensor:
+        """(P, C) or (N, C, H, W) base-calibrated logits -> (P, 2) or (N, 2, H, W) scores."""
+        features = selector_features(logits, self.rich)
+        if features.dim() == 4:
+            return from_points(self.selector(to_points(features)), features)
+        return self.selector(features)
+
+    def _gate(self, scores: Tensor) -> Tensor:
+        """(P, 2) selector scores -> (P,) weight of T_mis."""
+        if self.soft:
+            return scores.softmax(1)[:, 1]
+        return (scores[:, 1] > scores[:, 0]).to(scores.dtype)
+
+    def _calibrate(self, logits: Tensor, image: Tensor | None) -> Tensor:
+        logits = self._base_logits(logits, image)
+        points = to_points(logits)
+        gate = self._gate(to_points(self._selector_logits(logits, image)))
+        temperature = gate * self.t_mis + (1 - gate) * self.t_cor[points.argmax(1)]
+        # Subtracting the row max first makes the top logit exactly 0 and every other one
+        # negative, so even a huge T_mis cannot round a runner-up into a tie with the winner.
+        shifted = points - points.amax(1, keepdim=True)
+        return from_points(shifted / temperature.unsqueeze(1), logits)
+
+    def mis_score(self, logits: Tensor, image: Tensor | None = None) -> Tensor:
+        """The selector's P(mispredicted) per pixel.
+
+        Args:
+            logits: (N, C, H, W) or (P, C) float logits.
+            image: Optional (N, 3, H, W) float image in [0, 1].
+
+        Returns:
+            (N, H, W) or (P,) float32 probabilities.
+
+        Raises:
+            RuntimeError: When called before ``fit``.
+            TypeError, ValueError: On malformed inputs.
+        """
+        if not bool(self.fitted):
+            raise RuntimeError(
+                "Expected a fitted calibrator, but `mis_score` was called before `fit`"
+            )
+        check_logits(logits, self.num_classes)
+        if image is not None:
+            check_images(image, logits, "image")
+        with torch.no_grad():
+            logits = self._base_logits(logits.float(), image)
+            return self._selector_logits(logits, image).softmax(1)[:, 1]
+
+    # -- training ----------------------------------------------------------------------------
+
+    def loss(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        image: Tensor | None = None,
+        *,
+        ignore_index: int | None = None,
+    ) -> Tensor:
+        """The selector's objective: cross-entropy against mispredicted (1) / correct (0).
+
+        Mispredicted means the base-calibrated argmax differs from the label; the base must
+        already be fitted. The temperatures are not trained by this loss: call
+        `fit_temperatures` after training the selector.
+
+        Args:
+            logits: (N, C, H, W) or (P, C) float logits.
+            labels: (N, H, W) or (P,) integer labels.
+            image: Optional (N, 3, H, W) float image in [0, 1].
+            ignore_index: Label value to skip, or None.
+
+        Returns:
+            A scalar tensor.
+        """
+        return self._selector_loss(logits.float(), labels.long(), image, ignore_index, None)
+
+    def _selector_loss(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        image: Tensor | None,
+        ignore_index: int | None,
+        weight: Tensor | None,
+    ) -> Tensor:
+        if ignore_index is not None and logits.dim() == 2:
+            # Ignored pixels must not enter the BatchNorm statistics either.
+            valid = labels != ignore_index
+            logits, labels = logits[valid], labels[valid]
+        with torch.no_grad():
+            logits = self._base_logits(logits, image)
+        targets = (logits.argmax(1) != labels).long()
+        if ignore_index is not None:
+            targets[labels == ignore_index] = -100
+        return F.cross_entropy(self._selector_logits(logits, image), targets, weight=weight)
+
+    def _fit(self, data: FitData, heldout: FitData | None) -> None:
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        if self.base is not None:
+            self.base.fit(
+                data.logits, data.labels, ignore_index=data.ignore_index, images=data.images,
+                heldout=heldout, seed=int(torch.randint(2**62, ())),
+            )
+        # A fresh selector under the fit's seed: the fit must not depend on the global RNG
+        # state when the module was built.
+        self.selector = self._build_selector().to(self.t_cor.device)
+        self._train_selector(data, heldout, generator)
+        if heldout is None and "fit" in (self.options["t_cor"], self.options["t_mis"]):
+            warnings.warn(
+                "No held-out data: fitting selective scaling's temperatures on the selector's "
+                "own training pixels, where it is over-confident; pass `heldout`",
+                stacklevel=3,
+            )
+        self.fit_temperatures(data if heldout is None else heldout)
+
+    def _train_selector(
+        self, data: FitData, heldout: FitData | None, generator: torch.Generator
+    ) -> None:
+        opts = self.options
+        with torch.no_grad():
+            logits = self._base_logits(data.logits, None)
+            features = selector_features(logits, self.rich)
+            targets = (logits.argmax(1) != data.labels).long()
+        weight = self._class_weight(targets)
+        batches, steps = _batches(targets, opts["batch_size"], opts["oversample"], generator)
+
+        def batch_loss() -> Tensor:
+            index = next(batches)
+            return F.cross_entropy(self.selector(features[index]), targets[index])
+
+        train_with_early_stopping(
+            self.selector, batch_loss, steps_per_epoch=steps, epochs=opts["epochs"],
+            lr=opts["lr"], weight_decay=opts["weight_decay"],
+            heldout_loss=self._heldout_loss(heldout, weight), patience=opts["patience"],
+        )
+
+    def _heldout_loss(
+        self, heldout: FitData | None, weight: Tensor | None
+    ) -> Callable[[], float] | None:
+        """The held-out selector loss (class-weighted like training), chunked; None if no data."""
+        if heldout is None:
+            return None
+        return lambda: _chunked_mean(
+            heldout, self._chunk,
+            lambda z, y, im: self._selector_loss(z, y, im, heldout.ignore_index, weight),
+        )
+
+    def _class_weight(self, targets: Tensor) -> Tensor | None:
+        """Weights that balance the groups in a loss (None without ``oversample``).
+
+        Raises:
+            ValueError: When all valid pixels are correct or all are wrong.
+        """
+        valid = targets[targets >= 0]
+        n_wrong = int(valid.sum())
+        if n_wrong == 0 or n_wrong == len(valid):
+            kind = "correctly" if n_wrong == 0 else "wrongly"
+            raise ValueError(
+                "Expected both correctly and wrongly predicted pixels to train the selector, "
+                f"but all {len(valid)} valid pixels are predicted {kind}"
+            )
+        if not self.options["oversample"]:
+            return None
+        counts = torch.tensor([len(valid) - n_wrong, n_wrong], dtype=torch.float32)
+        return (counts.sum() / (2 * counts)).to(targets.device)
+
+    def fit_temperatures(self, data: FitData) -> Self:
+        """Fit the temperatures marked ``"fit"`` by NLL on ``data`` with the trained selector.
+
+        ``fit`` calls it on the held-out data; a distributed fit calls it after optimising
+        ``loss``. Nothing changes when both temperatures are fixed.
+
+        Args:
+            data: Pointwise: (P, C) float32 logits and (P,) int64 labels of valid pixels;
+                spatial: whole maps, images and ``ignore_index`` (see `FitData`).
+
+        Returns:
+            ``self``, in eval mode.
+        """
+        self.eval()
+        fit_cor, fit_mis = self.options["t_cor"] == "fit", self.options["t_mis"] == "fit"
+        if not (fit_cor or fit_mis):
+            return self
+        points, gates, labels = [], [], []
+        with torch.no_grad():
+            for start in range(0, len(data.labels), self._chunk):
+                part = slice(start, start + self._chunk)
+                image = None if data.images is None else data.images[part]
+                logits = self._base_logits(data.logits[part], image)
+                gate = self._gate(to_points(self._selector_logits(logits, image)))
+                label = data.labels[part].reshape(-1)
+                keep = slice(None) if data.ignore_index is None else label != data.ignore_index
+                points.append(to_points(logits)[keep])
+                gates.append(gate[keep])
+                labels.append(label[keep])
+        t_cor, t_mis = fit_group_temperatures(
+            torch.cat(points), torch.cat(labels), torch.cat(gates),
+            t_cor=None if fit_cor else float(self.t_cor[0]),
+            t_mis=None if fit_mis else float(self.t_mis),
+            per_class_t_cor=self.options["per_class_t_cor"], t_min=self.options["t_min"],
+        )
+        self.t_cor.copy_(t_cor)
+        self.t_mis.fill_(t_mis)
+        return self
+
+    # -- description -------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """T_cor (a list when per class) and T_mis, plus the base calibrator's summary."""
+        t_cor = self.t_cor.tolist() if self.options["per_class_t_cor"] else float(self.t_cor[0])
+        out: dict[str, Any] = {"t_cor": t_cor, "t_mis": float(self.t_mis)}
+        if self.base is not None:
+            out["base"] = self.base.summary()
+        return out
+
+
+class SpatialSelectiveScaling(SelectiveScaling):
+    """Selective scaling whose selector is a small conv net over the logit map (and image).
+
+    Same temperatures, gate, features and base as `SelectiveScaling`, but the selector sees
+    each pixel's neighbourhood (a 9x9 receptive field), so disagreement with neighbours and
+    region boundaries count. It trains on whole maps; instead of duplicating pixels,
+    ``oversample`` weights the cross-entropy so that both groups weigh the same.
+
+    Args:
+        num_classes: The class count C.
+        use_image: Feed the image beside the features (``images`` / ``image`` are then
+            required). Defaults to True.
+        hidden: Conv channels. Defaults to ``32``.
+        batch_size: Maps per AdamW step. Defaults to ``8``.
+        epochs: Most training epochs. Defaults to ``30``.
+        t_mis, t_cor, per_class_t_cor, t_min, gate, features, base, base_options, lr,
+            weight_decay, patience, oversample: As for `SelectiveScaling`.
+
+    Raises:
+        TypeError, ValueError: On bad options.
+
+    References:
+        Wang, Gong and Wang, CVPR 2023 (the selector); Ding et al., "Local Temperature Scaling
+        for Probability Calibration", ICCV 2021 (conv nets over logits and image).
+    """
+
+    name = "selective_spatial"
+    spatial = True
+    _chunk = 8
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        use_image: bool = True,
+        hidden: int = 32,
+        batch_size: int = 8,
+        epochs: int = 30,
+        t_mis: float | Literal["fit"] = "fit",
+        t_cor: float | Literal["fit"] = 1.0,
+        per_class_t_cor: bool = False,
+        t_min: float = 0.05,
+        gate: Literal["hard", "soft"] = "hard",
+        features: Literal["logprobs", "rich"] = "logprobs",
+        base: str | None = None,
+        base_options: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        patience: int = 3,
+        oversample: bool = True,
+    ) -> None:
+        check_bool("use_image", use_image)
+        check_int("hidden", hidden, ge=1)
+        check_int("batch_size", batch_size, ge=1)
+        self._setup(
+            num_classes, t_mis=t_mis, t_cor=t_cor, per_class_t_cor=per_class_t_cor, t_min=t_min,
+            gate=gate, features=features, base=base, base_options=base_options, epochs=epochs,
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
+            oversample=oversample, use_image=use_image, hidden=hidden,
+        )
+        self.use_image = use_image
+
+    def _build_selector(self) -> nn.Sequential:
+        image_channels = 3 if self.options["use_image"] else 0
+        return _conv_selector(self._feature_dim() + image_channels, self.options["hidden"])
+
+    def _selector_logits(self, logits: Tensor, image: Tensor | None) -> Tensor:
+        # Literal names: TorchScript cannot read the class attribute `name`.
+        features = _spatial_input(
+            selector_features(_require_maps(logits, "selective_spatial"), self.rich), image,
+            self.use_image, "selective_spatial",
+        )
+        return self.selector(features)
+
+    def _fit(self, data: FitData, heldout: FitData | None) -> None:
+        _require_images(data, heldout, self.use_image)
+        super()._fit(data, heldout)
+
+    def _train_selector(
+        self, data: FitData, heldout: FitData | None, generator: torch.Generator
+    ) -> None:
+        opts = self.options
+        data = _with_valid_pixels(data)
+        with torch.no_grad():
+            logits = self._base_logits(data.logits, data.images)
+            targets = (logits.argmax(1) != data.labels).long()
+            if data.ignore_index is not None:
+                targets[data.labels == data.ignore_index] = -100
+        weight = self._class_weight(targets)
+        size = min(opts["batch_size"], len(targets))
+        batches = _map_batches(len(targets), size, generator, targets.device)
+
+        def batch_loss() -> Tensor:
+            index = next(batches)
+            image = None if data.images is None else data.images[index]
+            scores = self._selector_logits(logits[index], image)
+            return F.cross_entropy(scores, targets[index], weight=weight)
+
+        train_with_early_stopping(
+            self.selector, batch_loss, steps_per_epoch=len(targets) // size,
+            epochs=opts["epochs"], lr=opts["lr"], weight_decay=opts["weight_decay"],
+            heldout_loss=self._heldout_loss(heldout, weight), patience=opts["patience"],
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers for calibrators that train on whole maps (also used by `lts`).
+
+
+def _with_valid_pixels(data: FitData) -> FitData:
+    """Drop maps with no valid pixel: their mean loss is undefined."""
+    if data.ignore_index is None:
+        return data
+    keep = (data.labels != data.ignore_index).flatten(1).any(1)
+    if bool(keep.all()):
+        return data
+    images = None if data.images is None else data.images[keep]
+    return FitData(data.logits[keep], data.labels[keep], images, data.ignore_index)
+
+
+def _require_maps(logits: Tensor, name: str) -> Tensor:
+    """Spatial calibrators need whole maps: refuse (P, C) pixels."""
+    if logits.dim() != 4:
+        raise ValueError(
+            "Expected `logits` of shape (N, C, H, W) for the spatial calibrator '" + name
+            + "', but got " + str(logits.shape)
+        )
+    return logits
+
+
+def _spatial_input(
+    features: Tensor, image: Tensor | None, use_image: bool, name: str
+) -> Tensor:
+    """(N, D, H, W) features, with the (N, 3, H, W) image appended when ``use_image``."""
+    if not use_image:
+        return features
+    if image is None:
+        raise ValueError(
+            "Expected an `image` (or `images`) for '" + name + "' with use_image=True, but got "
+            "None"
+        )
+    return torch.cat([features, image], 1)
+
+
+def _require_images(data: FitData, heldout: FitData | None, use_image: bool) -> None:
+    """Fail before any fitting when a calibrator built with ``use_image`` gets no images."""
+    for prefix, part in (("", data), ("heldout.", heldout)):
+        if use_image and part is not None and part.images is None:
+            raise ValueError(
+                f"Expected `{prefix}images` (N, 3, H, W) for a calibrator built with "
+                "use_image=True, but got None"
+            )
+
+
+def _map_batches(
+    n: int, size: int, generator: torch.Generator, device: torch.device
+) -> Iterator[Tensor]:
+    """Endless shuffled mini-batches of map indices; a short last batch is dropped."""
+    while True:
+        order = torch.randperm(n, generator=generator).to(device)
+        yield from order[: n // size * size].split(size)
+
+
+def _chunked_mean(
+    data: FitData, size: int, mean_loss: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+) -> float:
+    """A per-pixel mean loss over all maps of ``data``, ``size`` maps at a time.
+
+    Each chunk's mean is weighted by its valid-pixel count, which gives the exact overall mean
+    of unweighted per-pixel losses (and a close one for class-weighted losses).
+    """
+    total, count = 0.0, 0
+    for start in range(0, len(data.labels), size):
+        labels = data.labels[start : start + size]
+        valid = labels.numel() if data.ignore_index is None else int(
+            (labels != data.ignore_index).sum()
+        )
+        if valid == 0:
+            continue
+        images = None if data.images is None else data.images[start : start + size]
+        total += float(mean_loss(data.logits[start : start + size], labels, images)) * valid
+        count += valid
+    return total / count
+
+
+REGISTRY: dict[str, type[Calibrator]] = {
+    SelectiveScaling.name: SelectiveScaling,
+    SpatialSelectiveScaling.name: SpatialSelectiveScaling,
+}
