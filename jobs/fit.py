@@ -1,0 +1,27 @@
+"""Stage 2 as a Ray job: fit the configured calibrators on the calibration shards.
+
+Local (Ray starts on this machine, or joins the cluster at RAY_ADDRESS when set)::
+
+    python jobs/fit.py configs/camvid_espnet.yaml [--set key=value ...]
+
+Cluster (after ``ray up cluster.yaml`` and, in another shell, ``ray dashboard cluster.yaml``)::
+
+    segcal submit configs/camvid_espnet.yaml fit --address http://127.0.0.1:8265 --follow
+
+or with Ray's own CLI::
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/fit.py configs/camvid_espnet.yaml
+
+Arguments, exit codes and the ``ray.init()`` call are those of ``segcal fit``
+(pipeline/cli.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["fit", *sys.argv[1:]]))

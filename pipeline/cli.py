@@ -1,0 +1,364 @@
+"""The ``segcal`` command line: run the stages locally, submit them to a cluster, refresh nightly.
+
+Commands (each has ``--help``; ``--set key=value`` overrides a config key, repeatable)::
+
+    segcal run CONFIG              extract, fit, evaluate, report; skips stages that are current
+    segcal extract|fit|evaluate|report CONFIG     one stage, always run
+    segcal export CONFIG           TorchScript files of the fitted calibrators (optionally + model)
+    segcal submit CONFIG [STAGE] --address http://HOST:8265 [--follow] [--env K=V] [-- ARGS]
+    segcal refresh CONFIG [--registry DIR]        nightly refresh with champion/challenger promotion
+    segcal promote DIR RUN_ID      point DIR/current at a stored run (by hand, e.g. to roll back)
+    segcal status DIR              the current champion and the last decisions
+
+Exit codes, for scripts:
+
+    0  success (for ``refresh``: the challenger was promoted or the champion kept; see the
+       printed decision or ``segcal status``)
+    1  a stage failed, or the submitted job failed (``submit --follow`` returns the job's own
+       exit code when it has one)
+    2  usage or config error (bad arguments, unreadable or invalid config, unknown key)
+    3  the cluster or the registry is unavailable: unreachable address, credentials refused,
+       registry locked by another refresh, broken ``current``, unknown run
+
+Stage commands call ``ray.init()``, which connects to ``RAY_ADDRESS`` when set (inside a Ray job
+it is) and otherwise starts Ray on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
+
+OK, FAILED, USAGE, UNAVAILABLE = 0, 1, 2, 3
+RAY_STAGES = ("extract", "fit", "evaluate")
+
+logger = logging.getLogger("segcal")
+
+
+class UsageError(Exception):
+    """Bad arguments that argparse cannot see (exit code 2)."""
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> JobConfig:
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _init_ray() -> None:
+    import ray
+
+    # No address: ray.init() reads RAY_ADDRESS, so the same command runs inside a Ray job on a
+    # cluster or starts a local runtime on a laptop.
+    if not ray.is_initialized():
+        ray.init()
+
+
+def _print_decision(entry: dict) -> None:
+    print(f"{entry['decision']}: {entry.get('challenger')} ({entry['reason']})")
+    for row in entry.get("comparisons") or []:
+        chall = "missing" if row["challenger"] is None else f"{row['challenger']:.4f}"
+        mark = "ok" if row["ok"] else "WORSE"
+        where = f"{row['dataset']}/{row['calibrator']}"
+        print(f"  {where:<40} {row['champion']:.4f} -> {chall} {mark}")
+    print(f"current: {entry.get('current')}")
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.refresh import STAGES, run_stages
+
+    cfg = _load(args)
+    _init_ray()
+    ran = run_stages(cfg, STAGES, force=args.force)
+    for stage, did in ran.items():
+        print(f"{stage}: {'ran' if did else 'current, skipped'}")
+    print(Path(cfg.output) / "report.html")
+    return OK
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from pipeline.refresh import run_stages
+
+    cfg = _load(args)
+    if args.command in RAY_STAGES:
+        _init_ray()
+    run_stages(cfg, [args.command], force=True)
+    return OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline import calibrators
+
+    cfg = _load(args)
+    root = Path(args.artifacts) if args.artifacts else Path(cfg.output) / "artifacts"
+    labels = args.label or [s.key for s in cfg.calibrators]
+    missing = [label for label in labels if not (root / label).is_dir()]
+    if missing:
+        raise UsageError(f"No fitted calibrator {missing} in {root}; run `segcal fit` first")
+    out = Path(args.out) if args.out else Path(cfg.output) / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    net = None
+    if args.with_model:
+        from pipeline.models import load_model
+
+        # The bare network: the exported file takes its input, i.e. images already through
+        # the config's recipe (resize, channel order, scale, mean/std).
+        net = load_model(cfg.model).net
+    for label in labels:
+        calibrator = calibrators.load(root / label)
+        if net is None:
+            path = calibrators.export_torchscript(calibrator, out / f"{label}.pt")
+        else:
+            path = calibrators.export_with_model(
+                net, calibrator, out / f"{label}_with_model.pt", num_classes=cfg.model.num_classes
+            )
+        print(path)
+    return OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import PROJECT_ROOT, check_address, submit
+
+    try:
+        check_address(args.address)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    cfg = _load(args)  # fail here, with the file and key named, rather than on the cluster
+    if Path(cfg.output).resolve().is_relative_to(PROJECT_ROOT):
+        logger.warning(
+            "output %s is inside the project folder: on a cluster it resolves inside the job's "
+            "temporary copy of the project and is lost; use shared storage, e.g. "
+            "--set output=/mnt/segcal/runs/NAME",
+            cfg.output,
+        )
+    env = dict(_split_env(item) for item in args.env)
+    job_args = [a for kv in args.overrides for a in ("--set", kv)] + args.job_args
+    _, code = submit(
+        args.address, args.stage, args.config, args=job_args, env=env, follow=args.follow
+    )
+    return code
+
+
+def _split_env(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UsageError(f"Expected `--env` to be KEY=VALUE, but got {item!r}")
+    return key, value
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from pipeline.refresh import refresh
+
+    cfg = _load(args)
+    root = args.registry or cfg.refresh.registry
+    if not root:
+        raise UsageError("Expected a registry: pass --registry DIR or set refresh.registry")
+    _init_ray()
+    _print_decision(refresh(cfg, root))
+    return OK
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipeline import registry
+
+    if not Path(args.registry).is_dir():
+        raise UsageError(f"No registry at {args.registry}")
+    with registry.lock(args.registry) as root:
+        registry.run_dir(root, args.run_id)  # refuse an unknown run before touching anything
+        try:
+            previous = registry.current(root)
+        except registry.RegistryError as err:
+            previous = f"broken ({err})"  # promoting by hand is how a broken current is fixed
+        registry.switch(root, args.run_id)
+        registry.record(
+            root,
+            {
+                "action": "promote",
+                "decision": "promoted",
+                "champion": previous,
+                "challenger": args.run_id,
+                "current": args.run_id,
+                "reason": args.reason,
+            },
+        )
+    print(f"current: {args.run_id} (was {previous})")
+    return OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline import registry
+
+    root = Path(args.registry)
+    if not root.is_dir():
+        raise UsageError(f"No registry at {root}")
+    code = OK
+    try:
+        champion = registry.current(root)
+    except registry.RegistryError as err:
+        print(f"current: BROKEN: {err}")
+        champion, code = None, UNAVAILABLE
+    else:
+        if champion is None:
+            print("current: none (nothing promoted yet)")
+        else:
+            meta = registry.run_meta(root, champion)
+            print(
+                f"current: {champion} (created {meta.get('created')}, config {meta.get('config')})"
+            )
+    print(f"runs: {len(registry.list_runs(root))}")
+    for entry in registry.history(root, args.last):
+        print(
+            f"{entry.get('time')}  {entry.get('action'):<8} {entry.get('decision'):<9} "
+            f"{entry.get('challenger')}  {entry.get('reason')}"
+        )
+    return code
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``segcal`` (one sub-parser per command)."""
+    parser = argparse.ArgumentParser(
+        prog="segcal",
+        description="Calibrate semantic-segmentation models on Ray.",
+        epilog="Exit codes: 0 ok, 1 stage or job failed, 2 usage/config error, "
+        "3 cluster or registry unavailable.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("config", help="run config (YAML)")
+    config.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set fit.epochs=5 (repeatable)",
+    )
+
+    p = sub.add_parser("run", parents=[config], help="run all stages, skipping current ones")
+    p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.set_defaults(func=cmd_run)
+    for stage, text in (
+        ("extract", "stage 1: extract logits into Parquet shards"),
+        ("fit", "stage 2: fit the calibrators"),
+        ("evaluate", "stage 3: evaluate and aggregate metrics"),
+        ("report", "write the Markdown/HTML report"),
+    ):
+        sub.add_parser(stage, parents=[config], help=text).set_defaults(func=cmd_stage)
+
+    p = sub.add_parser(
+        "export",
+        parents=[config],
+        help="write TorchScript calibrators",
+        description="Write OUT/<label>.pt: (logits, image=None) -> calibrated logits; with "
+        "--with-model OUT/<label>_with_model.pt: network input (N, 3, H, W), preprocessed as the "
+        "config says -> calibrated probabilities (N, C, H, W).",
+    )
+    p.add_argument("--label", action="append", help="calibrator label (default: all; repeatable)")
+    p.add_argument("--artifacts", help="artifact folder (default OUTPUT/artifacts)")
+    p.add_argument("--out", help="output folder (default OUTPUT/export)")
+    p.add_argument("--with-model", action="store_true", help="wrap the model and calibrator")
+    p.set_defaults(func=cmd_export)
+
+    from pipeline.submit import JOBS  # light: no Ray import at module level
+
+    p = sub.add_parser(
+        "submit",
+        parents=[config],
+        help="submit a stage to a Ray cluster as a Ray job",
+        description="Submit `python jobs/STAGE.py CONFIG` to a Ray cluster. Arguments after "
+        "`--` go to the job (e.g. `-- --registry /mnt/registry`).",
+    )
+    p.add_argument("stage", nargs="?", default="run", choices=JOBS, help="job to run (default run)")
+    p.add_argument("--address", required=True, help="dashboard URL, e.g. http://127.0.0.1:8265")
+    p.add_argument("--follow", action="store_true", help="stream logs; exit with the job's status")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="job env var")
+    p.set_defaults(func=cmd_submit, job_args=[])
+
+    p = sub.add_parser("refresh", parents=[config], help="nightly refresh with safe promotion")
+    p.add_argument("--registry", help="registry folder (default: refresh.registry in the config)")
+    p.set_defaults(func=cmd_refresh)
+
+    p = sub.add_parser("promote", help="point the registry's current at a stored run")
+    p.add_argument("registry", help="registry folder")
+    p.add_argument("run_id", help="run id (a folder name under DIR/runs)")
+    p.add_argument("--reason", default="manual promotion", help="recorded in history.jsonl")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("status", help="show the current champion and the last decisions")
+    p.add_argument("registry", help="registry folder")
+    p.add_argument("--last", type=int, default=10, help="decisions to show (default 10)")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a ``segcal`` command line (without the program name).
+
+    Raises:
+        SystemExit: with code 2 on a usage error (argparse prints the message).
+    """
+    argv = list(argv)
+    # Everything after `--` belongs to the submitted job, not to us.
+    job_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, job_args = argv[:cut], argv[cut + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if job_args:
+        if args.command != "submit":
+            parser.error("arguments after `--` are only accepted by `submit`")
+        args.job_args = job_args
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``segcal`` console script; returns the exit code."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="segcal: %(levelname)s: %(message)s",
+    )
+    return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.registry import RegistryError
+    from pipeline.submit import SubmitError
+
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as err:
+        print(f"segcal {args.command}: {err}", file=sys.stderr)
+        return USAGE
+    except (RegistryError, SubmitError) as err:
+        print(f"segcal {args.command}: {err}", file=sys.stderr)
+        return UNAVAILABLE
+    except Exception as err:
+        traceback.print_exc()
+        print(f"segcal {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Run the stages incrementally, and the nightly refresh with champion/challenger promotion.
+
+:func:`run_stages` runs extract, fit, evaluate and report in order and skips a stage whose
+outputs are current. The rule, kept deliberately simple:
+
+- extract always runs: it is incremental by itself (images already in a manifest with the same
+  model fingerprint are skipped), so a rerun only extracts what is new.
+- fit, evaluate and report leave a stamp ``OUTPUT/.stages/<stage>.json`` holding a digest of their
+  inputs: the config hash plus, for fit, the calibration shards (names and sha256 from the
+  manifests); for evaluate, every dataset's shards and the artifacts' bytes; for report,
+  the tables evaluate wrote. A stage is skipped when its stamp matches and its outputs exist.
+  Any config change therefore reruns fit, evaluate and report.
+
+:func:`refresh` (``segcal refresh``) runs the stages, then re-evaluates the champion's
+calibrators on the same shards (so both are measured on today's data), compares by image-wise
+ECE (:func:`pipeline.registry.compare`), stores the challenger in the registry and promotes it
+only when it is no worse within ``cfg.refresh.tolerance``. Everything after the lock is taken
+is recorded in ``history.jsonl``; a failure leaves ``current`` as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from pipeline import registry
+from pipeline.paths import atomic_write_json
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("extract", "fit", "evaluate", "report")
+STAMPS = ".stages"
+CHAMPION_EVAL = "champion_eval"
+EVAL_TABLES = ("per_image.parquet", "summary.csv", "domain_shift.csv", "best.csv")
+
+
+def call_stage(cfg: JobConfig, stage: str) -> Any:
+    """Run one stage of ``cfg`` in this process (imported lazily: stages pull in Ray and torch).
+
+    Raises:
+        ValueError: an unknown stage name.
+    """
+    if stage == "extract":
+        from pipeline import extract
+
+        return extract.run(cfg)
+    if stage == "fit":
+        from pipeline import fit
+
+        return fit.run(cfg)
+    if stage == "evaluate":
+        from pipeline import evaluate
+
+        return evaluate.run(cfg)
+    if stage == "report":
+        from pipeline import report
+
+        return report.write(cfg)
+    raise ValueError(f"Expected `stage` to be one of {list(STAGES)}, but got {stage!r}")
+
+
+# --- stamps ------------------------------------------------------------------------------------
+
+
+def _run_paths(cfg: JobConfig):  # -> RunPaths
+    from pipeline.models import model_fingerprint
+    from pipeline.paths import RunPaths
+
+    return RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
+
+
+def _shards_digest(cfg: JobConfig, role: str | None) -> list[Any]:
+    from pipeline.shards import MANIFEST_NAME, read_manifest
+
+    datasets = [ds for ds in cfg.datasets if role is None or ds.role == role]
+    paths = _run_paths(cfg) if datasets else None
+    out: list[Any] = []
+    for ds in datasets:
+        folder = paths.dataset_dir(ds.name)
+        if not (folder / MANIFEST_NAME).is_file():
+            out.append([ds.name, None])
+            continue
+        manifest = read_manifest(folder)
+        # Shard names and checksums, not the manifest bytes: a rerun that extracts nothing new
+        # rewrites the manifest (new timestamp) without changing what fit or evaluate read.
+        out.append(
+            [ds.name, manifest.model_fingerprint, [[s.file, s.sha256] for s in manifest.shards]]
+        )
+    return out
+
+
+def _file_digest(paths: Sequence[Path]) -> list[Any]:
+    return [
+        [p.name, hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None] for p in paths
+    ]
+
+
+def stage_inputs(cfg: JobConfig, stage: str) -> str | None:
+    """Digest of what ``stage`` reads, or None for a stage that always runs (extract)."""
+    from pipeline.config import config_hash
+
+    output = Path(cfg.output)
+    if stage == "extract":
+        return None
+    if stage == "fit":
+        inputs: Any = _shards_digest(cfg, "calibration")
+    elif stage == "evaluate":
+        inputs = [_shards_digest(cfg, None), registry.artifact_digest(output)]
+    elif stage == "report":
+        inputs = _file_digest([output / name for name in EVAL_TABLES])
+    else:
+        raise ValueError(f"Expected `stage` to be one of {list(STAGES)}, but got {stage!r}")
+    blob = json.dumps([config_hash(cfg), inputs], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _outputs_exist(cfg: JobConfig, stage: str) -> bool:
+    output = Path(cfg.output)
+    if stage == "fit":
+        return all(
+            (output / "artifacts" / s.key / "calibrator.json").is_file() for s in cfg.calibrators
+        )
+    if stage == "evaluate":
+        return (output / "summary.csv").is_file()
+    if stage == "report":
+        return (output / "report.html").is_file()
+    return False
+
+
+def _stamp_path(cfg: JobConfig, stage: str) -> Path:
+    return Path(cfg.output) / STAMPS / f"{stage}.json"
+
+
+def is_current(cfg: JobConfig, stage: str) -> bool:
+    """Whether ``stage``'s outputs exist and were made from its current inputs."""
+    digest = stage_inputs(cfg, stage)
+    if digest is None or not _outputs_exist(cfg, stage):
+        return False
+    try:
+        stamp = json.loads(_stamp_path(cfg, stage).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp.get("inputs") == digest
+
+
+def run_stages(
+    cfg: JobConfig,
+    stages: Sequence[str] = STAGES,
+    *,
+    force: bool = False,
+    call: Callable[[JobConfig, str], Any] | None = None,
+) -> dict[str, bool]:
+    """Run ``stages`` in order, skipping those whose outputs are current.
+
+    Args:
+        cfg: the run config.
+        stages: stage names, a subsequence of :data:`STAGES`.
+        force: run every stage even when current.
+        call: runs one stage (default :func:`call_stage`: import and call ``pipeline.<stage>``).
+
+    Returns:
+        Stage name -> whether it ran (False: skipped as current).
+
+    Raises:
+        ValueError: an unknown stage name.
+        Exception: whatever a stage raises; later stages do not run and its stamp is removed.
+    """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"Expected stages from {list(STAGES)}, but got {unknown}")
+    call = call or call_stage
+    ran: dict[str, bool] = {}
+    for stage in stages:
+        if not force and is_current(cfg, stage):
+            logger.info("%s: current, skipped", stage)
+            ran[stage] = False
+            continue
+        stamp = _stamp_path(cfg, stage)
+        stamp.unlink(missing_ok=True)
+        logger.info("%s: running", stage)
+        call(cfg, stage)
+        digest = stage_inputs(cfg, stage)
+        if digest is not None:
+            atomic_write_json(stamp, {"inputs": digest})
+        ran[stage] = True
+    return ran
+
+
+# --- refresh -----------------------------------------------------------------------------------
+
+
+def _card_name(artifact: Path) -> str | None:
+    # The registry name in an artifact's card (calibrator.json), None when there is no card.
+    try:
+        return json.loads((artifact / "calibrator.json").read_text()).get("name")
+    except (OSError, ValueError):
+        return None
+
+
+def champion_summary(
+    cfg: JobConfig,
+    champion_dir: Path,
+    *,
+    call: Callable[[JobConfig, str], Any] | None = None,
+) -> pd.DataFrame:
+    """Evaluate the champion's calibrators on the challenger's shards.
+
+    The champion's artifacts are copied next to a link to this run's shards in
+    ``OUTPUT/champion_eval``, and evaluate runs there for the calibrators both runs have
+    (same label and registry name; no bootstrap: the decision reads only image-wise ECE).
+    Both runs are then measured on the same images, the held-out split included (it depends
+    only on the image ids and ``fit.seed``); as the calibration set grows, a few images the
+    champion was fitted on can fall into today's held-out part, which can only favour the
+    champion.
+
+    Returns:
+        The champion's summary table on today's data (may hold only ``uncalibrated`` rows when
+        the runs share no calibrator).
+    """
+    scratch = Path(cfg.output) / CHAMPION_EVAL
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    (scratch / "shards").symlink_to(Path(cfg.output).resolve() / "shards")
+    shutil.copytree(champion_dir / registry.ARTIFACTS, scratch / registry.ARTIFACTS)
+    shared = [
+        s for s in cfg.calibrators if _card_name(scratch / registry.ARTIFACTS / s.key) == s.name
+    ]
+    if not shared:
+        return pd.DataFrame(columns=[*registry.KEY_COLUMNS, registry.METRIC])
+    champ_cfg = cfg.model_copy(
+        update={
+            "output": str(scratch),
+            "calibrators": shared,
+            "evaluate": cfg.evaluate.model_copy(update={"bootstrap": 0}),
+        }
+    )
+    (call or call_stage)(champ_cfg, "evaluate")
+    return pd.read_csv(scratch / registry.SUMMARY)
+
+
+def refresh(
+    cfg: JobConfig,
+    root: str | Path,
+    *,
+    call: Callable[[JobConfig, str], Any] | None = None,
+) -> dict[str, Any]:
+    """The nightly refresh: extract what is new, refit, evaluate, compare, maybe promote.
+
+    Args:
+        cfg: the run config; ``cfg.refresh.tolerance`` bounds how much worse a row may be.
+        root: the registry folder.
+        call: runs one stage (see :func:`run_stages`).
+
+    Returns:
+        The history entry recorded for this decision (``decision`` is ``promoted`` or ``kept``).
+
+    Raises:
+        RegistryError: the registry is locked or its ``current`` is broken (nothing recorded).
+        Exception: a stage failed; recorded as ``failed`` in the history, ``current`` unchanged.
+    """
+    from pipeline.config import config_hash
+
+    with registry.lock(root) as root:
+        champion = registry.current(root)
+        entry: dict[str, Any] = {
+            "action": "refresh",
+            "config_hash": config_hash(cfg),
+            "output": str(cfg.output),
+            "champion": champion,
+            "tolerance": cfg.refresh.tolerance,
+        }
+        try:
+            ran = run_stages(cfg, call=call)
+            entry["stages_ran"] = [s for s, r in ran.items() if r]
+            # The same artifacts as a stored run (nothing new since) are not stored twice.
+            challenger = registry.find_run(root, registry.artifact_digest(cfg.output))
+            entry["challenger"] = challenger
+            if challenger is not None and challenger == champion:
+                decision = registry.Decision(
+                    False,
+                    "challenger artifacts are identical to the champion's (no change)",
+                    cfg.refresh.tolerance,
+                )
+            else:
+                summary = pd.read_csv(Path(cfg.output) / registry.SUMMARY)
+                champ = (
+                    None
+                    if champion is None
+                    else champion_summary(cfg, registry.run_dir(root, champion), call=call)
+                )
+                decision = registry.compare(summary, champ, tolerance=cfg.refresh.tolerance)
+                if challenger is None:
+                    meta = {"config_hash": entry["config_hash"], "config": str(cfg.source)}
+                    challenger = registry.add_run(root, cfg.output, meta)
+                    entry["challenger"] = challenger
+            if decision.promote:
+                registry.switch(root, challenger)
+        except Exception as err:
+            registry.record(
+                root, {**entry, "decision": "failed", "reason": f"{type(err).__name__}: {err}"}
+            )
+            raise
+        result = decision.to_dict()
+        return registry.record(
+            root,
+            {
+                **entry,
+                "decision": "promoted" if decision.promote else "kept",
+                "current": registry.current(root),
+                "reason": result["reason"],
+                "comparisons": result["comparisons"],
+            },
+        )
