@@ -9,6 +9,8 @@ CAMVID_ROOT ?= $(abspath ../shared/data/camvid)
 SEGCAL_ESPNET_WEIGHTS ?= $(abspath ../shared/models/espnet/espnet_p_2_q_8_camvid.pth)
 export CAMVID_ROOT SEGCAL_ESPNET_WEIGHTS
 export RAY_USAGE_STATS_ENABLED := 0
+# `make demo` / `make test` start Ray on this machine only: keep it on loopback.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: demo test lint bench clean
 
