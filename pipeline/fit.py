@@ -1,0 +1,1050 @@
+"""Stage 2: fit every configured calibrator on the calibration shards and write its artifact.
+
+``run(cfg)`` reads the shards of the datasets with role ``calibration``, splits them by image
+into a fit part and a held-out part, samples pixels (pointwise calibrators) or strided whole
+maps (spatial ones), fits each entry of ``cfg.calibrators`` and writes
+``OUTPUT/artifacts/<label>/`` with `pipeline.calibrators.save`. Everything is validated and
+every calibrator fitted before the first artifact is written, so a failed run leaves the
+previous artifacts untouched.
+
+Two modes (``fit.mode``):
+
+- ``local``: ``calibrator.fit(..., heldout=...)`` in-process, the calibrator's own algorithm.
+- ``ray``: a ``ray.train.torch.TorchTrainer`` whose workers read their part of the sampled
+  pixels (or maps) with ``ray.train.get_dataset_shard("train")`` and minimise the calibrator's
+  own ``loss`` through the DDP-wrapped `pipeline.calibrators.LossModule`. Calibrators without
+  a neural selector use full-batch L-BFGS with the loss normalised by the global valid-pixel
+  count and gradients all-reduced, which gives the local optimum exactly (temperature scaling
+  matches the local fit to 1e-3); selectors and spatial calibrators use AdamW epochs with
+  held-out early stopping. Steps that need held-out data or no gradient run in the driver:
+  a selective calibrator's ``base`` is fitted before the workers start and its temperatures
+  (``fit_temperatures``) after they finish. ``meta_cal`` has no gradient-trained state beyond
+  one temperature and is fitted in the driver.
+
+Corrupted calibration data (issue 8): a calibration dataset with a ``corruption`` is used only
+by calibrators whose spec options say ``use_corrupted: true`` (or list
+``augment_corruptions: [{kind, severity}, ...]``, which picks those corruptions and implies
+``use_corrupted``); all other calibrators ignore it. Both keys are fit-stage options and are
+removed before the calibrator is built. The held-out split is by image id, so an image and its
+corrupted copies always fall on the same side; held-out metrics always come from the clean
+(uncorrupted) calibration images so that every calibrator is scored on the same pixels.
+
+Run it with ``segcal fit CONFIG`` or ``python jobs/fit.py CONFIG``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+
+from pipeline.calibrators import (
+    CALIBRATORS,
+    Calibrator,
+    FitData,
+    LossModule,
+    build_calibrator,
+    optimise,
+    save,
+)
+from pipeline.calibrators.selective import SelectiveScaling, balanced_order
+from pipeline.config import CalibratorSpec, DatasetConfig, JobConfig
+from pipeline.metrics import ece
+from pipeline.models import model_fingerprint
+from pipeline.paths import RunPaths
+from pipeline.shards import ImageRecord, Manifest, iter_dataset, read_manifest, upsample_logits
+
+__all__ = [
+    "FIT_OPTIONS",
+    "data_fingerprint",
+    "fit_spec",
+    "heldout_metrics",
+    "record_map",
+    "run",
+    "sample_pixel_indices",
+    "sample_pixels",
+    "split_heldout",
+    "train_loop_per_worker",
+]
+
+logger = logging.getLogger(__name__)
+
+# Spec options read by this stage, never passed to the calibrator.
+FIT_OPTIONS = ("use_corrupted", "augment_corruptions")
+# Fitted in the driver in ``ray`` mode: the entropy threshold is not a gradient-trained value.
+_DRIVER_ONLY = frozenset({"meta_cal"})
+# Rows per Arrow block of the Ray dataset: enough blocks to balance workers, few enough to be cheap.
+_BLOCK_ROWS = 65536
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting and sampling: pure functions of records and seeds, independent of shard order.
+
+
+def _digest(*parts: object) -> bytes:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+
+
+def split_heldout(image_ids: Iterable[str], fraction: float, seed: int) -> set[str]:
+    """Pick the held-out images: the ``round(fraction * n)`` ids with the smallest seeded hash.
+
+    The choice depends only on the set of ids and the seed (not on their order), and keeps at
+    least one image on each side when ``fraction > 0`` and there are two or more images.
+
+    Args:
+        image_ids: Image ids (duplicates, e.g. corrupted copies of one image, count once).
+        fraction: Share of images held out, in [0, 1).
+        seed: Seed of the hash.
+
+    Returns:
+        The held-out ids.
+
+    Raises:
+        ValueError: When ``fraction`` is outside [0, 1).
+
+    Example:
+        >>> ids = [f"img{i}" for i in range(10)]
+        >>> held = split_heldout(ids, 0.3, seed=0)
+        >>> len(held), held == split_heldout(reversed(ids), 0.3, seed=0)
+        (3, True)
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"Expected `heldout_fraction` in [0, 1), but got {fraction}")
+    ids = sorted(set(image_ids))
+    if fraction == 0.0 or len(ids) < 2:
+        return set()
+    k = min(max(round(fraction * len(ids)), 1), len(ids) - 1)
+    return set(sorted(ids, key=lambda i: (_digest(seed, i), i))[:k])
+
+
+def _image_rng(seed: int, image_id: str) -> np.random.Generator:
+    """A generator per (seed, image): samples do not depend on which shard an image is in."""
+    return np.random.default_rng([seed, int.from_bytes(_digest(image_id)[:8], "little")])
+
+
+def sample_pixel_indices(
+    labels: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    ignore_index: int | None,
+    mispredicted: np.ndarray | None = None,
+) -> np.ndarray:
+    """Draw up to ``n`` distinct valid pixels of one image, as sorted flat indices.
+
+    Without ``mispredicted`` the draw is uniform over valid pixels. With it, mispredicted
+    pixels are oversampled: up to half of the draw comes from them (all of them when fewer),
+    the rest from correct pixels, and mispredicted ones fill in when correct ones run out.
+
+    Args:
+        labels: (H, W) integer labels.
+        n: Pixels wanted (all valid pixels when fewer exist).
+        rng: The image's generator.
+        ignore_index: Label value never drawn, or None.
+        mispredicted: Optional (H, W) bool, True where the model's argmax is wrong.
+
+    Returns:
+        (min(n, #valid),) int64 flat indices into ``labels.ravel()``, sorted.
+
+    Example:
+        >>> labels = np.array([[0, 255], [1, 2]])
+        >>> sample_pixel_indices(labels, 5, np.random.default_rng(0), ignore_index=255)
+        array([0, 2, 3])
+    """
+    flat = labels.reshape(-1)
+    valid = np.flatnonzero(flat != ignore_index) if ignore_index is not None else np.arange(
+        flat.size
+    )
+    if mispredicted is None:
+        if len(valid) <= n:
+            return valid.astype(np.int64)
+        return np.sort(rng.choice(valid, n, replace=False)).astype(np.int64)
+    wrong_mask = mispredicted.reshape(-1)[valid]
+    wrong, right = valid[wrong_mask], valid[~wrong_mask]
+    n_wrong = min(len(wrong), max(n // 2, n - len(right)))
+    n_right = min(len(right), n - n_wrong)
+    picked = np.concatenate(
+        [rng.choice(wrong, n_wrong, replace=False), rng.choice(right, n_right, replace=False)]
+    )
+    return np.sort(picked).astype(np.int64)
+
+
+def _check_classes(record: ImageRecord, num_classes: int) -> None:
+    if record.logits.shape[0] != num_classes:
+        raise ValueError(
+            f"Expected logits with model.num_classes={num_classes} classes in dataset "
+            f"{record.dataset!r}, image {record.image_id!r}, but got {record.logits.shape[0]}"
+        )
+
+
+def sample_pixels(
+    records: Iterable[ImageRecord],
+    *,
+    pixels_per_image: int,
+    seed: int,
+    ignore_index: int | None,
+    oversample_mispredicted: bool = False,
+    num_classes: int | None = None,
+) -> FitData:
+    """Sample valid pixels of each image at label resolution (see `sample_pixel_indices`).
+
+    Logits are upsampled to the labels' size with `pipeline.shards.upsample_logits` first.
+    Pixels are ordered by (dataset, image id), so the result does not depend on record order.
+
+    Args:
+        records: The images.
+        pixels_per_image: Pixels drawn per image.
+        seed: Sampling seed (each image draws from its own generator).
+        ignore_index: Label value never drawn, or None.
+        oversample_mispredicted: Oversample pixels whose argmax is wrong.
+        num_classes: Expected class count; checked against every record when given.
+
+    Returns:
+        `FitData` with (P, C) float32 logits and (P,) int64 labels, valid pixels only.
+
+    Raises:
+        ValueError: When a record's class count differs from ``num_classes``, or no record
+            has a valid pixel.
+    """
+    parts: list[tuple[tuple[str, str], Tensor, Tensor]] = []
+    for record in records:
+        if num_classes is not None:
+            _check_classes(record, num_classes)
+        logits, labels = _sample_record(
+            record, pixels_per_image, seed, ignore_index, oversample_mispredicted
+        )
+        parts.append(((record.dataset, record.image_id), logits, labels))
+    parts.sort(key=lambda p: p[0])
+    if not parts or sum(len(p[2]) for p in parts) == 0:
+        raise ValueError(
+            f"Expected records with pixels not equal to `ignore_index`={ignore_index}, but got "
+            f"{len(parts)} images without any"
+        )
+    return FitData(torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
+
+
+def _sample_record(
+    record: ImageRecord,
+    n: int,
+    seed: int,
+    ignore_index: int | None,
+    oversample: bool,
+) -> tuple[Tensor, Tensor]:
+    logits = upsample_logits(record.logits, (record.height, record.width))
+    labels = record.labels.astype(np.int64)
+    mispredicted = logits.argmax(0).numpy() != labels if oversample else None
+    index = sample_pixel_indices(
+        labels, n, _image_rng(seed, record.image_id), ignore_index=ignore_index,
+        mispredicted=mispredicted,
+    )
+    points = logits.reshape(logits.shape[0], -1)[:, torch.from_numpy(index)].t().contiguous()
+    return points, torch.from_numpy(labels.reshape(-1)[index])
+
+
+def record_map(
+    record: ImageRecord, *, stride: int = 1
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One image's whole map at label resolution, subsampled by ``stride`` to bound memory.
+
+    Args:
+        record: The image.
+        stride: Keep every ``stride``-th row and column.
+
+    Returns:
+        (C, H', W') float32 logits, (H', W') int64 labels and the (3, H', W') float32 image in
+        [0, 1] (bilinearly resized from the stored one), or None when none is stored.
+    """
+    size = (record.height, record.width)
+    logits = upsample_logits(record.logits, size)[:, ::stride, ::stride]
+    labels = torch.from_numpy(record.labels.astype(np.int64))[::stride, ::stride]
+    image = None
+    if record.image is not None:
+        rgb = torch.from_numpy(np.array(record.image)).permute(2, 0, 1).float()  # a writable copy
+        rgb = F.interpolate(rgb[None] / 255.0, size=size, mode="bilinear", align_corners=False)
+        image = rgb[0, :, ::stride, ::stride].clamp(0.0, 1.0)
+    return logits.contiguous(), labels.contiguous(), image
+
+
+def _record_key(record: ImageRecord) -> tuple[str, str]:
+    return record.dataset, record.image_id
+
+
+def data_fingerprint(manifests: Iterable[Manifest]) -> str:
+    """sha256 over the datasets' shard checksums (order-independent).
+
+    Example:
+        >>> len(data_fingerprint([]))
+        64
+    """
+    lines = sorted(f"{m.dataset}/{s.file}:{s.sha256}" for m in manifests for s in m.shards)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Planning and validation: everything that can fail before data is read or a worker starts.
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One calibrator to fit: its spec, its place in the config and the datasets it uses."""
+
+    index: int
+    spec: CalibratorSpec
+    datasets: tuple[str, ...]
+    spatial: bool
+
+    @property
+    def label(self) -> str:
+        return self.spec.key
+
+
+def _fit_options(
+    spec: CalibratorSpec, index: int
+) -> tuple[dict[str, Any], bool, list[tuple[str, int]] | None]:
+    options = dict(spec.options)
+    where = f"calibrators.{index}.options"
+    use_corrupted = options.pop("use_corrupted", False)
+    if not isinstance(use_corrupted, bool):
+        raise TypeError(f"Expected `{where}.use_corrupted` to be a bool, but got {use_corrupted!r}")
+    augment = options.pop("augment_corruptions", None)
+    if augment is None:
+        return options, use_corrupted, None
+    wanted = []
+    if not isinstance(augment, list) or not augment:
+        raise ValueError(
+            f"Expected `{where}.augment_corruptions` to be a non-empty list of "
+            f"{{kind, severity}}, but got {augment!r}"
+        )
+    for item in augment:
+        if not isinstance(item, dict) or set(item) != {"kind", "severity"}:
+            raise ValueError(
+                f"Expected each of `{where}.augment_corruptions` to be {{kind, severity}}, but "
+                f"got {item!r}"
+            )
+        wanted.append((item["kind"], item["severity"]))
+    return options, True, wanted
+
+
+def _spec_options(
+    cfg: JobConfig, spec: CalibratorSpec, index: int
+) -> tuple[dict[str, Any], bool, list[tuple[str, int]] | None]:
+    """The calibrator's options, ``use_corrupted`` and the wanted corruptions of a spec.
+
+    ``fit.epochs`` becomes the default of calibrators that take an ``epochs`` option.
+    """
+    options, use_corrupted, wanted = _fit_options(spec, index)
+    cls = CALIBRATORS.get(spec.name)
+    if cls is not None and "epochs" in inspect.signature(cls.__init__).parameters:
+        options = {"epochs": cfg.fit.epochs, **options}
+    return options, use_corrupted, wanted
+
+
+def _plan(cfg: JobConfig) -> list[_Job]:
+    calibration = cfg.datasets_with_role("calibration")
+    if not calibration:
+        raise ValueError(
+            "Expected at least one dataset with role 'calibration' in `datasets`, but got "
+            f"none (datasets: {[d.name for d in cfg.datasets]})"
+        )
+    clean = tuple(d.name for d in calibration if d.corruption is None)
+    if not clean:
+        raise ValueError(
+            "Expected at least one calibration dataset without `corruption`, but every one of "
+            f"{[d.name for d in calibration]} is corrupted"
+        )
+    if not cfg.calibrators:
+        raise ValueError("Expected at least one entry in `calibrators`, but got none")
+    corrupted = [d for d in calibration if d.corruption is not None]
+    jobs = []
+    for i, spec in enumerate(cfg.calibrators):
+        options, use_corrupted, wanted = _spec_options(cfg, spec, i)
+        try:  # build once: unknown names and options fail here, before any data is read
+            calibrator = build_calibrator(spec.name, cfg.model.num_classes, **options)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"Invalid calibrator `calibrators.{i}` ({spec.key!r}): {err}") from err
+        extra = _pick_corrupted(corrupted, use_corrupted, wanted, i) if use_corrupted else ()
+        jobs.append(_Job(i, spec, clean + extra, type(calibrator).spatial))
+    return jobs
+
+
+def _pick_corrupted(
+    corrupted: Sequence[DatasetConfig], use: bool, wanted: list[tuple[str, int]] | None, i: int
+) -> tuple[str, ...]:
+    if not corrupted:
+        raise ValueError(
+            f"Expected calibration datasets with a `corruption` for `calibrators.{i}` "
+            "(use_corrupted / augment_corruptions), but got none: add calibration datasets "
+            "with `corruption: {kind, severity}` to the config"
+        )
+    if wanted is None:
+        return tuple(d.name for d in corrupted)
+    have = {(d.corruption.kind, d.corruption.severity) for d in corrupted if d.corruption}
+    missing = [w for w in wanted if w not in have]
+    if missing:
+        raise ValueError(
+            f"Expected a calibration dataset for each corruption in "
+            f"`calibrators.{i}.options.augment_corruptions`, but none has {missing} "
+            f"(available: {sorted(have)})"
+        )
+    return tuple(
+        d.name for d in corrupted
+        if d.corruption and (d.corruption.kind, d.corruption.severity) in wanted
+    )
+
+
+def _read_manifests(cfg: JobConfig, paths: RunPaths, names: Iterable[str]) -> dict[str, Manifest]:
+    manifests = {}
+    for name in sorted(set(names)):
+        directory = paths.dataset_dir(name)
+        manifest = read_manifest(directory)
+        if manifest.num_classes != cfg.model.num_classes:
+            raise ValueError(
+                f"Expected `num_classes` in {directory / 'manifest.json'} to equal "
+                f"model.num_classes={cfg.model.num_classes} from the config, but got "
+                f"{manifest.num_classes}"
+            )
+        if manifest.n_images == 0:
+            raise ValueError(
+                f"Expected calibration dataset {name!r} ({directory}) to hold images, but its "
+                "manifest lists none"
+            )
+        manifests[name] = manifest
+    return manifests
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: one pass over every calibration dataset.
+
+
+@dataclass
+class _Samples:
+    """One calibration dataset's fit and held-out samples."""
+
+    fit: FitData
+    heldout: FitData | None
+    fit_maps: FitData | None
+    heldout_maps: FitData | None
+
+
+def _read_dataset(
+    cfg: JobConfig,
+    directory: Path,
+    manifest: Manifest,
+    heldout_ids: set[str],
+    common_ignore: int,
+    with_maps: bool,
+) -> _Samples:
+    """Sample one dataset in a single pass: pixels always, strided maps for spatial fits."""
+    fit = cfg.fit
+    # [held out?] -> ((dataset, image id), sample): sorted later, so shard order cannot matter.
+    pixels: dict[bool, list[tuple[tuple[str, str], FitData]]] = {True: [], False: []}
+    maps: dict[bool, list[tuple[tuple[str, str], FitData]]] = {True: [], False: []}
+    for record in iter_dataset(directory):
+        _check_classes(record, cfg.model.num_classes)
+        key, is_held = _record_key(record), record.image_id in heldout_ids
+        # Oversampling shapes the training sample only; held-out pixels stay uniform.
+        logits, labels = _sample_record(
+            record, fit.pixels_per_image, fit.seed, manifest.ignore_index,
+            fit.oversample_mispredicted and not is_held,
+        )
+        if len(labels):
+            pixels[is_held].append((key, FitData(logits, labels)))
+        if with_maps:
+            z, y, image = record_map(record, stride=fit.map_stride)
+            y[y == manifest.ignore_index] = common_ignore
+            maps[is_held].append(
+                (key, FitData(z[None], y[None], None if image is None else image[None],
+                              common_ignore))
+            )
+    if not pixels[False] and not pixels[True]:
+        raise ValueError(
+            f"Expected calibration dataset {manifest.dataset!r} ({directory}) to hold pixels "
+            f"not equal to `ignore_index`={manifest.ignore_index}, but all "
+            f"{manifest.n_images} images are fully ignored"
+        )
+    if not pixels[False]:
+        raise ValueError(
+            f"Expected the fit part of calibration dataset {manifest.dataset!r} ({directory}) "
+            "to hold valid pixels, but only its held-out images have any"
+        )
+
+    def ordered(parts: list[tuple[tuple[str, str], FitData]]) -> FitData | None:
+        return _concat([data for _, data in sorted(parts, key=lambda p: p[0])])
+
+    return _Samples(
+        ordered(pixels[False]), ordered(pixels[True]), ordered(maps[False]), ordered(maps[True])
+    )
+
+
+def _concat(parts: Sequence[FitData | None]) -> FitData | None:
+    """Concatenate fit data along dim 0 (images only when every part has them); None if empty.
+
+    Raises:
+        ValueError: When maps of different sizes meet.
+    """
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if parts[0].logits.dim() == 4:
+        sizes = sorted({tuple(p.labels.shape[-2:]) for p in parts})
+        if len(sizes) > 1:
+            raise ValueError(
+                f"Expected calibration maps of one size for a spatial calibrator, but got "
+                f"{sizes}; extract the calibration data at one label size"
+            )
+    images = None
+    if all(p.images is not None for p in parts):
+        images = torch.cat([p.images for p in parts])
+    return FitData(
+        torch.cat([p.logits for p in parts]), torch.cat([p.labels for p in parts]), images,
+        parts[0].ignore_index,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out metrics.
+
+
+def heldout_metrics(
+    calibrator: Calibrator | None, data: FitData, *, n_bins: int = 15, chunk: int = 8
+) -> dict[str, float]:
+    """NLL and pooled ECE (`pipeline.metrics.ece`) of ``calibrator`` on ``data``.
+
+    Args:
+        calibrator: A fitted calibrator, or None for the raw logits ("uncalibrated").
+        data: Pointwise (P, C) / (P,) pixels, or (N, C, H, W) maps with ``ignore_index``.
+        n_bins: ECE bins.
+        chunk: Maps per forward pass (bounds memory for spatial calibrators).
+
+    Returns:
+        ``{"nll": ..., "ece": ..., "pixels": ...}`` (mean NLL over valid pixels).
+    """
+    step = chunk if data.logits.dim() == 4 else len(data.labels)
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(data.labels), step):
+            logits = data.logits[start : start + step]
+            if calibrator is not None:
+                image = None if data.images is None else data.images[start : start + step]
+                logits = calibrator(logits, image)
+            outputs.append(logits.float())
+    logits = torch.cat(outputs)
+    ignore = -100 if data.ignore_index is None else data.ignore_index
+    n_valid = _n_valid(data)
+    nll = F.cross_entropy(logits, data.labels, ignore_index=ignore, reduction="sum") / n_valid
+    value = ece(torch.softmax(logits, 1), data.labels, n_bins=n_bins,
+                ignore_index=data.ignore_index)
+    return {"nll": float(nll), "ece": float(value), "pixels": n_valid}
+
+
+def _n_valid(data: FitData) -> int:
+    if data.ignore_index is None:
+        return data.labels.numel()
+    return int((data.labels != data.ignore_index).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Train: the worker loop and the driver side.
+
+
+def _ray_method(calibrator: Calibrator) -> str:
+    """AdamW epochs for neural selectors and spatial nets; full-batch L-BFGS otherwise."""
+    return "adamw" if isinstance(calibrator, SelectiveScaling) or calibrator.spatial else "lbfgs"
+
+
+def _candidates(options: dict[str, Any], with_heldout: bool) -> list[dict[str, Any]]:
+    """Option sets tried in ``ray`` mode: one per value of an ``<x>_grid`` option.
+
+    E.g. matrix / dirichlet ``odir_grid``: each value becomes ``odir`` of a candidate, and the
+    held-out NLL picks one, as their in-process fit does.
+    """
+    for key, grid in options.items():
+        stem = key.removesuffix("_grid")
+        if key.endswith("_grid") and stem in options and grid and with_heldout:
+            return [{**options, stem: value, key: None} for value in grid]
+    return [options]
+
+
+def _shard_tensors(shard: Any, device: torch.device) -> dict[str, Tensor]:
+    """Materialise this worker's shard (full-batch L-BFGS and reshuffled epochs need it)."""
+    columns: dict[str, list[np.ndarray]] = {}
+    for batch in shard.iter_batches(batch_size=_BLOCK_ROWS, batch_format="numpy"):
+        for key, value in batch.items():
+            columns.setdefault(key, []).append(value)
+    return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in columns.items()}
+
+
+def _worker_calibrator(config: dict[str, Any], options: dict[str, Any]) -> Calibrator:
+    calibrator = build_calibrator(config["name"], config["num_classes"], **options)
+    if config["init_state"] is not None:
+        calibrator.load_state_dict(config["init_state"])
+    for name, param in calibrator.named_parameters():
+        if any(name.startswith(prefix) for prefix in config["frozen"]):
+            param.requires_grad_(False)
+    return calibrator
+
+
+def _broadcast(value: float, rank: int, device: torch.device) -> float:
+    """Rank 0's value on every rank, so that all ranks take the same decisions."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value if rank == 0 else 0.0], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor)
+
+
+def _report(metrics: dict[str, Any], calibrator: Calibrator | None) -> None:
+    """``ray.train.report`` on every rank; rank 0 (``calibrator`` given) attaches a checkpoint."""
+    import ray.train
+    import safetensors.torch
+
+    if calibrator is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {k: v.detach().cpu().contiguous().clone()
+                 for k, v in calibrator.state_dict().items()}
+        safetensors.torch.save_file(state, str(Path(tmp) / "state.safetensors"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _timings(config: dict[str, Any], start: float) -> dict[str, float]:
+    """Seconds this worker spent reading its shard and training (Ray's start excluded)."""
+    return {"load_seconds": config["load_seconds"], "train_seconds": time.perf_counter() - start}
+
+
+def _heldout_nll(calibrator: Calibrator, heldout: FitData) -> float:
+    calibrator.fitted.fill_(True)
+    calibrator.eval()
+    return heldout_metrics(calibrator, heldout)["nll"]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker: minimise the calibrator's ``loss`` on this worker's data shard.
+
+    Runs inside a ``TorchTrainer`` worker (see `run`). ``config`` holds the registry ``name``,
+    ``num_classes``, ``candidates`` (option sets, see `_candidates`), ``init_state`` (a state
+    dict or None), ``frozen`` (parameter-name prefixes not trained), ``method``
+    (``"lbfgs"`` / ``"adamw"``), ``ignore_index``, ``seed``, ``heldout`` (an object ref of a
+    `FitData` or None), and for AdamW ``epochs``, ``batch_size``, ``lr``, ``weight_decay``
+    and ``patience``.
+
+    L-BFGS: each rank's loss is its mean weighted by its share of the global valid-pixel count
+    and scaled by the world size, so DDP's gradient average is the gradient of the global mean;
+    the loss value handed to the line search is all-reduced, so every rank takes the same
+    steps. With several candidates rank 0 scores each by held-out NLL.
+    AdamW: mini-batches drawn from the shard each epoch, held-out loss on rank 0 after each
+    epoch (keep the best state; stop after ``patience`` epochs without improvement), a
+    checkpoint per epoch. The final report carries the chosen state.
+    """
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config["seed"])
+    start = time.perf_counter()
+    data = _shard_tensors(ray.train.get_dataset_shard("train"), device)
+    config = {**config, "load_seconds": time.perf_counter() - start}
+    heldout = None
+    if config["heldout"] is not None and rank == 0:
+        held = ray.get(config["heldout"])
+        heldout = FitData(
+            held.logits.to(device), held.labels.to(device),
+            None if held.images is None else held.images.to(device), held.ignore_index,
+        )
+    if config["method"] == "lbfgs":
+        _train_lbfgs(config, data, heldout, rank, world, device)
+    else:
+        _train_adamw(config, data, heldout, rank, world, device)
+
+
+def _train_lbfgs(
+    config: dict[str, Any], data: dict[str, Tensor], heldout: FitData | None, rank: int,
+    world: int, device: torch.device,
+) -> None:
+    import ray.train.torch
+    import torch.distributed as dist
+
+    # Padding rows (label -1) only make the row count divisible by the worker count.
+    keep = data["label"] >= 0
+    n_local = int(keep.sum())
+    n_global = torch.tensor([n_local], dtype=torch.float64, device=device)
+    dist.all_reduce(n_global)
+    if n_local:
+        logits, labels, share = data["logits"][keep].float(), data["label"][keep], n_local / float(
+            n_global
+        )
+    else:  # still take part in every collective, with a zero-weight row
+        logits, labels, share = data["logits"][:1].float(), torch.zeros_like(data["label"][:1]), 0.0
+
+    start = time.perf_counter()
+    best: tuple[float, Calibrator | None, float] = (math.inf, None, math.nan)
+    scores = []
+    for options in config["candidates"]:
+        calibrator = _worker_calibrator(config, options).to(device)
+        module = ray.train.torch.prepare_model(LossModule(calibrator))
+
+        def loss_fn(module: Any = module) -> Tensor:
+            local = module(logits, labels) * share
+            total = local.detach().clone()
+            dist.all_reduce(total)
+            # Value: the global mean (for the line search); gradient: world * local share,
+            # which DDP averages into the gradient of the global mean.
+            return local * world + (total - local * world).detach()
+
+        calibrator.train()
+        train_loss = optimise(loss_fn, calibrator.parameters(), max_iter=config["max_iter"])
+        score = train_loss
+        if len(config["candidates"]) > 1:
+            score = _broadcast(
+                _heldout_nll(calibrator, heldout) if rank == 0 else 0.0, rank, device
+            )
+        scores.append(score)
+        if score < best[0]:
+            best = (score, calibrator, train_loss)
+    metrics = {"train_loss": best[2], "candidate_scores": scores, **_timings(config, start)}
+    _report(metrics, best[1] if rank == 0 else None)
+
+
+def _train_adamw(
+    config: dict[str, Any], data: dict[str, Tensor], heldout: FitData | None, rank: int,
+    world: int, device: torch.device,
+) -> None:
+    import copy
+
+    import ray.train.torch
+
+    calibrator = _worker_calibrator(config, config["candidates"][0]).to(device)
+    module = ray.train.torch.prepare_model(LossModule(calibrator, config["ignore_index"]))
+    logits, labels, images = data["logits"].float(), data["label"], data.get("image")
+    n = len(labels)
+    size = max(min(config["batch_size"] // world, n), min(2, n))
+    steps = n // size
+    generator = torch.Generator().manual_seed(config["seed"] * 1009 + rank)
+
+    def batches() -> Iterator[Tensor]:
+        while True:
+            yield from torch.randperm(n, generator=generator)[: steps * size].to(device).split(size)
+
+    draw = batches()
+
+    def batch_loss() -> Tensor:
+        index = next(draw)
+        return module(logits[index], labels[index], None if images is None else images[index])
+
+    state: dict[str, Any] = {"best": math.inf, "kept": None, "stale": 0, "epoch": 0}
+
+    def heldout_loss() -> float:
+        if rank != 0 or heldout is None:
+            return 0.0
+        calibrator.eval()
+        with torch.no_grad():
+            value = float(LossModule(calibrator, heldout.ignore_index)(
+                heldout.logits, heldout.labels, heldout.images
+            ))
+        calibrator.train()
+        return value
+
+    def end_of_epoch(step: int, loss: float) -> bool:
+        if (step + 1) % steps:
+            return False
+        state["epoch"] += 1
+        metrics: dict[str, Any] = {"epoch": state["epoch"], "train_loss": loss}
+        stop = False
+        if config["heldout"] is not None:
+            value = _broadcast(heldout_loss(), rank, device)
+            metrics["heldout_loss"] = value
+            if value < state["best"]:
+                state.update(best=value, stale=0)
+                if rank == 0:
+                    state["kept"] = copy.deepcopy(calibrator.state_dict())
+            else:
+                state["stale"] += 1
+                stop = state["stale"] >= config["patience"]
+        _report(metrics, calibrator if rank == 0 else None)
+        return stop
+
+    calibrator.train()
+    start = time.perf_counter()
+    optimise(
+        batch_loss, calibrator.parameters(), method="adamw", max_iter=config["epochs"] * steps,
+        lr=config["lr"], weight_decay=config["weight_decay"], callback=end_of_epoch,
+    )
+    final: dict[str, Any] = {"epoch": state["epoch"], "final": True, **_timings(config, start)}
+    if state["kept"] is not None:
+        calibrator.load_state_dict(state["kept"])
+        final["heldout_loss"] = state["best"]
+    _report(final, calibrator if rank == 0 else None)
+
+
+def _padded(rows: dict[str, Tensor], multiple: int, pad_label: int | None) -> dict[str, Tensor]:
+    """Pad rows to a multiple of the worker count (``streaming_split(equal=True)`` drops rows).
+
+    ``pad_label`` set: padding rows carry that label (ignored by the L-BFGS loop); None:
+    the first rows are repeated (harmless for stochastic epochs).
+    """
+    n = len(next(iter(rows.values())))
+    extra = (-n) % multiple
+    if extra == 0:
+        return rows
+    out = {}
+    for key, value in rows.items():
+        pad = value[:extra].repeat(-(-extra // n), *([1] * (value.dim() - 1)))[:extra]
+        if key == "label" and pad_label is not None:
+            pad = torch.full_like(pad, pad_label)
+        out[key] = torch.cat([value, pad])
+    return out
+
+
+def _ray_dataset(rows: dict[str, Tensor]) -> Any:
+    """An in-memory Ray dataset of tensor columns, in Arrow blocks of ``_BLOCK_ROWS`` rows.
+
+    Built from blocks already in memory, so it needs no Ray Data tasks: the Train workers,
+    which hold their CPUs for the whole fit, cannot starve a read or map stage (the known hang
+    of Train + Data on small machines).
+    """
+    import pyarrow as pa
+    import ray.data
+
+    columns = {}
+    for key, value in rows.items():
+        array = value.cpu().numpy()
+        columns[key] = (pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
+                        if array.ndim > 1 else pa.array(array))
+    table = pa.table(columns)
+    return ray.data.from_arrow(
+        [table.slice(i, _BLOCK_ROWS) for i in range(0, table.num_rows, _BLOCK_ROWS)]
+    )
+
+
+def _train_rows(calibrator: Calibrator, fit: FitData, seed: int) -> dict[str, Tensor]:
+    """The rows the workers train on (selectors: mispredicted pixels duplicated to balance)."""
+    if calibrator.spatial:
+        rows = {"logits": fit.logits, "label": fit.labels}
+        if fit.images is not None:
+            rows["image"] = fit.images
+        return rows
+    if isinstance(calibrator, SelectiveScaling) and calibrator.options["oversample"]:
+        with torch.no_grad():
+            base = fit.logits if calibrator.base is None else calibrator.base(fit.logits)
+        targets = (base.argmax(1) != fit.labels).long()
+        if 0 < int(targets.sum()) < len(targets):
+            order = balanced_order(targets, torch.Generator().manual_seed(seed))
+            return {"logits": fit.logits[order], "label": fit.labels[order]}
+    return {"logits": fit.logits, "label": fit.labels}
+
+
+def _fit_ray(
+    cfg: JobConfig, spec: CalibratorSpec, options: dict[str, Any], calibrator: Calibrator,
+    fit: FitData, heldout: FitData | None, storage: Path,
+) -> dict[str, Any]:
+    """Fit ``calibrator`` with a TorchTrainer; returns the final report's metrics."""
+    import ray
+    import ray.train
+    import safetensors.torch
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    seed = cfg.fit.seed
+    frozen: list[str] = []
+    if isinstance(calibrator, SelectiveScaling) and calibrator.base is not None:
+        # The selector trains on base-calibrated logits, so the base is fitted first.
+        calibrator.base.fit(
+            fit.logits, fit.labels, ignore_index=fit.ignore_index, images=fit.images,
+            heldout=heldout, seed=seed,
+        )
+        frozen.append("base.")
+    method = _ray_method(calibrator)
+    workers = cfg.fit.num_workers
+    rows = _padded(_train_rows(calibrator, fit, seed), workers,
+                   -1 if method == "lbfgs" else None)
+    config = {
+        "name": spec.name,
+        "num_classes": cfg.model.num_classes,
+        "candidates": _candidates(options, heldout is not None),
+        "init_state": {k: v.clone() for k, v in calibrator.state_dict().items()},
+        "frozen": frozen,
+        "method": method,
+        "ignore_index": fit.ignore_index,
+        "seed": seed,
+        "heldout": None if heldout is None else ray.put(heldout),
+        "max_iter": max(int(options.get("max_iter", 100)), 100),
+        "epochs": int(options.get("epochs", cfg.fit.epochs)),
+        "batch_size": int(options.get("batch_size", 8 if calibrator.spatial else 4096)),
+        "lr": float(options.get("lr", 1e-3)),
+        "weight_decay": float(options.get("weight_decay", 0.0)),
+        "patience": int(options.get("patience", 3)),
+    }
+    resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.fit.use_gpu else {})}
+    name = f"fit-{spec.key}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=cfg.fit.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
+        datasets={"train": _ray_dataset(rows)},
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"],
+            execution_options=ExecutionOptions(verbose_progress=False),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Expected a checkpoint from the Ray Train fit of {spec.key!r}, "
+                           "but the run reported none")
+    with result.checkpoint.as_directory() as directory:
+        state = safetensors.torch.load_file(str(Path(directory) / "state.safetensors"))
+    calibrator.load_state_dict(state)
+    calibrator.fitted.fill_(True)
+    calibrator.eval()
+    if isinstance(calibrator, SelectiveScaling):
+        if heldout is None:
+            logger.warning("No held-out data: fitting %r's temperatures on its fit pixels",
+                           spec.key)
+        calibrator.fit_temperatures(heldout if heldout is not None else fit)
+    shutil.rmtree(storage / name, ignore_errors=True)
+    return dict(result.metrics or {})
+
+
+# --------------------------------------------------------------------------------------------
+# The stage.
+
+
+def fit_spec(
+    cfg: JobConfig,
+    spec: CalibratorSpec,
+    fit: FitData,
+    heldout: FitData | None = None,
+    *,
+    index: int = 0,
+) -> tuple[Calibrator, dict[str, Any]]:
+    """Fit one calibrator spec on in-memory data, in ``cfg.fit.mode`` (what `run` does per spec).
+
+    Args:
+        cfg: The run config (``model.num_classes``, ``fit``, and ``output`` for Ray Train's
+            storage under ``OUTPUT/ray_train``).
+        spec: The calibrator spec; the fit-stage options (`FIT_OPTIONS`) are dropped.
+        fit: Fit data: pointwise (P, C) / (P,) valid pixels, or maps for spatial calibrators.
+        heldout: Held-out data of the same layout, or None.
+        index: The spec's position in ``cfg.calibrators`` (for error messages).
+
+    Returns:
+        The fitted calibrator and ``{"mode", "seconds"[, "ray"]}`` (``ray``: the last metrics
+        the Train workers reported).
+    """
+    options = _spec_options(cfg, spec, index)[0]
+    calibrator = build_calibrator(spec.name, cfg.model.num_classes, **options)
+    mode = cfg.fit.mode
+    if mode == "ray" and spec.name in _DRIVER_ONLY:
+        logger.warning("%r has no distributed fit; fitting it in the driver", spec.key)
+        mode = "local"
+    start = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if mode == "ray":
+        storage = Path(cfg.output).resolve() / "ray_train"
+        extra = {"ray": _fit_ray(cfg, spec, options, calibrator, fit, heldout, storage)}
+    else:
+        calibrator.fit(
+            fit.logits, fit.labels, ignore_index=fit.ignore_index, images=fit.images,
+            heldout=heldout, seed=cfg.fit.seed,
+        )
+    extra.update(mode=mode, seconds=time.perf_counter() - start)
+    return calibrator, extra
+
+
+def run(cfg: JobConfig) -> dict[str, Path]:
+    """Fit every calibrator of ``cfg.calibrators`` and write its artifact.
+
+    Args:
+        cfg: The run config (``datasets`` with role ``calibration``, ``calibrators``, ``fit``).
+
+    Returns:
+        Calibrator label -> artifact folder (``OUTPUT/artifacts/<label>``).
+
+    Raises:
+        ValueError: No calibration dataset, an unknown calibrator name or option, a
+            class-count mismatch between shards and ``model.num_classes``, a calibration set
+            without valid pixels, missing corrupted data for ``use_corrupted`` (all raised
+            before any data is fitted or a worker starts).
+        TypeError: A calibrator option of the wrong type.
+        FileNotFoundError: A calibration dataset was never extracted.
+    """
+    jobs = _plan(cfg)
+    paths = RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
+    calibration = cfg.datasets_with_role("calibration")
+    manifests = _read_manifests(cfg, paths, [d.name for d in calibration])
+    clean = [d.name for d in calibration if d.corruption is None]
+    ignore_index = manifests[clean[0]].ignore_index
+    # The split covers every calibration set's ids, as `pipeline.evaluate` recomputes it.
+    ids = {i for m in manifests.values() for i in m.image_ids()}
+    heldout_ids = split_heldout(ids, cfg.fit.heldout_fraction, cfg.fit.seed)
+    with_maps = any(job.spatial for job in jobs)
+    samples = {
+        name: _read_dataset(cfg, paths.dataset_dir(name), manifests[name], heldout_ids,
+                            ignore_index, with_maps)
+        for name in sorted({n for job in jobs for n in job.datasets})
+    }
+
+    def parts(names: Iterable[str], spatial: bool, held: bool) -> FitData | None:
+        attr = ("heldout" if held else "fit") + ("_maps" if spatial else "")
+        return _concat([getattr(samples[n], attr) for n in names])
+
+    # Every calibrator is scored on the same clean held-out images (the fit images when
+    # nothing valid is held out).
+    split = "heldout" if parts(clean, False, True) is not None else "fit"
+    if heldout_ids and split == "fit":
+        logger.warning("The held-out images hold no valid pixel; metrics are on fit data")
+    scored = {spatial: parts(clean, spatial, split == "heldout")
+              for spatial in {job.spatial for job in jobs}}
+    fitted = []
+    for job in jobs:
+        fit, held = parts(job.datasets, job.spatial, False), parts(job.datasets, job.spatial, True)
+        calibrator, extra = fit_spec(cfg, job.spec, fit, held, index=job.index)
+        n_bins = cfg.evaluate.n_bins
+        metrics = {
+            "split": split,
+            split: heldout_metrics(calibrator, scored[job.spatial], n_bins=n_bins),
+            "uncalibrated": heldout_metrics(None, scored[job.spatial], n_bins=n_bins),
+            "fit_pixels": _n_valid(fit),
+            "datasets": list(job.datasets),
+            **extra,
+        }
+        logger.info(
+            "%s: %s NLL %.4f ECE %.4f (uncalibrated NLL %.4f ECE %.4f), %s fit in %.1fs",
+            job.label, split, metrics[split]["nll"], metrics[split]["ece"],
+            metrics["uncalibrated"]["nll"], metrics["uncalibrated"]["ece"], extra["mode"],
+            extra["seconds"],
+        )
+        fingerprint = data_fingerprint(manifests[n] for n in job.datasets)
+        fitted.append((job, calibrator, metrics, fingerprint))
+
+    # Only now, with every fit done, replace artifacts (each save is an atomic swap).
+    return {
+        job.label: save(
+            calibrator, paths.artifact_dir(job.label), class_names=cfg.model.names(),
+            ignore_index=ignore_index, metrics=metrics, data_fingerprint=fingerprint,
+        )
+        for job, calibrator, metrics, fingerprint in fitted
+    }
