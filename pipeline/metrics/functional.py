@@ -1,0 +1,717 @@
+"""Pure metric kernels: input checks, the per-image pass, and the public ``ece``/``image_ece``.
+
+Two kinds of kernel live here. The *update* kernel (:func:`image_sums`) reduces one image's
+pixels to small sums: int64 counts and float64 sums, so results stay exact when the sums of
+10^9+ pixels are added up. *Compute* kernels turn those sums (as stored in
+:class:`pipeline.metrics.stats.ImageStats`) into metric values. Per-pixel values never leave an
+image, so memory is bounded by one image.
+
+Inputs may be torch tensors or NumPy arrays; the kernels run on NumPy views of them (no copy
+for contiguous CPU tensors). The per-image pass is one numba-compiled loop over blocks of
+pixels: every statistic needs only a few operations per probability, and a fused loop does
+them in one read of the image instead of the dozen full passes (and temporaries) that the
+same work takes as torch or NumPy array operations.
+
+Bin rule (top-label, classwise and score bins alike): with ``n`` equal-width bins, bin ``b``
+holds values in ``(b/n, (b+1)/n]``; bin 0 also holds 0 and a value of exactly 1.0 lands in the
+last bin.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+SUM_TOLERANCE = 1e-3
+"""Largest accepted ``|sum_c probs[c] - 1|`` per pixel (float16 storage needs about 1e-3)."""
+
+_ROWS = 1 << 16  # (P, C) inputs are transposed and reduced this many rows at a time
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _as_array(x: object, name: str) -> np.ndarray:
+    """NumPy view of a torch tensor (on the CPU) or a NumPy array."""
+    if isinstance(x, Tensor):
+        x = x.detach().cpu()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        return x.numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    raise TypeError(
+        f"Expected `{name}` to be a torch.Tensor or numpy.ndarray, but got {type(x).__name__}"
+    )
+
+
+def check_n_bins(n_bins: object, name: str = "n_bins") -> int:
+    """Validate a bin count.
+
+    Args:
+        n_bins: The value to check.
+        name: Argument name used in the error message.
+
+    Returns:
+        ``n_bins`` as an int.
+
+    Raises:
+        TypeError: If ``n_bins`` is not an int.
+        ValueError: If ``n_bins`` is smaller than 1.
+    """
+    if not isinstance(n_bins, int) or isinstance(n_bins, bool):
+        raise TypeError(f"Expected `{name}` to be an int, but got {type(n_bins).__name__}")
+    if n_bins < 1:
+        raise ValueError(f"Expected `{name}` to be a positive int, but got {n_bins}")
+    return n_bins
+
+
+def check_ignore_index(ignore_index: object) -> int | None:
+    """Validate ``ignore_index`` (None or an int).
+
+    Raises:
+        TypeError: If it is neither None nor an int.
+    """
+    if ignore_index is not None and (
+        not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
+    ):
+        raise TypeError(
+            f"Expected `ignore_index` to be None or an int, but got {ignore_index!r}"
+        )
+    return ignore_index
+
+
+def as_probs(probs: object, ndims: tuple[int, ...], layout: str, name: str = "probs") -> np.ndarray:
+    """NumPy float32/float64 view of ``probs``, with rank, class count and size checked.
+
+    Values are checked pixel by pixel in the per-image pass (:func:`image_sums`).
+
+    Args:
+        probs: torch tensor or NumPy array of probabilities.
+        ndims: Accepted numbers of dimensions.
+        layout: Expected layout for messages, e.g. ``"(N, C, H, W) or (P, C)"``.
+        name: Argument name used in messages.
+
+    Returns:
+        A float32 (float16/bfloat16 are widened) or float64 array.
+
+    Raises:
+        TypeError: If ``probs`` is not a floating tensor/array.
+        ValueError: On a wrong rank, fewer than two classes or an empty input.
+    """
+    a = _as_array(probs, name)
+    if a.dtype.kind != "f":
+        raise TypeError(f"Expected `{name}` to be a floating tensor, but got dtype {a.dtype}")
+    if a.ndim not in ndims:
+        raise ValueError(f"Expected `{name}` of shape {layout}, but got {a.shape}")
+    class_dim = 1 if a.ndim in (2, 4) else 0
+    if a.shape[class_dim] < 2:
+        raise ValueError(
+            f"Expected `{name}` to have at least 2 classes (dim {class_dim}), but got shape "
+            f"{a.shape}"
+        )
+    if a.size == 0:
+        raise ValueError(f"Expected `{name}` to be non-empty, but got shape {a.shape}")
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)
+
+
+def as_labels(labels: object, shape: tuple[int, ...], name: str = "labels") -> np.ndarray:
+    """NumPy integer view of ``labels``, with the shape checked against ``shape``.
+
+    Raises:
+        TypeError: If ``labels`` is not an integer tensor/array.
+        ValueError: If its shape differs from ``shape``.
+    """
+    a = _as_array(labels, name)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"Expected `{name}` to be an integer tensor, but got dtype {a.dtype}")
+    if a.shape != tuple(shape):
+        raise ValueError(
+            f"Expected `{name}` of shape {tuple(shape)} to match `probs`, but got {a.shape}"
+        )
+    return a
+
+
+def as_scores(scores: object, shape: tuple[int, ...], name: str = "mis_score") -> np.ndarray:
+    """NumPy float view of per-pixel scores in [0, 1], with shape and range checked.
+
+    Raises:
+        TypeError: If ``scores`` is not a floating tensor/array.
+        ValueError: On a shape other than ``shape``, NaN/inf or values outside [0, 1].
+    """
+    a = _as_array(scores, name)
+    if a.dtype.kind != "f":
+        raise TypeError(f"Expected `{name}` to be a floating tensor, but got dtype {a.dtype}")
+    if a.shape != tuple(shape):
+        raise ValueError(
+            f"Expected `{name}` of shape {tuple(shape)} to match `labels`, but got {a.shape}"
+        )
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise ValueError(f"Expected `{name}` to be finite, but got {a[~finite][0]}")
+    lo, hi = a.min(), a.max()
+    if lo < 0 or hi > 1:
+        raise ValueError(f"Expected `{name}` to be in [0, 1], but got {lo if lo < 0 else hi}")
+    return a
+
+
+def valid_mask(
+    labels: np.ndarray, num_classes: int, ignore_index: int | None, name: str = "labels"
+) -> np.ndarray:
+    """Check the label range and return the mask of pixels to score.
+
+    Args:
+        labels: Integer labels of any shape.
+        num_classes: Number of classes C.
+        ignore_index: Label value excluded from every metric, or None.
+        name: Argument name used in messages.
+
+    Returns:
+        Bool mask (same shape as ``labels``) of pixels not equal to ``ignore_index``.
+
+    Raises:
+        ValueError: If a label is outside ``[0, C)`` and is not ``ignore_index``.
+    """
+    if labels.min() < 0 or labels.max() >= num_classes:
+        bad = (labels < 0) | (labels >= num_classes)
+        if ignore_index is not None:
+            bad &= labels != ignore_index
+        if bad.any():
+            allowed = f"[0, {num_classes})"
+            if ignore_index is not None:
+                allowed += f" or ignore_index={ignore_index}"
+            raise ValueError(f"Expected `{name}` to be in {allowed}, but got {labels[bad][0]}")
+    if ignore_index is None:
+        return np.ones(labels.shape, dtype=bool)
+    return labels != ignore_index
+
+
+# ---------------------------------------------------------------------------------------------
+# Update kernels (one image in, small sums out)
+
+# IEEE-safe fast-math: reassociation lets the per-row loops vectorise; no "nnan"/"ninf", since
+# the value checks rely on NaN comparing false.
+_FASTMATH = {"reassoc", "contract", "nsz"}
+_BLOCK = 2048  # pixels per block: C rows of a block and the per-pixel scratch stay in cache
+_LANES = 4  # interleaved copies of each histogram (see _image_kernel); a power of 2
+
+
+@numba.njit(cache=True, nogil=True)
+def bin_of(value: float, n_bins: int) -> int:
+    """Equal-width bin of a value in [0, 1]: bin b holds ``(b/n, (b+1)/n]``.
+
+    Computed as ``ceil(n * x) - 1`` in float64, clipped to ``[0, n-1]`` (0 goes to bin 0, 1.0
+    to bin n-1). For float16/float32 values the float64 product is exact, so values on an edge
+    land by the rule; for float64 values an edge may be off by one ulp.
+
+    Args:
+        value: A value in [0, 1] (values outside are clipped into the end bins).
+        n_bins: Number of bins n.
+
+    Returns:
+        The bin index.
+
+    Example:
+        >>> [bin_of(v, 4) for v in (0.0, 0.25, 0.2501, 1.0)]
+        [0, 0, 1, 3]
+    """
+    b = int(math.ceil(np.float64(value) * n_bins)) - 1
+    return min(max(b, 0), n_bins - 1)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _image_kernel(
+    x, labels, valid, boundary, score, n_bins, n_score_bins, check, edge, tiny,
+    top_count, top_sum, cls_count, cls_sum, cls_correct, confusion, msp_hist, mis_hist,
+    total, scalars, conf_cor, conf_inc,
+):
+    """One pass over a (C, P) image; see :func:`image_sums`.
+
+    The histograms have a leading lane axis: pixel i adds to lane ``i % _LANES``, so runs of
+    pixels in the same bin do not wait on each other's read-modify-write. Classwise bin 0 is
+    left to the caller (from ``total``, the per-class sums over scored pixels).
+
+    Returns (scored pixels, correct ones, first pixel failing the checks or -1).
+    """
+    c, p = x.shape
+    psum = np.empty(_BLOCK, x.dtype)
+    sq = np.empty(_BLOCK, x.dtype)
+    best = np.empty(_BLOCK, x.dtype)
+    low = np.empty(_BLOCK, x.dtype)
+    arg = np.empty(_BLOCK, np.int32)
+    above = np.empty(_BLOCK, np.int32)
+    n_valid = n_cor = 0
+    nll = brier = 0.0  # locals, not scalars[...]: no loop-carried store per pixel
+    for j0 in range(0, p, _BLOCK):
+        m = min(_BLOCK, p - j0)
+        psum[:m] = 0
+        sq[:m] = 0
+        best[:m] = -np.inf
+        low[:m] = np.inf
+        arg[:m] = 0
+        above[:m] = 0
+        # Dense and vectorised: per pixel the sum, sum of squares, first argmax, min and the
+        # number of values above the first classwise edge; per class the sum.
+        for k in range(c):
+            row = x[k, j0 : j0 + m]
+            row_sum = 0.0
+            for i in range(m):
+                v = row[i]
+                psum[i] += v
+                sq[i] += v * v
+                new_max = v > best[i]
+                arg[i] = k if new_max else arg[i]
+                best[i] = v if new_max else best[i]
+                low[i] = v if v < low[i] else low[i]
+                above[i] += v > edge
+                row_sum += v
+            total[k] += row_sum
+        if check:
+            for i in range(m):
+                if not (abs(psum[i] - 1.0) <= SUM_TOLERANCE and low[i] >= 0):
+                    return n_valid, n_cor, j0 + i
+        for i in range(m):
+            j = j0 + i
+            if not valid[j]:
+                for k in range(c):
+                    total[k] -= x[k, j]
+                continue
+            y = labels[j]
+            a = arg[i]
+            lane = i & (_LANES - 1)
+            conf = np.float64(best[i])
+            b = bin_of(conf, n_bins)
+            # Classwise bins >= 1 (bin 0 comes from the totals). Most pixels have one value
+            # above the edge, their max; only the rest need a scan.
+            if above[i] == 1 and best[i] > edge:
+                cls_count[lane, a, b] += 1
+                cls_sum[lane, a, b] += conf
+            elif above[i] > 0:
+                for k in range(c):
+                    v = x[k, j]
+                    if v > edge:
+                        bk = bin_of(v, n_bins)
+                        cls_count[lane, k, bk] += 1
+                        cls_sum[lane, k, bk] += v
+            correct = a == y
+            g = correct + 2 * boundary[j]
+            top_count[lane, g, b] += 1
+            top_sum[lane, g, b] += conf
+            confusion[lane, y, a] += 1
+            p_true = conf if correct else np.float64(x[y, j])
+            cls_correct[lane, y, b if correct else bin_of(p_true, n_bins)] += 1
+            nll -= math.log(max(p_true, tiny))
+            brier += np.float64(sq[i]) - 2.0 * p_true + 1.0
+            msp_hist[lane, 1 - correct, bin_of(1.0 - conf, n_score_bins)] += 1
+            if score.size:
+                mis_hist[lane, 1 - correct, bin_of(score[j], n_score_bins)] += 1
+            # Confidences by correctness, for ACE's equal-mass bins.
+            if correct:
+                conf_cor[n_cor] = best[i]
+                n_cor += 1
+            else:
+                conf_inc[n_valid - n_cor] = best[i]
+            n_valid += 1
+    scalars[0] = nll
+    scalars[1] = brier
+    return n_valid, n_cor, -1
+
+
+class ImageSums(NamedTuple):
+    """Sums of one image from :func:`image_sums` (bins are ``(group, bin)`` arrays)."""
+
+    top_count: np.ndarray  # (4, n_bins) int64; group = correct + 2 * boundary
+    top_sum: np.ndarray  # (4, n_bins) float64 confidence sums, same groups
+    cls_count: np.ndarray  # (C, n_bins) int64 pixels per class bin of probs[k]
+    cls_sum: np.ndarray  # (C, n_bins) float64 sum of probs[k] per class bin
+    cls_correct: np.ndarray  # (C, n_bins) int64 pixels labelled k per class bin
+    confusion: np.ndarray  # (C, C) int64, rows: label, columns: prediction
+    msp_hist: np.ndarray  # (2, n_score_bins) int64 1 - max prob; row 0 correct, 1 wrong
+    mis_hist: np.ndarray  # (2, n_score_bins) int64 selector score, same rows
+    nll_sum: float
+    brier_sum: float
+    conf_cor: np.ndarray  # top-label confidences of the correctly predicted pixels (for ACE)
+    conf_inc: np.ndarray  # top-label confidences of the wrongly predicted pixels
+
+
+def image_sums(
+    probs: np.ndarray, labels: np.ndarray, valid: np.ndarray, boundary: np.ndarray,
+    score: np.ndarray | None, n_bins: int, n_score_bins: int, *, check: bool = True,
+    name: str = "probs",
+) -> ImageSums:
+    """Reduce one image's pixels to calibration sums in a single compiled pass.
+
+    Top-label bins are split by correctness and boundary; classwise bins, confusion matrix,
+    NLL and Brier sums and score histograms come from the same pass. Counts are int64, sums
+    float64; per-pixel terms are computed in the input precision.
+
+    Args:
+        probs: (C, P) C-contiguous float32/float64 probabilities.
+        labels: (P,) int64 labels, in ``[0, C)`` where ``valid`` (checked by the caller).
+        valid: (P,) bool, pixels to score.
+        boundary: (P,) bool, boundary pixels.
+        score: (P,) float64 selector scores in [0, 1], or None.
+        n_bins: Number of confidence bins.
+        n_score_bins: Number of score-histogram bins.
+        check: Check each pixel's probabilities (finite, >= 0, sum to 1).
+        name: Argument name for error messages.
+
+    Returns:
+        The :class:`ImageSums`.
+
+    Raises:
+        ValueError: With ``check``, on NaN/inf, a negative value or a sum off by more than
+            ``SUM_TOLERANCE``.
+    """
+    c, p = probs.shape
+    i8, f8, lanes = np.int64, np.float64, _LANES
+    hists = (
+        np.zeros((lanes, 4, n_bins), i8), np.zeros((lanes, 4, n_bins), f8),
+        np.zeros((lanes, c, n_bins), i8), np.zeros((lanes, c, n_bins), f8),
+        np.zeros((lanes, c, n_bins), i8), np.zeros((lanes, c, c), i8),
+        np.zeros((lanes, 2, n_score_bins), i8), np.zeros((lanes, 2, n_score_bins), i8),
+    )
+    total, scalars = np.zeros(c), np.zeros(2)
+    conf_cor, conf_inc = np.empty(p, probs.dtype), np.empty(p, probs.dtype)
+    # Just below 1/n in the input dtype: every value of classwise bin >= 1 lies above it; the
+    # few bin-0 values above it are binned exactly and then overwritten with bin 0's total.
+    dtype = probs.dtype.type
+    edge = np.nextafter(dtype(1.0 / n_bins), dtype(0))
+    n_valid, n_cor, bad = _image_kernel(
+        probs, labels, valid, boundary, np.empty(0) if score is None else score, n_bins,
+        n_score_bins, check, edge, np.finfo(probs.dtype).tiny, *hists, total, scalars,
+        conf_cor, conf_inc,
+    )
+    if bad >= 0:
+        _raise_bad_pixel(probs[:, bad], bad, name)
+    (top_count, top_sum, cls_count, cls_sum, cls_correct, confusion, msp_hist,
+     mis_hist) = (h.sum(0) for h in hists)
+    cls_count[:, 0] = n_valid - cls_count[:, 1:].sum(1)
+    cls_sum[:, 0] = total - cls_sum[:, 1:].sum(1)
+    return ImageSums(
+        top_count, top_sum, cls_count, cls_sum, cls_correct, confusion, msp_hist, mis_hist,
+        float(scalars[0]), float(scalars[1]), conf_cor[:n_cor], conf_inc[: n_valid - n_cor],
+    )
+
+
+def _raise_bad_pixel(column: np.ndarray, pixel: int, name: str) -> None:
+    if not np.isfinite(column).all():
+        raise ValueError(
+            f"Expected `{name}` to be finite, but got {column[~np.isfinite(column)][0]} "
+            f"at pixel {pixel}"
+        )
+    if column.min() < 0:
+        raise ValueError(
+            f"Expected `{name}` to be non-negative, but got {column.min()} at pixel {pixel}"
+        )
+    raise ValueError(
+        f"Expected `{name}` to sum to 1 over the classes (tolerance {SUM_TOLERANCE}), but got "
+        f"{float(column.sum(dtype=np.float64)):.6g} at pixel {pixel}"
+    )
+
+
+def adaptive_bins(
+    conf_cor: np.ndarray, conf_inc: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Equal-mass bins of one image's pixels (the bins of ACE).
+
+    Pixels sorted by confidence are split into ``min(n_bins, P)`` runs whose sizes differ by at
+    most one (rank i goes to run ``floor(i * runs / P)``). Equal confidences are ordered
+    incorrect before correct, so the split of ties is deterministic.
+
+    Args:
+        conf_cor: Top-label confidences of the correctly predicted pixels, in [0, 1].
+        conf_inc: Top-label confidences of the wrongly predicted pixels (same dtype); the two
+            together hold P >= 1 pixels.
+        n_bins: Number of bins.
+
+    Returns:
+        ``(count, conf_sum, correct_sum)`` per run: int64, float64, int64.
+
+    Example:
+        >>> adaptive_bins(np.array([0.9, 0.8]), np.array([0.6, 0.7]), 2)
+        (array([2, 2]), array([1.3, 1.7]), array([0, 2]))
+    """
+    # Two value sorts and a merge: several times faster than one argsort of all pixels.
+    return _merge_runs(np.sort(conf_cor), np.sort(conf_inc), n_bins)
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_runs(cor, inc, n_bins):
+    n = cor.size + inc.size
+    runs = min(n_bins, n)
+    count = np.zeros(runs, np.int64)
+    conf_sum = np.zeros(runs)
+    correct_sum = np.zeros(runs, np.int64)
+    i = j = r = 0
+    end = -(-n // runs)  # first rank of run 1: ceil(n / runs)
+    for rank in range(n):
+        if rank == end:
+            r += 1
+            end = -(-(r + 1) * n // runs)
+        take_inc = j < inc.size and (i == cor.size or inc[j] <= cor[i])
+        if take_inc:
+            conf_sum[r] += inc[j]
+            j += 1
+        else:
+            conf_sum[r] += cor[i]
+            correct_sum[r] += 1
+            i += 1
+        count[r] += 1
+    return count, conf_sum, correct_sum
+
+
+def boundary_mask(labels: np.ndarray, width: int) -> np.ndarray:
+    """Pixels whose label differs from the label ``1..width`` pixels up, down, left or right.
+
+    Ignore-labelled neighbours count as different labels (void usually outlines objects).
+
+    Args:
+        labels: (H, W) integer labels.
+        width: Largest shift in pixels (>= 1).
+
+    Returns:
+        (H, W) bool mask.
+
+    Example:
+        >>> boundary_mask(np.array([[0, 0, 0, 1, 1, 1]]), 1).astype(int).tolist()
+        [[0, 0, 1, 1, 0, 0]]
+    """
+    mask = np.zeros(labels.shape, dtype=bool)
+    for s in range(1, width + 1):
+        rows = labels[s:] != labels[:-s]
+        mask[s:] |= rows
+        mask[:-s] |= rows
+        cols = labels[:, s:] != labels[:, :-s]
+        mask[:, s:] |= cols
+        mask[:, :-s] |= cols
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute kernels (sums in, metric values out)
+
+
+def ece_from_bins(count: np.ndarray, conf_sum: np.ndarray, correct_sum: np.ndarray) -> float:
+    r"""Expected calibration error from per-bin sums.
+
+    .. math:: \mathrm{ECE} = \sum_b \frac{n_b}{N} |\mathrm{acc}_b - \mathrm{conf}_b|
+              = \frac{1}{N} \sum_b \Big|\sum_{i \in b} c_i - \sum_{i \in b} 1[\hat y_i = y_i]\Big|
+
+    Args:
+        count: Pixels per bin, int (n_bins,).
+        conf_sum: Sum of confidences per bin, float64 (n_bins,).
+        correct_sum: Correct pixels per bin, (n_bins,).
+
+    Returns:
+        ECE in [0, 1], or NaN when there are no pixels.
+    """
+    total = int(np.sum(count))
+    if total == 0:
+        return math.nan
+    return float(np.abs(np.asarray(conf_sum) - np.asarray(correct_sum)).sum() / total)
+
+
+def mce_from_bins(count: np.ndarray, conf_sum: np.ndarray, correct_sum: np.ndarray) -> float:
+    r"""Maximum calibration error: :math:`\max_{b: n_b > 0} |\mathrm{acc}_b - \mathrm{conf}_b|`.
+
+    Returns:
+        MCE in [0, 1], or NaN when there are no pixels.
+    """
+    count = np.asarray(count)
+    full = count > 0
+    if not full.any():
+        return math.nan
+    gap = np.abs(np.asarray(conf_sum)[full] - np.asarray(correct_sum)[full]) / count[full]
+    return float(gap.max())
+
+
+def sce_from_bins(count: np.ndarray, conf_sum: np.ndarray, correct_sum: np.ndarray) -> float:
+    r"""Static (classwise) calibration error: the mean over classes of each class's ECE.
+
+    .. math:: \mathrm{SCE} = \frac{1}{K} \sum_k \sum_b \frac{n_{kb}}{N}
+              |\mathrm{acc}_{kb} - \mathrm{conf}_{kb}|
+
+    Args:
+        count: (C, n_bins) pixels per class bin (each row sums to N).
+        conf_sum: (C, n_bins) float64 sum of ``probs[k]`` per class bin.
+        correct_sum: (C, n_bins) pixels labelled k per class bin.
+
+    Returns:
+        SCE, or NaN when there are no pixels.
+    """
+    count = np.asarray(count)
+    total = int(count[0].sum())
+    if total == 0:
+        return math.nan
+    gaps = np.abs(np.asarray(conf_sum) - np.asarray(correct_sum)).sum(1)
+    return float(gaps.mean() / total)
+
+
+def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Area under the ROC curve from score histograms of positives and negatives.
+
+    Equals the probability that a random positive scores above a random negative, scores in
+    the same bin counting one half (the exact rank AUROC when no bin holds two distinct scores).
+
+    Args:
+        pos: (n,) counts of positives (e.g. mispredicted pixels) per ascending score bin.
+        neg: (n,) counts of negatives per bin.
+
+    Returns:
+        AUROC in [0, 1], or NaN without positives or negatives.
+
+    Example:
+        >>> auroc_from_histograms(np.array([0, 1, 1]), np.array([2, 0, 0]))
+        1.0
+    """
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    below = np.cumsum(neg) - neg
+    return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def miou_from_confusion(confusion: np.ndarray) -> float:
+    """Mean intersection over union from a (C, C) confusion matrix (rows: label, cols: pred).
+
+    Classes absent from both labels and predictions are left out of the mean.
+
+    Returns:
+        mIoU in [0, 1], or NaN when the matrix is empty.
+
+    Example:
+        >>> round(miou_from_confusion(np.array([[2, 0, 0], [1, 1, 0], [0, 0, 0]])), 4)
+        0.5833
+    """
+    confusion = np.asarray(confusion, dtype=np.int64)
+    tp = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    present = union > 0
+    if not present.any():
+        return math.nan
+    return float((tp[present] / union[present]).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _iter_sums(
+    probs: object, labels: object, n_bins: int, ignore_index: int | None, *, images: bool
+) -> Iterator[ImageSums]:
+    """Validate and reduce per image (N, C, H, W) or per block of rows (P, C)."""
+    n_bins = check_n_bins(n_bins)
+    ignore_index = check_ignore_index(ignore_index)
+    layout = "(N, C, H, W)" if images else "(N, C, H, W) or (P, C)"
+    p = as_probs(probs, (4,) if images else (2, 4), layout)
+    if p.ndim == 4:
+        n, c, h, w = p.shape
+        lab = as_labels(labels, (n, h, w))
+        parts = ((p[i].reshape(c, h * w), lab[i].reshape(-1)) for i in range(n))
+    else:
+        rows, c = p.shape
+        lab = as_labels(labels, (rows,))
+        parts = ((p[s : s + _ROWS].T, lab[s : s + _ROWS]) for s in range(0, rows, _ROWS))
+    for x, li in parts:
+        li = li.astype(np.int64)
+        valid = valid_mask(li, c, ignore_index)
+        no_boundary = np.zeros(li.shape, dtype=bool)
+        yield image_sums(np.ascontiguousarray(x), li, valid, no_boundary, None, n_bins, 2)
+
+
+def _top_label(sums: ImageSums) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(count, conf_sum, correct_sum)`` of all scored pixels from the grouped bins."""
+    return sums.top_count.sum(0), sums.top_sum.sum(0), sums.top_count[1] + sums.top_count[3]
+
+
+def _no_pixels(ignore_index: int | None) -> ValueError:
+    return ValueError(
+        f"Expected `labels` to have a pixel other than ignore_index={ignore_index}, "
+        "but got none"
+    )
+
+
+def ece(
+    probs: Tensor | np.ndarray, labels: Tensor | np.ndarray, *, n_bins: int = 15,
+    ignore_index: int | None = None,
+) -> float:
+    r"""Pooled top-label expected calibration error over every scored pixel.
+
+    .. math:: \mathrm{ECE} = \sum_b \frac{n_b}{N} |\mathrm{acc}_b - \mathrm{conf}_b|
+
+    Bins are equal-width: bin b holds confidences in ``(b/n, (b+1)/n]`` (0 in the first bin).
+    Counts are int64 and sums float64, one image (or block of rows) at a time.
+
+    Args:
+        probs: Probabilities, (N, C, H, W) or (P, C), float, torch or NumPy; each pixel's
+            probabilities sum to 1.
+        labels: Integer labels, (N, H, W) or (P,), in ``[0, C)`` or ``ignore_index``.
+        n_bins: Number of equal-width confidence bins.
+        ignore_index: Label value whose pixels are left out, or None.
+
+    Returns:
+        ECE as a float.
+
+    Raises:
+        TypeError: If an argument has the wrong type or dtype.
+        ValueError: On wrong shapes, NaN/inf, probabilities not summing to 1, labels out of
+            range, fewer than two classes, an empty input or no pixel left after ignoring.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+        >>> round(ece(probs, torch.tensor([0, 1, 1]), n_bins=2), 4)
+        0.0667
+    """
+    parts = [_top_label(s) for s in _iter_sums(probs, labels, n_bins, ignore_index, images=False)]
+    count, conf_sum, correct_sum = (sum(column) for column in zip(*parts, strict=True))
+    if count.sum() == 0:
+        raise _no_pixels(ignore_index)
+    return ece_from_bins(count, conf_sum, correct_sum)
+
+
+def image_ece(
+    probs: Tensor | np.ndarray, labels: Tensor | np.ndarray, *, n_bins: int = 15,
+    ignore_index: int | None = None,
+) -> float:
+    """Image-wise ECE: each image's own ECE, averaged over the images.
+
+    This is the protocol of the local temperature scaling and selective scaling papers.
+    Images with no scored pixel (all ``ignore_index``) are left out of the mean.
+
+    Args:
+        probs: Probabilities (N, C, H, W), float, torch or NumPy.
+        labels: Integer labels (N, H, W) in ``[0, C)`` or ``ignore_index``.
+        n_bins: Number of equal-width confidence bins.
+        ignore_index: Label value whose pixels are left out, or None.
+
+    Returns:
+        Mean per-image ECE as a float.
+
+    Raises:
+        TypeError: If an argument has the wrong type or dtype.
+        ValueError: On the same bad inputs as :func:`ece`.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.6, 0.4]]).T.reshape(1, 2, 1, 2)
+        >>> probs = torch.cat([probs, probs.flip(1)])  # the second image predicts class 1
+        >>> round(image_ece(probs, torch.zeros(2, 1, 2, dtype=torch.long), n_bins=2), 4)
+        0.5
+    """
+    values = [
+        ece_from_bins(*_top_label(s))
+        for s in _iter_sums(probs, labels, n_bins, ignore_index, images=True)
+        if s.conf_cor.size + s.conf_inc.size
+    ]
+    if not values:
+        raise _no_pixels(ignore_index)
+    return float(np.mean(values))
