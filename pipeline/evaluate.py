@@ -162,7 +162,9 @@ def image_rows(
                 cal_image = image if type(calibrator).spatial else None
                 calibrated = calibrator(logits, cal_image)
                 score = calibrator.mis_score(logits, cal_image)
-            probs = torch.softmax(calibrated[0], dim=0)
+            # float64: a huge temperature (selective scaling's T_mis = 1e10) leaves logits that
+            # differ by ~1e-9, which a float32 softmax rounds to exact ties, moving the argmax.
+            probs = torch.softmax(calibrated[0].double(), dim=0)
             stats = image_stats(
                 probs, labels, n_bins=n_bins, ignore_index=ignore_index,
                 boundary_width=boundary_width,

@@ -200,7 +200,6 @@ def valid_mask(
 # the value checks rely on NaN comparing false.
 _FASTMATH = {"reassoc", "contract", "nsz"}
 _BLOCK = 2048  # pixels per block: C rows of a block and the per-pixel scratch stay in cache
-_LANES = 4  # interleaved copies of each histogram (see _image_kernel); a power of 2
 
 
 @numba.njit(cache=True, nogil=True)
@@ -229,14 +228,17 @@ def bin_of(value: float, n_bins: int) -> int:
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _image_kernel(
     x, labels, valid, boundary, score, n_bins, n_score_bins, check, edge, tiny,
-    top_count, top_sum, cls_count, cls_sum, cls_correct, confusion, msp_hist, mis_hist,
+    joint_count, joint_sum, cls_count, cls_sum, cls_correct, confusion, msp_hist, mis_hist,
     total, scalars, conf_cor, conf_inc,
 ):
     """One pass over a (C, P) image; see :func:`image_sums`.
 
-    The histograms have a leading lane axis: pixel i adds to lane ``i % _LANES``, so runs of
-    pixels in the same bin do not wait on each other's read-modify-write. Classwise bin 0 is
-    left to the caller (from ``total``, the per-class sums over scored pixels).
+    Each scored pixel adds its confidence to one cell of a joint histogram over (predicted
+    class, confidence bin, correct, boundary, sole value above the edge): one update where
+    top-label, boundary and classwise bins would take four. The caller derives those bins and
+    the correct pixels' share of ``confusion`` and ``cls_correct`` from it; the kernel adds the
+    rest (scanned classwise values, wrongly predicted pixels) and leaves classwise bin 0 to be
+    filled in from ``total`` (the per-class sums over scored pixels).
 
     Returns (scored pixels, correct ones, first pixel failing the checks or -1).
     """
@@ -285,33 +287,32 @@ def _image_kernel(
                 continue
             y = labels[j]
             a = arg[i]
-            lane = i & (_LANES - 1)
             conf = np.float64(best[i])
             b = bin_of(conf, n_bins)
-            # Classwise bins >= 1 (bin 0 comes from the totals). Most pixels have one value
-            # above the edge, their max; only the rest need a scan.
-            if above[i] == 1 and best[i] > edge:
-                cls_count[lane, a, b] += 1
-                cls_sum[lane, a, b] += conf
-            elif above[i] > 0:
+            correct = a == y
+            # Classwise bins >= 1 (bin 0 comes from the totals): most pixels have one value
+            # above the edge, their max, which the joint cell records; the rest are scanned.
+            sole = above[i] == 1 and best[i] > edge
+            if not sole and above[i] > 0:
                 for k in range(c):
                     v = x[k, j]
                     if v > edge:
                         bk = bin_of(v, n_bins)
-                        cls_count[lane, k, bk] += 1
-                        cls_sum[lane, k, bk] += v
-            correct = a == y
-            g = correct + 2 * boundary[j]
-            top_count[lane, g, b] += 1
-            top_sum[lane, g, b] += conf
-            confusion[lane, y, a] += 1
-            p_true = conf if correct else np.float64(x[y, j])
-            cls_correct[lane, y, b if correct else bin_of(p_true, n_bins)] += 1
+                        cls_count[k, bk] += 1
+                        cls_sum[k, bk] += v
+            cell = (((a * n_bins + b) * 2 + correct) * 2 + boundary[j]) * 2 + sole
+            joint_count[cell] += 1
+            joint_sum[cell] += conf
+            p_true = conf
+            if not correct:
+                p_true = np.float64(x[y, j])
+                confusion[y, a] += 1
+                cls_correct[y, bin_of(p_true, n_bins)] += 1
             nll -= math.log(max(p_true, tiny))
             brier += np.float64(sq[i]) - 2.0 * p_true + 1.0
-            msp_hist[lane, 1 - correct, bin_of(1.0 - conf, n_score_bins)] += 1
+            msp_hist[1 - correct, bin_of(1.0 - conf, n_score_bins)] += 1
             if score.size:
-                mis_hist[lane, 1 - correct, bin_of(score[j], n_score_bins)] += 1
+                mis_hist[1 - correct, bin_of(score[j], n_score_bins)] += 1
             # Confidences by correctness, for ACE's equal-mass bins.
             if correct:
                 conf_cor[n_cor] = best[i]
@@ -371,12 +372,11 @@ def image_sums(
             ``SUM_TOLERANCE``.
     """
     c, p = probs.shape
-    i8, f8, lanes = np.int64, np.float64, _LANES
+    i8, f8 = np.int64, np.float64
     hists = (
-        np.zeros((lanes, 4, n_bins), i8), np.zeros((lanes, 4, n_bins), f8),
-        np.zeros((lanes, c, n_bins), i8), np.zeros((lanes, c, n_bins), f8),
-        np.zeros((lanes, c, n_bins), i8), np.zeros((lanes, c, c), i8),
-        np.zeros((lanes, 2, n_score_bins), i8), np.zeros((lanes, 2, n_score_bins), i8),
+        np.zeros(c * n_bins * 8, i8), np.zeros(c * n_bins * 8, f8), np.zeros((c, n_bins), i8),
+        np.zeros((c, n_bins), f8), np.zeros((c, n_bins), i8), np.zeros((c, c), i8),
+        np.zeros((2, n_score_bins), i8), np.zeros((2, n_score_bins), i8),
     )
     total, scalars = np.zeros(c), np.zeros(2)
     conf_cor, conf_inc = np.empty(p, probs.dtype), np.empty(p, probs.dtype)
@@ -391,10 +391,20 @@ def image_sums(
     )
     if bad >= 0:
         _raise_bad_pixel(probs[:, bad], bad, name)
-    (top_count, top_sum, cls_count, cls_sum, cls_correct, confusion, msp_hist,
-     mis_hist) = (h.sum(0) for h in hists)
+    joint_count, joint_sum, cls_count, cls_sum, cls_correct, confusion, msp_hist, mis_hist = hists
+    # Joint cells: (predicted class, bin, correct, boundary, sole value above the edge).
+    joint_count = joint_count.reshape(c, n_bins, 2, 2, 2)
+    joint_sum = joint_sum.reshape(c, n_bins, 2, 2, 2)
+    # Top-label bins by group = correct + 2 * boundary: (n, correct, boundary) -> (4, n).
+    top_count = joint_count.sum((0, 4)).transpose(2, 1, 0).reshape(4, n_bins)
+    top_sum = joint_sum.sum((0, 4)).transpose(2, 1, 0).reshape(4, n_bins)
+    cls_count += joint_count[..., 1].sum((2, 3))
+    cls_sum += joint_sum[..., 1].sum((2, 3))
     cls_count[:, 0] = n_valid - cls_count[:, 1:].sum(1)
     cls_sum[:, 0] = total - cls_sum[:, 1:].sum(1)
+    correct_by_class = joint_count[:, :, 1].sum((2, 3))  # (C, n): label = prediction
+    cls_correct += correct_by_class
+    confusion[np.diag_indices(c)] += correct_by_class.sum(1)
     return ImageSums(
         top_count, top_sum, cls_count, cls_sum, cls_correct, confusion, msp_hist, mis_hist,
         float(scalars[0]), float(scalars[1]), conf_cor[:n_cor], conf_inc[: n_valid - n_cor],
