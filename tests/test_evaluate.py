@@ -402,6 +402,27 @@ def test_image_rows_pass_the_upsampled_image_and_the_selector_score():
     assert math.isnan(ImageStats.from_row(rows[0]).mis_auroc())
 
 
+def test_a_huge_temperature_keeps_every_prediction():
+    """Selective scaling's published T_mis = 1e10 flattens probabilities but never the argmax."""
+    record = _records("d", "test", "day", 1, 6, 3.0, "fp")[0]
+    hot = build_calibrator("temperature", NUM_CLASSES)
+    hot.fit(torch.randn(64, NUM_CLASSES), torch.randint(0, NUM_CLASSES, (64,)))
+    with torch.no_grad():
+        hot.log_temperature.fill_(math.log(1e10))
+    rows = evaluate.image_rows(
+        record, {"uncalibrated": None, "hot": hot},
+        meta={"dataset": "d", "domain": "day", "reference": None, "role": "test"},
+        n_bins=15, boundary_width=2, ignore_index=IGNORE,
+    )
+    from pipeline.metrics import ImageStats
+
+    raw, flat = (ImageStats.from_row(r) for r in rows)
+    np.testing.assert_array_equal(flat.confusion, raw.confusion)
+    assert flat.pixel_acc() == raw.pixel_acc() < 1.0
+    # every confidence is 1/C, so the image's ECE is |1/C - accuracy|
+    assert flat.ece() == pytest.approx(abs(1 / NUM_CLASSES - raw.pixel_acc()), abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 
