@@ -621,24 +621,24 @@ def _work_items(targets: Sequence[Target]) -> list[dict[str, Any]]:
 def _pool(requested: int | None, n_items: int) -> tuple[int, float, int]:
     """Actor pool size, CPUs per actor and torch threads per actor.
 
-    Ray Data hangs when an actor pool holds every CPU (ray-project/ray#44687): the read tasks
-    never get scheduled. One CPU (half of a lone CPU) is therefore left free.
+    One single-threaded actor per free CPU: the per-image work (a calibrator forward and one
+    numba pass) is mostly serial, so actors scale better than threads. Ray Data hangs when an
+    actor pool holds every CPU (ray-project/ray#44687): the read tasks never get scheduled, so
+    the actors share all but one CPU (half of a lone CPU) by asking for fractional CPUs.
     """
     import ray
 
     free = float(ray.available_resources().get("CPU", 1.0))
-    total = float(ray.cluster_resources().get("CPU", free))
     reserve = 1.0 if free >= 2 else free / 2
-    limit = max(1, int(free - reserve))
-    size = min(requested or limit, limit, n_items)
+    limit = max(1, int(free))
+    size = max(1, min(requested or limit, limit, n_items))
     if requested is not None and size < min(requested, n_items):
         warnings.warn(
-            f"`evaluate.num_actors`={requested} exceeds what the cluster has free ({free:g} CPU, "
-            f"one kept for read tasks); using {size}",
+            f"`evaluate.num_actors`={requested} exceeds the {free:g} free CPUs; using {size}",
             stacklevel=3,
         )
     num_cpus = max(0.01, min(1.0, (free - reserve) / size))
-    return size, num_cpus, max(1, int(total // size))
+    return size, num_cpus, 1
 
 
 def _batches_ray(

@@ -565,3 +565,33 @@ def test_ray_data_path_equals_in_process_path(ray_local, evaluated, tmp_path):
     want = want.sort_values(order, ignore_index=True)
     pd.testing.assert_frame_equal(got[["img_ece", "nll_sum", "n_images"]],
                                   want[["img_ece", "nll_sum", "n_images"]])
+
+
+@pytest.mark.parametrize(
+    ("cpus", "requested", "items", "size", "num_cpus"),
+    [
+        pytest.param(2.0, None, 10, 2, 0.5, id="2cpu"),
+        pytest.param(1.0, None, 10, 1, 0.5, id="1cpu"),
+        pytest.param(8.0, None, 10, 8, 7 / 8, id="8cpu"),
+        pytest.param(8.0, None, 3, 3, 1.0, id="few-shards"),
+        pytest.param(8.0, 2, 10, 2, 1.0, id="requested"),
+    ],
+)
+def test_actor_pool_leaves_a_cpu_for_read_tasks(monkeypatch, cpus, requested, items, size,
+                                                num_cpus):
+    import ray
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": cpus})
+    got_size, got_cpus, threads = evaluate._pool(requested, items)
+    assert (got_size, threads) == (size, 1)
+    assert got_cpus == pytest.approx(num_cpus)
+    # the actors and one read task fit at once (ray-project/ray#44687)
+    assert got_size * got_cpus + min(1.0, cpus / 2) <= cpus
+
+
+def test_actor_pool_clamps_requests_with_a_warning(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0})
+    with pytest.warns(UserWarning, match=r"`evaluate.num_actors`=4 exceeds the 2 free CPUs"):
+        assert evaluate._pool(4, 10)[0] == 2

@@ -307,16 +307,41 @@ def _mlp_selector(dim: int) -> nn.Sequential:
     )
 
 
-def _conv_selector(dim: int, hidden: int) -> nn.Sequential:
-    """A 1x1 conv at the identity (the MLP's first layer), then two 3x3 convs (one dilated)."""
+class _GlobalContext(nn.Module):
+    """Appends the map-wide mean of every input channel to each pixel: (N, D, H, W) -> 2D.
+
+    A map mean does not depend on the resolution the map is scored at, unlike a conv's
+    neighbourhood, so it carries image-level evidence of a shift (a dark, foggy or noisy image
+    changes the mean confidence, entropy and image statistics) from the strided fit maps to
+    full-resolution inference unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, D, H, W) -> (N, 2D, H, W): the input, then its per-map channel means."""
+        return torch.cat([x, x.mean((2, 3), keepdim=True).expand_as(x)], 1)
+
+
+def _conv_selector(
+    dim: int, hidden: int, context: bool = False, local: bool = True
+) -> nn.Sequential:
+    """A 1x1 conv at the identity (the MLP's first layer), then two 3x3 convs (one dilated).
+
+    With ``context`` the map-wide channel means are appended first (`_GlobalContext`); without
+    ``local`` the two 3x3 convs become 1x1 (no neighbourhood, so nothing depends on the scale
+    the map is scored at).
+    """
+    head: list[nn.Module] = [_GlobalContext()] if context else []
+    dim = 2 * dim if context else dim
     first = nn.Conv2d(dim, dim, 1)
     with torch.no_grad():
         first.weight.copy_(torch.eye(dim)[:, :, None, None])
         first.bias.zero_()
+    size, pad = (3, 1) if local else (1, 0)
     return nn.Sequential(
-        first, nn.BatchNorm2d(dim), nn.ReLU(),
-        nn.Conv2d(dim, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(),
-        nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2), nn.BatchNorm2d(hidden), nn.ReLU(),
+        *head, first, nn.BatchNorm2d(dim), nn.ReLU(),
+        nn.Conv2d(dim, hidden, size, padding=pad), nn.BatchNorm2d(hidden), nn.ReLU(),
+        nn.Conv2d(hidden, hidden, size, padding=2 * pad, dilation=2), nn.BatchNorm2d(hidden),
+        nn.ReLU(),
         nn.Conv2d(hidden, 2, 1),
     )
 
@@ -355,6 +380,12 @@ class SelectiveScaling(Calibrator):
         weight_decay: AdamW weight decay. Defaults to ``1e-6`` (the paper).
         patience: Epochs without held-out improvement before stopping. Defaults to ``3``.
         oversample: Balance the two groups by duplicating the minority. Defaults to True.
+        refine: After the temperatures are fitted, fine-tune the selector on the NLL of the
+            calibrated logits (temperatures fixed; held-out early stopping, so it is kept only
+            if the held-out NLL falls), then refit the temperatures. The gate then becomes the
+            interpolation weight that calibrates best, which matters when the fit data mixes
+            domains (e.g. corrupted copies) that a fixed T_cor/T_mis pair must compromise
+            between. Needs ``gate="soft"``. Defaults to False.
 
     Raises:
         TypeError, ValueError: On bad options, e.g. ``per_class_t_cor`` with a fixed T_cor,
@@ -395,13 +426,14 @@ class SelectiveScaling(Calibrator):
         weight_decay: float = 1e-6,
         patience: int = 3,
         oversample: bool = True,
+        refine: bool = False,
     ) -> None:
         check_int("batch_size", batch_size, ge=2)
         self._setup(
             num_classes, t_mis=t_mis, t_cor=t_cor, per_class_t_cor=per_class_t_cor, t_min=t_min,
             gate=gate, features=features, base=base, base_options=base_options, epochs=epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-            oversample=oversample,
+            oversample=oversample, refine=refine,
         )
 
     def _setup(
@@ -421,6 +453,7 @@ class SelectiveScaling(Calibrator):
         weight_decay: float,
         patience: int,
         oversample: bool,
+        refine: bool,
         **extra: Any,
     ) -> None:
         """Check the shared options, store all options, build the base and the selector."""
@@ -447,11 +480,17 @@ class SelectiveScaling(Calibrator):
         check_float("weight_decay", weight_decay, ge=0)
         check_int("patience", patience, ge=1)
         check_bool("oversample", oversample)
+        check_bool("refine", refine)
+        if refine and gate != "soft":
+            raise ValueError(
+                f"Expected `gate` to be 'soft' when `refine` is set (a hard gate has no "
+                f"gradient), but got {gate!r}"
+            )
         Calibrator.__init__(
             self, num_classes, t_mis=t_mis, t_cor=t_cor, per_class_t_cor=per_class_t_cor,
             t_min=t_min, gate=gate, features=features, base=base, base_options=base_options,
             epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience,
-            oversample=oversample, **extra,
+            oversample=oversample, refine=refine, **extra,
         )
         self.soft = gate == "soft"
         self.rich = features == "rich"
@@ -598,6 +637,43 @@ class SelectiveScaling(Calibrator):
                 stacklevel=3,
             )
         self.fit_temperatures(data if heldout is None else heldout)
+        if self.options["refine"]:
+            self._refine(data, heldout, generator)
+            self.fit_temperatures(data if heldout is None else heldout)
+
+    def _nll(
+        self, logits: Tensor, labels: Tensor, image: Tensor | None, ignore_index: int | None
+    ) -> Tensor:
+        """Mean NLL of the calibrated logits over pixels not labelled ``ignore_index``."""
+        return F.cross_entropy(
+            self._calibrate(logits, image), labels,
+            ignore_index=-100 if ignore_index is None else ignore_index,
+        )
+
+    def _refine(self, data: FitData, heldout: FitData | None, generator: torch.Generator) -> None:
+        """Fine-tune the selector on the calibrated NLL, temperatures fixed (see ``refine``)."""
+        opts = self.options
+        data = _with_valid_pixels(data) if self.spatial else data
+        if self.spatial:
+            size = min(opts["batch_size"], len(data.labels))
+            batches = _map_batches(len(data.labels), size, generator, data.labels.device)
+            steps = len(data.labels) // size
+        else:
+            batches, steps = _batches(data.labels, opts["batch_size"], False, generator)
+
+        def batch_loss() -> Tensor:
+            index = next(batches)
+            image = None if data.images is None else data.images[index]
+            return self._nll(data.logits[index], data.labels[index], image, data.ignore_index)
+
+        heldout_loss = None if heldout is None else lambda: _chunked_mean(
+            heldout, self._chunk, lambda z, y, im: self._nll(z, y, im, heldout.ignore_index)
+        )
+        train_with_early_stopping(
+            self.selector, batch_loss, steps_per_epoch=steps, epochs=opts["epochs"],
+            lr=opts["lr"], weight_decay=opts["weight_decay"], heldout_loss=heldout_loss,
+            patience=opts["patience"],
+        )
 
     def _train_selector(
         self, data: FitData, heldout: FitData | None, generator: torch.Generator
@@ -713,10 +789,15 @@ class SpatialSelectiveScaling(SelectiveScaling):
         use_image: Feed the image beside the features (``images`` / ``image`` are then
             required). Defaults to True.
         hidden: Conv channels. Defaults to ``32``.
+        context: Append the map-wide mean of every input channel to each pixel, so the
+            selector sees image-level evidence of a shift (see `_GlobalContext`). Defaults to
+            False.
+        local: Use 3x3 convs (a 9x9 neighbourhood); False makes them 1x1, so that only the
+            pixel and (with ``context``) the map means count. Defaults to True.
         batch_size: Maps per AdamW step. Defaults to ``8``.
         epochs: Most training epochs. Defaults to ``30``.
         t_mis, t_cor, per_class_t_cor, t_min, gate, features, base, base_options, lr,
-            weight_decay, patience, oversample: As for `SelectiveScaling`.
+            weight_decay, patience, oversample, refine: As for `SelectiveScaling`.
 
     Raises:
         TypeError, ValueError: On bad options.
@@ -736,6 +817,8 @@ class SpatialSelectiveScaling(SelectiveScaling):
         *,
         use_image: bool = True,
         hidden: int = 32,
+        context: bool = False,
+        local: bool = True,
         batch_size: int = 8,
         epochs: int = 30,
         t_mis: float | Literal["fit"] = "fit",
@@ -750,21 +833,28 @@ class SpatialSelectiveScaling(SelectiveScaling):
         weight_decay: float = 1e-6,
         patience: int = 3,
         oversample: bool = True,
+        refine: bool = False,
     ) -> None:
         check_bool("use_image", use_image)
         check_int("hidden", hidden, ge=1)
+        check_bool("context", context)
+        check_bool("local", local)
         check_int("batch_size", batch_size, ge=1)
         self._setup(
             num_classes, t_mis=t_mis, t_cor=t_cor, per_class_t_cor=per_class_t_cor, t_min=t_min,
             gate=gate, features=features, base=base, base_options=base_options, epochs=epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-            oversample=oversample, use_image=use_image, hidden=hidden,
+            oversample=oversample, refine=refine, use_image=use_image, hidden=hidden,
+            context=context, local=local,
         )
         self.use_image = use_image
 
     def _build_selector(self) -> nn.Sequential:
         image_channels = 3 if self.options["use_image"] else 0
-        return _conv_selector(self._feature_dim() + image_channels, self.options["hidden"])
+        return _conv_selector(
+            self._feature_dim() + image_channels, self.options["hidden"],
+            self.options["context"], self.options["local"],
+        )
 
     def _selector_logits(self, logits: Tensor, image: Tensor | None) -> Tensor:
         # Literal names: TorchScript cannot read the class attribute `name`.
