@@ -13,8 +13,19 @@ in ``tests/calibrators/test_selective.py``:
 - ``gate="soft"``: temperature = p_mis * T_mis + (1 - p_mis) * T_cor instead of a hard flag;
 - ``base``: another calibrator (e.g. ``"temperature"``) applied before the selective step;
 - ``features="rich"``: max probability, margin and entropy beside the log-probabilities;
+- ``refine``: after the temperatures are fitted, the soft gate is fine-tuned on the calibrated
+  NLL, so that when the fit data mixes domains it interpolates per domain instead of
+  compromising between them;
 - `SpatialSelectiveScaling` (``selective_spatial``): a small conv net over the logit map (and the
-  image) as the selector, so that disagreement with neighbours and boundaries count.
+  image) as the selector, so that disagreement with neighbours and boundaries count; with
+  ``context`` it also sees the map-wide means of its inputs (image-level evidence of a shift,
+  e.g. a dark, foggy or noisy frame), and with ``local=False`` nothing but the pixel and those
+  means, which makes it independent of the resolution it is scored at.
+
+Fitted on calibration images together with seeded corrupted copies of them (the fit stage's
+``use_corrupted``), ``selective_spatial`` with ``context``, ``local=False``, a soft gate, fitted
+temperatures, ``base="temperature"`` and ``refine`` is the variant that the ablation in
+``benchmarks/selective_ablation.py`` recommends (see the README).
 
 The published form is ``build_calibrator("selective", C, t_mis=1e10)``.
 """
