@@ -121,7 +121,7 @@ def _probs(records, calibrator):
     with torch.no_grad():
         logits = logits if calibrator is None else calibrator(logits)
     labels = torch.stack([torch.from_numpy(r.labels.astype(np.int64)) for r in records])
-    return torch.softmax(logits.double(), dim=1), labels  # float64, as the stage does
+    return torch.softmax(logits, dim=1), labels  # float32, as the stage does
 
 
 # ---------------------------------------------------------------------------------------------

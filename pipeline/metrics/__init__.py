@@ -3,12 +3,15 @@
 :func:`image_stats` reduces one image to an :class:`ImageStats` (int64 counts, float64 sums);
 stats add with ``+`` in any order, and their methods give ECE, MCE, ACE, SCE, NLL, Brier, mIoU,
 pixel accuracy, boundary ECE, image-wise ECE mean/std and misprediction AUROC. :func:`ece` and
-:func:`image_ece` are the one-call versions for whole arrays.
+:func:`image_ece` are the one-call versions for whole arrays. :func:`first_argmax` gives
+predicted classes (e.g. of logits, for ``image_stats(..., preds=...)``) fast.
 """
 
 from __future__ import annotations
 
-from pipeline.metrics.functional import ece, image_ece
+from pipeline.metrics.functional import ece, first_argmax, image_ece
 from pipeline.metrics.stats import N_SCORE_BINS, ROW_KEYS, ImageStats, image_stats
 
-__all__ = ["N_SCORE_BINS", "ROW_KEYS", "ImageStats", "ece", "image_ece", "image_stats"]
+__all__ = [
+    "N_SCORE_BINS", "ROW_KEYS", "ImageStats", "ece", "first_argmax", "image_ece", "image_stats",
+]

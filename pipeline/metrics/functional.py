@@ -139,6 +139,36 @@ def as_labels(labels: object, shape: tuple[int, ...], name: str = "labels") -> n
     return a
 
 
+def as_preds(preds: object, shape: tuple[int, ...], num_classes: int) -> np.ndarray:
+    """Flat int64 copy of predicted classes, with dtype, shape and range checked.
+
+    Args:
+        preds: Integer tensor/array of predicted classes.
+        shape: Expected shape (that of the labels).
+        num_classes: Number of classes C.
+
+    Returns:
+        ``preds`` flattened, as int64.
+
+    Raises:
+        TypeError: If ``preds`` is not an integer tensor/array.
+        ValueError: On a shape other than ``shape`` or a value outside ``[0, C)``.
+    """
+    a = _as_array(preds, "preds")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"Expected `preds` to be an integer tensor, but got dtype {a.dtype}")
+    if a.shape != tuple(shape):
+        raise ValueError(
+            f"Expected `preds` of shape {tuple(shape)} to match `labels`, but got {a.shape}"
+        )
+    lo, hi = a.min(), a.max()
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"Expected `preds` to be in [0, {num_classes}), but got {lo if lo < 0 else hi}"
+        )
+    return a.reshape(-1).astype(np.int64, copy=False)
+
+
 def as_scores(scores: object, shape: tuple[int, ...], name: str = "mis_score") -> np.ndarray:
     """NumPy float view of per-pixel scores in [0, 1], with shape and range checked.
 
@@ -227,13 +257,15 @@ def bin_of(value: float, n_bins: int) -> int:
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _image_kernel(
-    x, labels, valid, boundary, score, n_bins, n_score_bins, check, edge, tiny,
+    x, labels, preds, valid, boundary, score, n_bins, n_score_bins, check, edge, tiny,
     joint_count, joint_sum, cls_count, cls_sum, cls_correct, confusion, msp_hist, mis_hist,
     total, scalars, conf_cor, conf_inc,
 ):
     """One pass over a (C, P) image; see :func:`image_sums`.
 
-    Each scored pixel adds its confidence to one cell of a joint histogram over (predicted
+    A pixel's predicted class is ``preds[j]`` or, when ``preds`` is empty, the first argmax of
+    its probabilities; its confidence is its probability of that class. Each scored pixel adds
+    its confidence to one cell of a joint histogram over (predicted
     class, confidence bin, correct, boundary, sole value above the edge): one update where
     top-label, boundary and classwise bins would take four. The caller derives those bins and
     the correct pixels' share of ``confusion`` and ``cls_correct`` from it; the kernel adds the
@@ -286,13 +318,19 @@ def _image_kernel(
                     total[k] -= x[k, j]
                 continue
             y = labels[j]
-            a = arg[i]
-            conf = np.float64(best[i])
+            if preds.size:
+                a = preds[j]
+                top = x[a, j]
+            else:
+                a = arg[i]
+                top = best[i]
+            conf = np.float64(top)
             b = bin_of(conf, n_bins)
             correct = a == y
             # Classwise bins >= 1 (bin 0 comes from the totals): most pixels have one value
-            # above the edge, their max, which the joint cell records; the rest are scanned.
-            sole = above[i] == 1 and best[i] > edge
+            # above the edge, the predicted one, which the joint cell records; the rest are
+            # scanned.
+            sole = above[i] == 1 and top > edge
             if not sole and above[i] > 0:
                 for k in range(c):
                     v = x[k, j]
@@ -315,14 +353,58 @@ def _image_kernel(
                 mis_hist[1 - correct, bin_of(score[j], n_score_bins)] += 1
             # Confidences by correctness, for ACE's equal-mass bins.
             if correct:
-                conf_cor[n_cor] = best[i]
+                conf_cor[n_cor] = top
                 n_cor += 1
             else:
-                conf_inc[n_valid - n_cor] = best[i]
+                conf_inc[n_valid - n_cor] = top
             n_valid += 1
     scalars[0] = nll
     scalars[1] = brier
     return n_valid, n_cor, -1
+
+
+def first_argmax(scores: Tensor | np.ndarray) -> np.ndarray:
+    """Index of the first maximum over the class dimension (dim 0), e.g. predicted classes.
+
+    Equals ``torch.argmax(scores, 0)`` (first index among equal maxima), several times faster
+    on the CPU: torch reduces over a non-innermost dimension slowly (about 30 ms for a
+    (11, 360, 480) float32 tensor on one core, this about 1.5 ms).
+
+    Args:
+        scores: (C, ...) float logits or probabilities, torch or NumPy, no NaN.
+
+    Returns:
+        (...) int64 array.
+
+    Raises:
+        TypeError: If ``scores`` is not a floating tensor/array.
+        ValueError: If ``scores`` has no class dimension or is empty.
+
+    Example:
+        >>> first_argmax(np.array([[1.0, 3.0], [2.0, 3.0]])).tolist()
+        [1, 0]
+    """
+    a = _as_array(scores, "scores")
+    if a.dtype.kind != "f":
+        raise TypeError(f"Expected `scores` to be a floating tensor, but got dtype {a.dtype}")
+    if a.ndim == 0 or a.size == 0:
+        raise ValueError(f"Expected `scores` of shape (C, ...), non-empty, but got {a.shape}")
+    flat = np.ascontiguousarray(a).reshape(a.shape[0], -1)
+    return _first_argmax(flat).reshape(a.shape[1:])
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_argmax(x):
+    c, p = x.shape
+    out = np.zeros(p, np.int64)
+    best = x[0].copy()
+    for k in range(1, c):
+        row = x[k]
+        for j in range(p):
+            if row[j] > best[j]:
+                best[j] = row[j]
+                out[j] = k
+    return out
 
 
 class ImageSums(NamedTuple):
@@ -334,7 +416,7 @@ class ImageSums(NamedTuple):
     cls_sum: np.ndarray  # (C, n_bins) float64 sum of probs[k] per class bin
     cls_correct: np.ndarray  # (C, n_bins) int64 pixels labelled k per class bin
     confusion: np.ndarray  # (C, C) int64, rows: label, columns: prediction
-    msp_hist: np.ndarray  # (2, n_score_bins) int64 1 - max prob; row 0 correct, 1 wrong
+    msp_hist: np.ndarray  # (2, n_score_bins) int64 1 - confidence; row 0 correct, 1 wrong
     mis_hist: np.ndarray  # (2, n_score_bins) int64 selector score, same rows
     nll_sum: float
     brier_sum: float
@@ -345,11 +427,13 @@ class ImageSums(NamedTuple):
 def image_sums(
     probs: np.ndarray, labels: np.ndarray, valid: np.ndarray, boundary: np.ndarray,
     score: np.ndarray | None, n_bins: int, n_score_bins: int, *, check: bool = True,
-    name: str = "probs",
+    name: str = "probs", preds: np.ndarray | None = None,
 ) -> ImageSums:
     """Reduce one image's pixels to calibration sums in a single compiled pass.
 
-    Top-label bins are split by correctness and boundary; classwise bins, confusion matrix,
+    A pixel's prediction is ``preds`` when given, else the first argmax of its probabilities;
+    its confidence is its probability of the predicted class. Top-label bins are split by
+    correctness and boundary; classwise bins, confusion matrix,
     NLL and Brier sums and score histograms come from the same pass. Counts are int64, sums
     float64; per-pixel terms are computed in the input precision.
 
@@ -363,6 +447,7 @@ def image_sums(
         n_score_bins: Number of score-histogram bins.
         check: Check each pixel's probabilities (finite, >= 0, sum to 1).
         name: Argument name for error messages.
+        preds: (P,) int64 predicted classes in ``[0, C)`` (checked by the caller), or None.
 
     Returns:
         The :class:`ImageSums`.
@@ -385,9 +470,9 @@ def image_sums(
     dtype = probs.dtype.type
     edge = np.nextafter(dtype(1.0 / n_bins), dtype(0))
     n_valid, n_cor, bad = _image_kernel(
-        probs, labels, valid, boundary, np.empty(0) if score is None else score, n_bins,
-        n_score_bins, check, edge, np.finfo(probs.dtype).tiny, *hists, total, scalars,
-        conf_cor, conf_inc,
+        probs, labels, np.empty(0, np.int64) if preds is None else preds, valid, boundary,
+        np.empty(0) if score is None else score, n_bins, n_score_bins, check, edge,
+        np.finfo(probs.dtype).tiny, *hists, total, scalars, conf_cor, conf_inc,
     )
     if bad >= 0:
         _raise_bad_pixel(probs[:, bad], bad, name)

@@ -54,7 +54,10 @@ class ImageStats:
     of every class's probability (``cls_*``, (C, n_bins)), a (C, C) confusion matrix (rows:
     label, columns: prediction), NLL and Brier sums, per-image ACE and ECE sums (for the mean
     and std over images), and score histograms of correct/incorrect pixels for a selector's
-    misprediction score (``mis_hist_*``) and for ``1 - max prob`` (``msp_hist_*``).
+    misprediction score (``mis_hist_*``) and for ``1 - confidence`` (``msp_hist_*``).
+
+    A pixel's prediction is the argmax of its probabilities unless :func:`image_stats` got
+    ``preds``; its confidence is its probability of the predicted class.
 
     Add with ``a + b`` or ``sum(stats_list)``; merge a pandas group with :meth:`sum_rows`.
     Metric methods return NaN where a metric is undefined (e.g. no pixels).
@@ -300,7 +303,7 @@ class ImageStats:
         return F.auroc_from_histograms(self.mis_hist_inc, self.mis_hist_cor)
 
     def msp_auroc(self) -> float:
-        """AUROC of the ``1 - max prob`` baseline for detecting mispredicted pixels."""
+        """AUROC of the ``1 - confidence`` (max prob) baseline for detecting mispredictions."""
         return F.auroc_from_histograms(self.msp_hist_inc, self.msp_hist_cor)
 
     def mis_precision(self) -> float:
@@ -343,6 +346,7 @@ def image_stats(
     mis_score: Tensor | np.ndarray | None = None,
     n_score_bins: int = N_SCORE_BINS,
     validate_args: bool = True,
+    preds: Tensor | np.ndarray | None = None,
 ) -> ImageStats:
     """Sufficient statistics of one image.
 
@@ -351,6 +355,13 @@ def image_stats(
     (float32 unless float64 is given) and summed in float64. A probability of exactly 0 on the
     true class (a float32 softmax underflow) is floored at the dtype's smallest normal number,
     capping that pixel's NLL (about 87.3 in float32) instead of making the sum infinite.
+
+    Each pixel's predicted class is the first argmax of its probabilities, or ``preds`` when
+    given; its confidence is its probability of that class. Every statistic (bins, confusion,
+    correctness, AUROC of ``1 - confidence``, ACE, ...) follows from that prediction. Pass
+    ``preds`` when the argmax of the probabilities is not the model's: e.g. logits divided by a
+    huge temperature differ by ~1e-9, which a float32 softmax rounds to exact ties, while the
+    argmax of the logits is unchanged.
 
     Args:
         probs: (C, H, W) float probabilities (torch or NumPy) summing to 1 over C.
@@ -364,14 +375,15 @@ def image_stats(
         validate_args: Check probability values (finite, >= 0, sum to 1). Shapes, dtypes and
             the label range are always checked. Turn off only for inputs straight from a
             softmax.
+        preds: Optional (H, W) integer predicted classes in ``[0, C)``.
 
     Returns:
         The image's :class:`ImageStats` (``n_images`` is 0 when every pixel is ignored).
 
     Raises:
         TypeError: If an argument has the wrong type or dtype.
-        ValueError: On wrong shapes, NaN/inf, probabilities not summing to 1, labels or scores
-            out of range, fewer than two classes or an empty image.
+        ValueError: On wrong shapes, NaN/inf, probabilities not summing to 1, labels, scores or
+            predictions out of range, fewer than two classes or an empty image.
 
     Example:
         >>> import torch
@@ -392,11 +404,12 @@ def image_stats(
     score = None
     if mis_score is not None:
         score = F.as_scores(mis_score, (h, w)).reshape(-1).astype(np.float64)
+    pred = None if preds is None else F.as_preds(preds, (h, w), c)
     lab = lab2d.reshape(-1).astype(np.int64)
     sums = F.image_sums(
         np.ascontiguousarray(p.reshape(c, h * w)), lab, F.valid_mask(lab, c, ignore_index),
         F.boundary_mask(lab2d, width).reshape(-1), score, n_bins, n_score_bins,
-        check=validate_args,
+        check=validate_args, preds=pred,
     )
     top, top_sum = sums.top_count, sums.top_sum  # groups: correct + 2 * boundary
     stats = ImageStats(

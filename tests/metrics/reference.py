@@ -1,7 +1,8 @@
 """Plain float64 NumPy references for the metric tests, written from the definitions.
 
 Everything takes flat inputs: ``probs`` (P, C) float64 and ``labels`` (P,) int of the scored
-pixels only (ignored pixels removed by the caller).
+pixels only (ignored pixels removed by the caller). ``pred`` (P,) optionally replaces the
+first argmax as each pixel's predicted class; the confidence is then ``probs[pixel, pred]``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ def binned_gap(values: np.ndarray, hits: np.ndarray, n_bins: int) -> tuple[float
     return ece, mce
 
 
-def top_label(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Confidence and correctness (first argmax) per pixel."""
-    return probs.max(1), (probs.argmax(1) == labels).astype(np.float64)
+def top_label(
+    probs: np.ndarray, labels: np.ndarray, pred: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence and correctness per pixel (prediction: ``pred``, else the first argmax)."""
+    if pred is None:
+        return probs.max(1), (probs.argmax(1) == labels).astype(np.float64)
+    conf = np.array([probs[i, k] for i, k in enumerate(pred)])
+    return conf, (pred == labels).astype(np.float64)
 
 
-def ece_mce(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> tuple[float, float]:
-    conf, correct = top_label(probs, labels)
+def ece_mce(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int, pred: np.ndarray | None = None
+) -> tuple[float, float]:
+    conf, correct = top_label(probs, labels, pred)
     return binned_gap(conf, correct, n_bins)
 
 
@@ -57,10 +65,12 @@ def sce(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
     return float(np.mean(per_class))
 
 
-def ace(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+def ace(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int, pred: np.ndarray | None = None
+) -> float:
     """Equal-mass bins: ranks sorted by confidence (ties: incorrect first), rank i in bin
     floor(i * R / P), R = min(n_bins, P); ECE over those bins."""
-    conf, correct = top_label(probs, labels)
+    conf, correct = top_label(probs, labels, pred)
     order = np.lexsort((correct, conf))
     conf, correct = conf[order], correct[order]
     p = len(conf)
@@ -71,8 +81,10 @@ def ace(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
     )
 
 
-def miou(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    pred = probs.argmax(1)
+def miou(
+    probs: np.ndarray, labels: np.ndarray, num_classes: int, pred: np.ndarray | None = None
+) -> float:
+    pred = probs.argmax(1) if pred is None else pred
     ious = []
     for k in range(num_classes):
         inter = np.sum((pred == k) & (labels == k))

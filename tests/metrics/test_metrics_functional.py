@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import ece, image_ece, image_stats
+from pipeline.metrics import ece, first_argmax, image_ece, image_stats
 from pipeline.metrics.functional import (
     adaptive_bins,
     auroc_from_histograms,
@@ -173,6 +173,34 @@ def test_top_label_bins_at_0_edges_and_1():
 
 # --------------------------------------------------------------------------------------------
 # Kernels
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 9), (3, 40), (2,)], ids=["chw", "cp", "c"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_first_argmax_equals_torch_argmax_with_ties(shape, dtype, kind):
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(-2, 3, shape, generator=g).to(dtype)  # many equal maxima
+    if scores.ndim > 1:
+        scores[:, 0] = -torch.inf  # all classes -inf: the first one
+    got = first_argmax(scores if kind == "torch" else scores.numpy())
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, torch.argmax(scores, 0).numpy())
+
+
+@pytest.mark.parametrize(
+    ("scores", "error", "match"),
+    [
+        (np.zeros((3, 2), np.int64), TypeError, r"`scores` to be a floating tensor, but got dtype"),
+        (np.array(1.0), ValueError, r"`scores` of shape \(C, ...\), non-empty, but got \(\)"),
+        (np.zeros((0, 4)), ValueError, r"`scores` of shape .* non-empty, but got \(0, 4\)"),
+        ([1.0, 2.0], TypeError, r"`scores` to be a torch.Tensor or numpy.ndarray"),
+    ],
+    ids=["int", "scalar", "empty", "list"],
+)
+def test_first_argmax_rejects_bad_input(scores, error, match):
+    with pytest.raises(error, match=match):
+        first_argmax(scores)
 
 
 def test_adaptive_bins_match_reference_with_ties():

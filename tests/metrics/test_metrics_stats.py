@@ -127,6 +127,85 @@ def test_nll_floors_a_zero_true_class_probability():
 
 
 # --------------------------------------------------------------------------------------------
+# Given predictions
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", ["numpy_uint8", "torch_int64"])
+def test_preds_equal_to_the_argmax_change_nothing(images, dtype, kind):
+    probs, labels, score = images
+    for i in range(6):
+        p = probs[i].astype(dtype)
+        pred = p.argmax(0).astype(np.uint8)
+        pred = pred if kind == "numpy_uint8" else torch.from_numpy(pred).long()
+        expected = image_stats(p, labels[i], ignore_index=255, mis_score=score[i])
+        got = image_stats(p, labels[i], ignore_index=255, mis_score=score[i], preds=pred)
+        assert_stats_equal(got, expected, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_other_preds_match_the_reference(images, dtype):
+    """Half the pixels predict a random class: its probability is the confidence."""
+    probs, labels, score = images
+    probs = probs.astype(dtype)
+    rng = np.random.default_rng(12)
+    preds = np.where(rng.random(labels.shape) < 0.5, probs.argmax(1),
+                     rng.integers(0, 6, labels.shape))
+    per_image = [
+        image_stats(probs[i], labels[i], ignore_index=255, mis_score=score[i], n_bins=10,
+                    preds=preds[i])
+        for i in range(6)
+    ]
+    stats = sum(per_image)
+    p, lab = flat_valid(probs, labels, 255)
+    pred = preds[labels != 255]
+    assert (pred != p.argmax(1)).mean() > 0.3  # the predictions do differ from the argmax
+    conf, correct = ref.top_label(p, lab, pred)
+    ece, mce = ref.ece_mce(p, lab, 10, pred)
+    right = correct.astype(bool)
+    per_image_ece, per_image_ace = [], []
+    for i in range(6):
+        keep = labels[i] != 255
+        pi, li = flat_valid(probs[i : i + 1], labels[i : i + 1], 255)
+        per_image_ece.append(ref.ece_mce(pi, li, 10, preds[i][keep])[0])
+        per_image_ace.append(ref.ace(pi, li, 10, preds[i][keep]))
+    expected = {
+        "ece": ece, "mce": mce, "sce": ref.sce(p, lab, 10), "nll": ref.nll(p, lab),
+        "brier": ref.brier(p, lab), "miou": ref.miou(p, lab, 6, pred),
+        "pixel_acc": correct.mean(),
+        "ece_correct": ref.binned_gap(conf[right], correct[right], 10)[0],
+        "ece_incorrect": ref.binned_gap(conf[~right], correct[~right], 10)[0],
+        "image_ece_mean": np.mean(per_image_ece), "ace": np.mean(per_image_ace),
+    }
+    tol = 1e-12 if dtype == np.float64 else 1e-6
+    summary = stats.summary()
+    for name, value in expected.items():
+        assert summary[name] == pytest.approx(value, abs=tol), name
+    # Score histograms of the wrongly predicted pixels: selector score and 1 - confidence.
+    s = score[labels != 255]
+    for got, values in ((stats.mis_hist_inc, s[~right]), (stats.msp_hist_inc, 1 - conf[~right])):
+        np.testing.assert_array_equal(got, np.bincount(ref.bins_of(values, 1000), minlength=1000))
+
+
+def test_preds_decide_ties():
+    """Uniform probabilities: every class ties, so only ``preds`` says which is predicted."""
+    labels = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 1, 2, 2]])
+    preds = labels.copy()
+    preds[1:] = (labels[1:] + 1) % 4  # right on the first row only
+    probs = np.full((4, 3, 4), 0.25, np.float32)
+    stats = image_stats(probs, labels, preds=preds)
+    expected_confusion = np.zeros((4, 4), np.int64)
+    np.add.at(expected_confusion, (labels.ravel(), preds.ravel()), 1)
+    np.testing.assert_array_equal(stats.confusion, expected_confusion)
+    assert stats.pixel_acc() == pytest.approx(4 / 12)
+    assert stats.ece() == pytest.approx(abs(0.25 - 4 / 12))
+    # Without preds the first argmax, class 0, is predicted everywhere.
+    argmax = image_stats(probs, labels)
+    assert argmax.confusion[:, 1:].sum() == 0
+    assert argmax.pixel_acc() == pytest.approx((labels == 0).mean())
+
+
+# --------------------------------------------------------------------------------------------
 # Exact merging
 
 
@@ -233,10 +312,18 @@ def _ok():
         ({"mis_score": np.full((3, 4), -0.1)}, ValueError,
          r"`mis_score` to be in \[0, 1\], but got -0.1"),
         ({"mis_score": [0.5]}, TypeError, r"`mis_score` to be a torch.Tensor or numpy.ndarray"),
+        ({"preds": np.zeros((4, 3), np.int64)}, ValueError,
+         r"`preds` of shape \(3, 4\) to match `labels`, but got \(4, 3\)"),
+        ({"preds": np.zeros((3, 4))}, TypeError,
+         r"`preds` to be an integer tensor, but got dtype float64"),
+        ({"preds": np.full((3, 4), 2)}, ValueError, r"`preds` to be in \[0, 2\), but got 2"),
+        ({"preds": np.full((3, 4), -1)}, ValueError, r"`preds` to be in \[0, 2\), but got -1"),
+        ({"preds": [0]}, TypeError, r"`preds` to be a torch.Tensor or numpy.ndarray"),
     ],
     ids=["probs_rank", "labels_shape", "width_zero", "width_float", "score_bins_odd",
          "score_bins_zero", "score_shape", "score_int", "score_nan", "score_above",
-         "score_below", "score_list"],
+         "score_below", "score_list", "preds_shape", "preds_float", "preds_above",
+         "preds_below", "preds_list"],
 )
 def test_image_stats_rejects_bad_input(kwargs, error, match):
     probs, labels = _ok()
