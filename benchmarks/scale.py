@@ -19,7 +19,7 @@ process, which the other jobs on a shared machine inflate less than wall time):
   host CPU (``pipeline.extract._reduce``);
 - evaluation: shard read (sha256 + :func:`pipeline.shards.read_shard`), per image;
   :func:`pipeline.shards.upsample_logits` to label resolution; and one calibration, i.e.
-  :func:`pipeline.evaluate.image_rows` with one fitted temperature calibrator (calibrate, float64
+  :func:`pipeline.evaluate.image_rows` with one fitted temperature calibrator (calibrate, float32
   softmax, :func:`pipeline.metrics.image_stats`) minus the upsample it includes; plus the
   peak RSS of that call (``VmHWM``, reset through ``/proc/self/clear_refs``).
 
@@ -234,7 +234,7 @@ def measure(spec: Spec, n_images: int, repeats: int, seed: int, tmp: Path) -> di
     out["calibration_s"] = max(out["rows_s"] - out["upsample_s"], 0.0)
     out["rss_before_mib"], out["peak_mib"] = _rss_mib(rows)
     upsampled = upsample_logits(record.logits, size)
-    out["softmax_s"] = timed(lambda: torch.softmax(upsampled.double(), dim=0), repeats)[0]
+    out["softmax_s"] = timed(lambda: torch.softmax(upsampled, dim=0), repeats)[0]
     return out
 
 
@@ -439,8 +439,8 @@ def main() -> None:
     print("\nwriter = pipeline.shards.write_shard (encode, zstd, sha256, write, fsync; its wall "
           "time also counts the wait for a shared CPU and for the disk); actor = "
           "store_stride reduction + float16 cast; read = sha256 + read_shard; calibration = "
-          "pipeline.evaluate.image_rows with one temperature calibrator (calibrate, float64 "
-          "softmax, image_stats) minus upsample; softmax64 = torch.softmax in float64 alone on the "
+          "pipeline.evaluate.image_rows with one temperature calibrator (calibrate, softmax, "
+          "image_stats) minus upsample; softmax = torch.softmax alone on the "
           "upsampled logits; RSS = this whole process around that call.\n")
 
     plans = [(spec, m, plan(spec, m, args, baseline_mib)) for spec, m in results]
