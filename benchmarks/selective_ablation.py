@@ -259,10 +259,10 @@ def score_record(
                     out.flags[label] += [
                         int(flag.sum()), int((flag & wrong).sum()), int(wrong.sum()), len(flag)
                     ]
-            # float64: a 1e10 temperature leaves logits ~1e-9 apart, which a float32 softmax
-            # rounds to exact ties; the metric's argmax would then move off the prediction.
+            # preds from the logits: a 1e10 temperature flattens probabilities into float ties
             out.ece[label].append(image_ece(
-                calibrated.double().softmax(1), labels, n_bins=N_BINS, ignore_index=ignore_index
+                calibrated.softmax(1), labels, n_bins=N_BINS, ignore_index=ignore_index,
+                preds=calibrated.argmax(1),
             ))
 
 

@@ -702,7 +702,8 @@ def miou_from_confusion(confusion: np.ndarray) -> float:
 
 
 def _iter_sums(
-    probs: object, labels: object, n_bins: int, ignore_index: int | None, *, images: bool
+    probs: object, labels: object, n_bins: int, ignore_index: int | None, *, images: bool,
+    preds: object = None,
 ) -> Iterator[ImageSums]:
     """Validate and reduce per image (N, C, H, W) or per block of rows (P, C)."""
     n_bins = check_n_bins(n_bins)
@@ -712,16 +713,28 @@ def _iter_sums(
     if p.ndim == 4:
         n, c, h, w = p.shape
         lab = as_labels(labels, (n, h, w))
-        parts = ((p[i].reshape(c, h * w), lab[i].reshape(-1)) for i in range(n))
+        pred = None if preds is None else as_preds(preds, (n, h, w), c).reshape(n, h * w)
+        parts = (
+            (p[i].reshape(c, h * w), lab[i].reshape(-1), None if pred is None else pred[i])
+            for i in range(n)
+        )
     else:
         rows, c = p.shape
         lab = as_labels(labels, (rows,))
-        parts = ((p[s : s + _ROWS].T, lab[s : s + _ROWS]) for s in range(0, rows, _ROWS))
-    for x, li in parts:
+        pred = None if preds is None else as_preds(preds, (rows,), c)
+        parts = (
+            (p[s : s + _ROWS].T, lab[s : s + _ROWS],
+             None if pred is None else pred[s : s + _ROWS])
+            for s in range(0, rows, _ROWS)
+        )
+    for x, li, pi in parts:
         li = li.astype(np.int64)
         valid = valid_mask(li, c, ignore_index)
         no_boundary = np.zeros(li.shape, dtype=bool)
-        yield image_sums(np.ascontiguousarray(x), li, valid, no_boundary, None, n_bins, 2)
+        yield image_sums(
+            np.ascontiguousarray(x), li, valid, no_boundary, None, n_bins, 2,
+            preds=None if pi is None else np.ascontiguousarray(pi),
+        )
 
 
 def _top_label(sums: ImageSums) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -738,7 +751,7 @@ def _no_pixels(ignore_index: int | None) -> ValueError:
 
 def ece(
     probs: Tensor | np.ndarray, labels: Tensor | np.ndarray, *, n_bins: int = 15,
-    ignore_index: int | None = None,
+    ignore_index: int | None = None, preds: Tensor | np.ndarray | None = None,
 ) -> float:
     r"""Pooled top-label expected calibration error over every scored pixel.
 
@@ -753,6 +766,9 @@ def ece(
         labels: Integer labels, (N, H, W) or (P,), in ``[0, C)`` or ``ignore_index``.
         n_bins: Number of equal-width confidence bins.
         ignore_index: Label value whose pixels are left out, or None.
+        preds: Optional predicted classes shaped like ``labels`` (default: the first argmax of
+            ``probs``); pass the argmax of the logits when a huge temperature flattens the
+            probabilities into float ties.
 
     Returns:
         ECE as a float.
@@ -767,7 +783,10 @@ def ece(
         >>> round(ece(probs, torch.tensor([0, 1, 1]), n_bins=2), 4)
         0.0667
     """
-    parts = [_top_label(s) for s in _iter_sums(probs, labels, n_bins, ignore_index, images=False)]
+    parts = [
+        _top_label(s)
+        for s in _iter_sums(probs, labels, n_bins, ignore_index, images=False, preds=preds)
+    ]
     count, conf_sum, correct_sum = (sum(column) for column in zip(*parts, strict=True))
     if count.sum() == 0:
         raise _no_pixels(ignore_index)
@@ -776,7 +795,7 @@ def ece(
 
 def image_ece(
     probs: Tensor | np.ndarray, labels: Tensor | np.ndarray, *, n_bins: int = 15,
-    ignore_index: int | None = None,
+    ignore_index: int | None = None, preds: Tensor | np.ndarray | None = None,
 ) -> float:
     """Image-wise ECE: each image's own ECE, averaged over the images.
 
@@ -788,6 +807,7 @@ def image_ece(
         labels: Integer labels (N, H, W) in ``[0, C)`` or ``ignore_index``.
         n_bins: Number of equal-width confidence bins.
         ignore_index: Label value whose pixels are left out, or None.
+        preds: Optional predicted classes (N, H, W), as for :func:`ece`.
 
     Returns:
         Mean per-image ECE as a float.
@@ -804,7 +824,7 @@ def image_ece(
     """
     values = [
         ece_from_bins(*_top_label(s))
-        for s in _iter_sums(probs, labels, n_bins, ignore_index, images=True)
+        for s in _iter_sums(probs, labels, n_bins, ignore_index, images=True, preds=preds)
         if s.conf_cor.size + s.conf_inc.size
     ]
     if not values:
