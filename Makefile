@@ -4,10 +4,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-# Real data and weights: CAMVID_ROOT / SEGCAL_ESPNET_WEIGHTS, else ../shared when it exists.
-CAMVID_ROOT ?= $(abspath ../shared/data/camvid)
-SEGCAL_ESPNET_WEIGHTS ?= $(abspath ../shared/models/espnet/espnet_p_2_q_8_camvid.pth)
-export CAMVID_ROOT SEGCAL_ESPNET_WEIGHTS
+# Real data and weights: CAMVID_ROOT / SEGCAL_ESPNET_WEIGHTS, else ../shared when it exists,
+# else unset: `segcal demo` then downloads them (sha256-checked) into ~/.cache/segcal.
+CAMVID_ROOT ?= $(wildcard $(abspath ../shared/data/camvid))
+SEGCAL_ESPNET_WEIGHTS ?= $(wildcard $(abspath ../shared/models/espnet/espnet_p_2_q_8_camvid.pth))
+ifneq ($(CAMVID_ROOT),)
+export CAMVID_ROOT
+endif
+ifneq ($(SEGCAL_ESPNET_WEIGHTS),)
+export SEGCAL_ESPNET_WEIGHTS
+endif
 export RAY_USAGE_STATS_ENABLED := 0
 # `make demo` / `make test` start Ray on this machine only: keep it on loopback.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -21,7 +27,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/segcal run configs/camvid_espnet.yaml
+	$(VENV)/bin/segcal demo $(if $(CAMVID_ROOT),--data '$(CAMVID_ROOT)') \
+		$(if $(SEGCAL_ESPNET_WEIGHTS),--weights '$(SEGCAL_ESPNET_WEIGHTS)')
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q

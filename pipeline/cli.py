@@ -3,6 +3,8 @@
 Commands (each has ``--help``; ``--set key=value`` overrides a config key, repeatable)::
 
     segcal run CONFIG              extract, fit, evaluate, report; skips stages that are current
+    segcal demo [--data DIR] [--weights FILE] [--quick]   CamVid + ESPNet (found or downloaded),
+                                   all stages, then the headline table
     segcal extract|fit|evaluate|report CONFIG     one stage, always run
     segcal export CONFIG           TorchScript files of the fitted calibrators (optionally + model)
     segcal submit CONFIG [STAGE] --address http://HOST:8265 [--follow] [--env K=V] [-- ARGS]
@@ -16,7 +18,8 @@ Exit codes, for scripts:
        printed decision or ``segcal status``)
     1  a stage failed, or the submitted job failed (``submit --follow`` returns the job's own
        exit code when it has one)
-    2  usage or config error (bad arguments, unreadable or invalid config, unknown key)
+    2  usage or config error (bad arguments, unreadable or invalid config, unknown key; for
+       ``demo``: CamVid or the weights missing, malformed or not downloadable, with what to set)
     3  the cluster or the registry is unavailable: unreachable address, credentials refused,
        registry locked by another refresh, broken ``current``, unknown run
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -78,7 +82,8 @@ def _print_decision(entry: dict) -> None:
 # --- commands ----------------------------------------------------------------------------------
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _run_all(args: argparse.Namespace) -> Path:
+    """Run every stage of ``args.config``, skipping current ones; returns the output folder."""
     from pipeline.refresh import STAGES, run_stages
 
     cfg = _load(args)
@@ -86,7 +91,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     ran = run_stages(cfg, STAGES, force=args.force)
     for stage, did in ran.items():
         print(f"{stage}: {'ran' if did else 'current, skipped'}")
-    print(Path(cfg.output) / "report.html")
+    return Path(cfg.output)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    print(_run_all(args) / "report.html")
+    return OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline import demo
+
+    args.config = demo.config_path(quick=args.quick)  # before a long download, not after
+    # Download progress is worth seeing without -v.
+    logging.getLogger(demo.__name__).setLevel(logging.INFO)
+    data = demo.ensure_camvid(args.data or os.environ.get("CAMVID_ROOT"))
+    weights = demo.ensure_espnet_weights(args.weights or os.environ.get("SEGCAL_ESPNET_WEIGHTS"))
+    # The demo configs read both through ${CAMVID_ROOT:-...} / ${SEGCAL_ESPNET_WEIGHTS:-...}.
+    os.environ["CAMVID_ROOT"], os.environ["SEGCAL_ESPNET_WEIGHTS"] = str(data), str(weights)
+    args.overrides = [f"output={Path(args.output).resolve()}"] if args.output else []
+    output = _run_all(args)
+    print()
+    print(demo.headline_table(output))
+    print(f"\nreport: {output / 'report.html'} (tables: summary.csv, best.csv in {output})")
     return OK
 
 
@@ -256,6 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[config], help="run all stages, skipping current ones")
     p.add_argument("--force", action="store_true", help="rerun every stage")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "demo",
+        help="CamVid + pretrained ESPNet: all stages, then the headline table",
+        description="Run configs/camvid_espnet.yaml (or camvid_quick.yaml with --quick) on CamVid "
+        "and the authors' ESPNet weights, found through --data/--weights or CAMVID_ROOT/"
+        "SEGCAL_ESPNET_WEIGHTS, else downloaded with sha256 checks into $SEGCAL_CACHE or "
+        "~/.cache/segcal (about 180 MB). Prints the headline table and the report's path.",
+    )
+    p.add_argument("--data", metavar="DIR", help="CamVid folder (default: $CAMVID_ROOT)")
+    p.add_argument(
+        "--weights", metavar="FILE", help="ESPNet weights (default: $SEGCAL_ESPNET_WEIGHTS)"
+    )
+    p.add_argument("--quick", action="store_true", help="the small smoke run (camvid_quick.yaml)")
+    p.add_argument("--output", metavar="DIR", help="run folder (default: the config's output)")
+    p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.set_defaults(func=cmd_demo)
     for stage, text in (
         ("extract", "stage 1: extract logits into Parquet shards"),
         ("fit", "stage 2: fit the calibrators"),

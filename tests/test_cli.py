@@ -23,6 +23,7 @@ from pipeline import refresh as refresh_mod
 
 COMMANDS = [
     "run",
+    "demo",
     "extract",
     "fit",
     "evaluate",

@@ -57,9 +57,50 @@ def sha256_file(path: str | Path) -> str:
     return _sha256_cached(str(path), st.st_size, st.st_mtime_ns)
 
 
+class ChecksumError(ValueError):
+    """A downloaded file whose sha256 is not the expected one (it was discarded).
+
+    Args:
+        url: where the file came from.
+        expected: the expected hex digest.
+        actual: the digest of what was downloaded.
+    """
+
+    def __init__(self, url: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"Expected the download of `{url}` to have sha256 {expected}, but got {actual}; "
+            "the file was discarded"
+        )
+        self.url, self.expected, self.actual = url, expected, actual
+
+
+def download_file(url: str, target: str | Path, *, sha256: str | None = None) -> Path:
+    """Download ``url`` to ``target`` atomically, checking its sha256 before it lands.
+
+    The bytes go to a temporary file beside ``target`` that is renamed into place only after
+    the digest matched, so ``target`` is either absent, left as it was, or complete.
+
+    Args:
+        url: an http(s) URL.
+        target: the local file to write (its folder is created).
+        sha256: expected hex digest (None: not checked).
+
+    Returns:
+        ``target``.
+
+    Raises:
+        ChecksumError: the digest did not match (nothing is written to ``target``).
+        urllib.error.URLError: the download failed (``HTTPError`` for an HTTP error status).
+        OSError: a network timeout or a local write error.
+    """
+    target = Path(target)
+    _download(url, target, sha256)
+    return target
+
+
 def _download(url: str, target: Path, sha256: str | None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s -> %s", url, target)
+    log.debug("downloading %s -> %s", url, target)
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
@@ -72,10 +113,7 @@ def _download(url: str, target: Path, sha256: str | None) -> None:
             os.fsync(out.fileno())
         actual = digest.hexdigest()
         if sha256 is not None and actual != sha256.lower():
-            raise ValueError(
-                f"Expected the download of `{url}` to have sha256 {sha256}, but got {actual}; "
-                "the file was discarded"
-            )
+            raise ChecksumError(url, sha256, actual)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -97,8 +135,9 @@ def resolve(
 
     Raises:
         FileNotFoundError: a local path that does not exist.
-        ValueError: a digest mismatch (a mismatching download is deleted, never returned), a
-            ``sha256`` given for a folder, or a URL scheme other than http(s).
+        ValueError: a digest mismatch (a mismatching download is deleted, never returned; a
+            :class:`ChecksumError` for a download), a ``sha256`` given for a folder, or a URL
+            scheme other than http(s).
         urllib.error.URLError: the download failed.
 
     Example:
@@ -117,6 +156,7 @@ def resolve(
                 return target
             # The expected digest changed (e.g. a new release at the same URL): fetch again.
             target.unlink()
+        log.info("downloading %s -> %s", text, target)
         _download(text, target, sha256)
         return target
     if "://" in text:
