@@ -40,7 +40,7 @@ import torch.nn.functional as F  # noqa: N812
 import yaml
 from torchmetrics.functional.classification import binary_auroc
 
-from pipeline.calibrators import Calibrator, FitData, build_calibrator
+from pipeline.calibrators import CALIBRATORS, Calibrator, FitData, build_calibrator
 from pipeline.fit import record_map, sample_pixels, split_heldout
 from pipeline.metrics import image_ece
 from pipeline.shards import ImageRecord, Manifest, iter_dataset, read_manifest, upsample_logits
@@ -195,7 +195,7 @@ def fit_variants(fit: Split, held: Split, names: list[str], seed: int) -> dict[s
     fitted: dict[str, Calibrator] = {}
     for label in names:
         name, options, aug = VARIANTS[label]
-        spatial = name == "selective_spatial"
+        spatial = CALIBRATORS[name].spatial
         kind = "maps" if spatial else "pixels"
         fit_parts = getattr(fit, f"clean_{kind}") + (getattr(fit, f"shifted_{kind}") if aug else [])
         held_parts = getattr(held, f"clean_{kind}") + (
@@ -326,7 +326,7 @@ def main() -> None:
         names = [n for n in names if not VARIANTS[n][2]]
         if skipped:
             print(f"no corrupted calibration datasets: skipping {skipped}")
-    with_maps = any(VARIANTS[n][0] == "selective_spatial" for n in names)
+    with_maps = any(CALIBRATORS[VARIANTS[n][0]].spatial for n in names)
     fit, held = read_calibration(datasets, shifted, with_maps, args)
     print(f"calibration: {len(fit.clean_pixels)} fit / {len(held.clean_pixels)} held-out clean "
           f"images, {len(fit.shifted_pixels)} / {len(held.shifted_pixels)} corrupted copies "

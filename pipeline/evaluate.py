@@ -160,8 +160,7 @@ def image_rows(
             calibrated = logits
             if calibrator is not None:
                 cal_image = image if type(calibrator).spatial else None
-                calibrated = calibrator(logits, cal_image)
-                score = calibrator.mis_score(logits, cal_image)
+                calibrated, score = calibrator.calibrate_with_score(logits, cal_image)
             # Predictions from the logits, not the probabilities: a huge temperature (selective
             # scaling's T_mis = 1e10) leaves logits that differ by ~1e-9, which a float32
             # softmax rounds to exact ties, while dividing by it never reorders the logits.

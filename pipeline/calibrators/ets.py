@@ -43,10 +43,9 @@ class EnsembleTemperatureScaling(Calibrator):
         log_w = torch.log_softmax(self.weight_logits, dim=0)
         tempered = torch.log_softmax(logits / self.log_temperature.exp(), dim=1)
         raw = torch.log_softmax(logits, dim=1)
-        # log of the mixture without leaving log space (logsumexp over the three components).
-        uniform = torch.full_like(raw, -math.log(self.num_classes))
-        parts = torch.stack([tempered + log_w[0], raw + log_w[1], uniform + log_w[2]])
-        return torch.logsumexp(parts, dim=0)
+        # log of the mixture without leaving log space; the uniform part is one number.
+        mixed = torch.logaddexp(tempered + log_w[0], raw + log_w[1])
+        return torch.logaddexp(mixed, log_w[2] - math.log(self.num_classes))
 
     def _fit(self, data: FitData, heldout: FitData | None) -> None:
         t = fit_temperature(data.logits, data.labels)

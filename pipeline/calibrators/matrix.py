@@ -15,9 +15,7 @@ from pipeline.calibrators.base import (
     FitData,
     check_float,
     check_int,
-    from_points,
     optimise,
-    to_points,
 )
 
 __all__ = ["DirichletScaling", "MatrixScaling"]
@@ -38,7 +36,7 @@ class _LinearScaling(Calibrator):
         *,
         odir: float = 1e-2,
         odir_grid: Sequence[float] | None = _DEFAULT_GRID,
-        max_iter: int = 200,
+        max_iter: int = 100,
     ) -> None:
         check_float("odir", odir, ge=0)
         if odir_grid is not None:
@@ -57,12 +55,15 @@ class _LinearScaling(Calibrator):
         self.register_buffer("odir_lambda", torch.tensor(float(odir)))
 
     @abstractmethod
-    def _features(self, points: Tensor) -> Tensor:
-        """(P, C) logits -> (P, C) inputs of the linear map."""
+    def _features(self, logits: Tensor) -> Tensor:
+        """(P, C) or (N, C, H, W) logits -> the linear map's inputs, same shape (along dim 1)."""
 
     def _calibrate(self, logits: Tensor, image: Tensor | None) -> Tensor:
-        points = self._features(to_points(logits))
-        return from_points(points @ self.weight.t() + self.bias, logits)
+        features = self._features(logits)
+        if features.dim() == 4:  # the map in place: no copy to (P, C) points and back
+            bias = self.bias.reshape(1, -1, 1, 1)
+            return torch.einsum("kc,nchw->nkhw", self.weight, features) + bias
+        return features @ self.weight.t() + self.bias
 
     def _odir_penalty(self) -> Tensor:
         c = self.num_classes
@@ -84,22 +85,35 @@ class _LinearScaling(Calibrator):
         return nll + self._odir_penalty()
 
     def _fit(self, data: FitData, heldout: FitData | None) -> None:
+        """L-BFGS on the mean NLL + ODIR; with held-out data, along the grid from strong to weak.
+
+        The features are computed once (the closure only runs the linear map). Each strength
+        starts from the previous one's solution (a continuation path from the strongest
+        penalty, where the problem is best conditioned), which reaches a lower held-out NLL in
+        fewer iterations than restarting every strength from the identity.
+        """
         grid = self.options["odir_grid"]
-        lambdas = grid if heldout is not None and grid is not None else [self.options["odir"]]
+        with_grid = heldout is not None and grid is not None
+        lambdas = sorted(grid, reverse=True) if with_grid else [self.options["odir"]]
+        features = self._features(data.logits).detach()
+        held_features = None if heldout is None else self._features(heldout.logits).detach()
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(self.num_classes))
+            self.bias.zero_()
+
+        def loss() -> Tensor:
+            nll = F.cross_entropy(features @ self.weight.t() + self.bias, data.labels)
+            return nll + self._odir_penalty()
+
         best_nll, best_state = float("inf"), None
         for lam in lambdas:
-            with torch.no_grad():
-                self.weight.copy_(torch.eye(self.num_classes))
-                self.bias.zero_()
-                self.odir_lambda.fill_(lam)
-            optimise(
-                lambda: self.loss(data.logits, data.labels), self.parameters(),
-                max_iter=self.options["max_iter"],
-            )
-            if heldout is None:
+            self.odir_lambda.fill_(lam)
+            optimise(loss, self.parameters(), max_iter=self.options["max_iter"])
+            if not with_grid:
                 return
             with torch.no_grad():
-                nll = float(F.cross_entropy(self._calibrate(heldout.logits, None), heldout.labels))
+                logits = held_features @ self.weight.t() + self.bias
+                nll = float(F.cross_entropy(logits, heldout.labels))
             if nll < best_nll:
                 best_nll, best_state = nll, {k: v.clone() for k, v in self.state_dict().items()}
         self.load_state_dict(best_state)
@@ -127,7 +141,7 @@ class MatrixScaling(_LinearScaling):
         odir: ODIR strength lambda without held-out data. Defaults to ``1e-2``.
         odir_grid: Strengths tried with held-out data; None always uses ``odir``.
             Defaults to ``[0, 1e-4, 1e-3, 1e-2, 1e-1, 1]``.
-        max_iter: L-BFGS iterations per fit. Defaults to ``200``.
+        max_iter: L-BFGS iterations per ODIR strength. Defaults to ``100``.
 
     References:
         Kull et al., "Beyond temperature scaling: Obtaining well-calibrated multiclass
@@ -136,8 +150,8 @@ class MatrixScaling(_LinearScaling):
 
     name = "matrix"
 
-    def _features(self, points: Tensor) -> Tensor:
-        return points
+    def _features(self, logits: Tensor) -> Tensor:
+        return logits
 
 
 class DirichletScaling(_LinearScaling):
@@ -153,5 +167,5 @@ class DirichletScaling(_LinearScaling):
 
     name = "dirichlet"
 
-    def _features(self, points: Tensor) -> Tensor:
-        return torch.log_softmax(points, dim=1)
+    def _features(self, logits: Tensor) -> Tensor:
+        return torch.log_softmax(logits, dim=1)

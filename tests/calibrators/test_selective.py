@@ -22,6 +22,7 @@ from pipeline.calibrators.selective import (
     SpatialSelectiveScaling,
     balanced_order,
     fit_group_temperatures,
+    selector_features,
 )
 
 C = 6
@@ -471,6 +472,27 @@ def test_mis_score_is_a_probability_per_pixel_and_independent_of_the_batch(varia
         torch.testing.assert_close(
             cal(points), cal(logits).movedim(1, -1).reshape(-1, C)
         )
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_calibrate_with_score_equals_forward_and_mis_score(variants, name):
+    cal = variants[name]
+    logits, image = _inputs(cal)
+    calibrated, score = cal.calibrate_with_score(logits, image)
+    torch.testing.assert_close(calibrated, cal(logits, image), rtol=0, atol=0)
+    torch.testing.assert_close(score, cal.mis_score(logits, image), rtol=0, atol=0)
+
+
+def test_rich_features_margin_is_zero_on_ties_and_top1_minus_top2_otherwise():
+    logits = torch.tensor([[2.0, 2.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    features = selector_features(logits, rich=True)
+    probs = logits.softmax(1)
+    top2 = probs.topk(2, dim=1).values
+    torch.testing.assert_close(features[:, 3], top2[:, 0])
+    torch.testing.assert_close(features[:, 4], top2[:, 0] - top2[:, 1])
+    assert features[0, 4] == 0 and features[2, 4] == 0
+    maps = logits.t().reshape(1, 3, 3, 1)  # the same pixels as a (1, C, 3, 1) map
+    torch.testing.assert_close(selector_features(maps, rich=True)[0, :, :, 0].t(), features)
 
 
 def test_hard_gate_uses_the_selector_argmax(variants):
