@@ -99,11 +99,22 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
          "base": "temperature", "context": True, "local": False, "hidden": 16, "epochs": 10},
         True,
     ),
+    # Image-level temperature (IBTS: one T per image from a conv net over the log-probabilities
+    # and the image) trained on the corrupted copies too: a reference for the selective rows.
+    "ibts-aug": ("ibts", {"epochs": 10}, True),
+    # The context selector (soft gate, rich features) on top of that image-level temperature.
+    "sel-context-on-ibts-aug": (
+        "selective_spatial",
+        {"t_mis": "fit", "t_cor": "fit", "gate": "soft", "features": "rich", "base": "ibts",
+         "base_options": {"epochs": 10}, "context": True, "local": False, "hidden": 16,
+         "epochs": 10},
+        True,
+    ),
 }
 # The fixed candidate list the recommendation is picked from (by held-out image-wise ECE).
 CANDIDATES = (
     "sel-onTS", "sel-pcT", "sel-aug", "sel-refine-aug", "sel-context-aug",
-    "sel-context-refine-aug",
+    "sel-context-refine-aug", "sel-context-on-ibts-aug",
 )
 
 
