@@ -26,9 +26,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# More `segcal demo` options: make demo DEMO_ARGS="--quick" (or "--output DIR", "--force").
+DEMO_ARGS ?=
+
 demo: $(STAMP)
 	$(VENV)/bin/segcal demo $(if $(CAMVID_ROOT),--data '$(CAMVID_ROOT)') \
-		$(if $(SEGCAL_ESPNET_WEIGHTS),--weights '$(SEGCAL_ESPNET_WEIGHTS)')
+		$(if $(SEGCAL_ESPNET_WEIGHTS),--weights '$(SEGCAL_ESPNET_WEIGHTS)') $(DEMO_ARGS)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
