@@ -490,7 +490,8 @@ def test_rich_features_margin_is_zero_on_ties_and_top1_minus_top2_otherwise():
     top2 = probs.topk(2, dim=1).values
     torch.testing.assert_close(features[:, 3], top2[:, 0])
     torch.testing.assert_close(features[:, 4], top2[:, 0] - top2[:, 1])
-    assert features[0, 4] == 0 and features[2, 4] == 0
+    assert features[0, 4] == 0  # a tie
+    assert features[2, 4] == 0  # all equal
     maps = logits.t().reshape(1, 3, 3, 1)  # the same pixels as a (1, C, 3, 1) map
     torch.testing.assert_close(selector_features(maps, rich=True)[0, :, :, 0].t(), features)
 
