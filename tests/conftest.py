@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 # Ray writes an auth token to $HOME on first start unless told otherwise; keep tests hermetic.
@@ -97,3 +100,30 @@ def ray_local(tmp_path_factory):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def static_server(tmp_path, monkeypatch):
+    """Serve ``tmp_path / "www"`` on loopback; yields (base URL, requested paths, folder)."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # an http_proxy in CI must not see these
+    www = tmp_path / "www"
+    www.mkdir()
+    requests = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", requests, www
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()

@@ -6,12 +6,9 @@ internet; the stages are replaced by a fake that writes a synthetic ``summary.cs
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import socket
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -46,31 +43,12 @@ def write_fake_camvid(root):
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch):
+def server(static_server):
     """Serve a fake CamVid; yields (base URL, requested paths, served folder, hash list)."""
-    monkeypatch.setenv("no_proxy", "127.0.0.1")  # an http_proxy in CI must not see these
-    www = tmp_path / "www"
+    base, requests, www = static_server
     hashes = write_fake_camvid(www / "CamVid")
     (www / "espnet.pth").write_bytes(b"pretend weights")
-    requests = []
-
-    class Handler(SimpleHTTPRequestHandler):
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", requests, www, hashes
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    return base, requests, www, hashes
 
 
 @pytest.fixture

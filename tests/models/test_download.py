@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import threading
 import urllib.error
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -22,31 +19,11 @@ def sha(data):
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch):
-    """Serve ``tmp_path / "www"``; yields (base URL, list of requested paths, folder)."""
-    monkeypatch.setenv("no_proxy", "127.0.0.1")  # an http_proxy in CI must not see these
-    www = tmp_path / "www"
-    www.mkdir()
+def server(static_server):
+    """The static server with ``w.bin``; yields (base URL, list of requested paths, folder)."""
+    base, requests, www = static_server
     (www / "w.bin").write_bytes(PAYLOAD)
-    requests = []
-
-    class Handler(SimpleHTTPRequestHandler):
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", requests, www
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    return base, requests, www
 
 
 def files_under(folder):
