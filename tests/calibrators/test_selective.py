@@ -525,6 +525,24 @@ def test_soft_gate_equals_hard_gate_when_p_mis_is_zero_or_one():
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
+def test_on_ts_with_t_cor_one_leaves_trusted_pixels_at_ts():
+    (z, y), held = split(margin_data, sizes=(3000, 1500))
+    cal = SelectiveScaling(C, base="temperature", t_cor=1.0, t_mis="fit", gate="soft",
+                           features="rich", epochs=2).fit(z, y, heldout=held)
+    assert float(cal.t_cor[0]) == 1.0
+    assert float(cal.t_mis) > 1.0  # flagged pixels are over-confident even after TS
+    cal.selector = _FixedSelector()
+    logits, _ = _inputs(cal)
+    trusted = cal.mis_score(logits) == 0
+    expected = cal.base(logits) - cal.base(logits).amax(1, keepdim=True)
+    assert trusted.any()
+    assert (~trusted).any()
+    out = cal(logits).movedim(1, -1)
+    torch.testing.assert_close(out[trusted], expected.movedim(1, -1)[trusted])
+    flagged = expected.movedim(1, -1)[~trusted] / cal.t_mis
+    torch.testing.assert_close(out[~trusted], flagged)
+
+
 def test_published_form_makes_flagged_pixels_uniform(sharp, sharp_fits):
     cal = sharp_fits["published"]
     z, _ = sharp[2]
