@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from pipeline.calibrators import Calibrator, load
 from pipeline.calibrators.artifacts import CARD, read_card
 from pipeline.config import DatasetConfig, JobConfig, config_hash
 from pipeline.metrics import ImageStats, first_argmax, image_stats
-from pipeline.paths import RunPaths, atomic_write_text
+from pipeline.paths import RunPaths, atomic_write_text, scratch_dir
 from pipeline.shards import (
     MANIFEST_NAME,
     ImageRecord,
@@ -718,7 +717,7 @@ def run(cfg: JobConfig, *, local: bool = False) -> Path:
                 len(artifacts), len(targets), len(items))
 
     output.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=output))
+    tmp = scratch_dir(output, "evaluate")
     try:
         batches = _batches_local(items, kwargs) if local else _batches_ray(
             items, kwargs, cfg.evaluate.num_actors)

@@ -9,13 +9,16 @@ Everything a run writes lives under its ``output`` folder::
     OUTPUT/plots/*.png
 
 Writes go to a temporary name in the same folder and are renamed into place, so a killed run
-never leaves a half-written file under a final name.
+never leaves a half-written file under a final name. Stages that write several files at once
+build them in a hidden scratch folder (:func:`scratch_dir`) and move them into place at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,3 +91,37 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def scratch_dir(parent: str | Path, stage: str) -> Path:
+    """A new hidden folder in ``parent`` where ``stage`` builds its files before moving them.
+
+    Named ``.<stage>-<host>-<pid>-<random>``. Folders of the same stage that a killed process
+    on this host left behind (its pid no longer runs) are removed first, so a run killed with
+    SIGKILL leaves nothing after the next one; folders of live processes or of other hosts
+    (shared storage) are left alone.
+
+    Args:
+        parent: the folder to create it in (it must exist).
+        stage: a short name, e.g. ``"evaluate"``.
+
+    Returns:
+        The new, empty folder; the caller removes it when done.
+    """
+    parent = Path(parent)
+    prefix = f".{stage}-{socket.gethostname().replace('-', '_')}-"
+    for old in parent.glob(f"{prefix}*"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
+        if old.is_dir() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

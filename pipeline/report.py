@@ -21,7 +21,6 @@ import html
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from matplotlib.figure import Figure
 from pipeline.config import JobConfig, config_hash
 from pipeline.evaluate import BEST, DOMAIN_SHIFT, PER_IMAGE, SUMMARY, UNCALIBRATED
 from pipeline.metrics.functional import ece_from_bins
-from pipeline.paths import atomic_write_text
+from pipeline.paths import atomic_write_text, scratch_dir
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -296,7 +295,7 @@ def write(cfg: JobConfig) -> Path:
     output = Path(cfg.output)
     tables = read_tables(output)
     summary = tables[SUMMARY]
-    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=output))
+    tmp = scratch_dir(output, "report")
     try:
         bins = reliability_bins(output / PER_IMAGE)
         figures = {}
