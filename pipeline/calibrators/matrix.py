@@ -96,7 +96,7 @@ class _LinearScaling(Calibrator):
         with_grid = heldout is not None and grid is not None
         lambdas = sorted(grid, reverse=True) if with_grid else [self.options["odir"]]
         features = self._features(data.logits).detach()
-        held_features = None if heldout is None else self._features(heldout.logits).detach()
+        held_features = self._features(heldout.logits).detach() if with_grid else None
         with torch.no_grad():
             self.weight.copy_(torch.eye(self.num_classes))
             self.bias.zero_()
