@@ -54,71 +54,36 @@ AUROC_STRIDE = 7
 # label -> (registry name, options, uses corrupted calibration data). Selective variants share
 # the paper's training recipe (balanced MLP selector, AdamW, held-out early stopping).
 FAST = {"batch_size": 16384}  # big AdamW batches: the augmented fits see ~10x more pixels
+# Fitted T_cor and T_mis, soft gate, rich features: what most selective variants build on.
+SOFT_RICH = {"t_mis": "fit", "t_cor": "fit", "gate": "soft", "features": "rich"}
+ON_TS = {**SOFT_RICH, "base": "temperature", **FAST}  # ... on top of temperature scaling
+CONTEXT = {"context": True, "local": False, "hidden": 16, "epochs": 10}  # map-mean selector
 VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "TS": ("temperature", {}, False),
     "TS-aug": ("temperature", {}, True),
     "sel-paper": ("selective", {"t_mis": 1e10}, False),
     "sel-fitT": ("selective", {"t_mis": "fit", "t_cor": "fit", **FAST}, False),
     "sel-soft": ("selective", {"t_mis": "fit", "t_cor": "fit", "gate": "soft", **FAST}, False),
-    "sel-rich": (
-        "selective",
-        {"t_mis": "fit", "t_cor": "fit", "gate": "soft", "features": "rich", **FAST}, False,
-    ),
-    "sel-onTS": (
-        "selective",
-        {"t_mis": "fit", "t_cor": "fit", "gate": "soft", "features": "rich",
-         "base": "temperature", **FAST},
-        False,
-    ),
+    "sel-rich": ("selective", {**SOFT_RICH, **FAST}, False),
+    "sel-onTS": ("selective", ON_TS, False),
     # As sel-onTS, but T_cor stays 1: pixels the selector trusts keep TS's calibration and only
     # flagged ones get the fitted T_mis (the paper's T_cor = 1, on top of TS).
-    "sel-onTS-keepT": (
-        "selective",
-        {"t_mis": "fit", "t_cor": 1.0, "gate": "soft", "features": "rich",
-         "base": "temperature", **FAST},
-        False,
-    ),
-    "sel-pcT": (
-        "selective",
-        {"t_mis": "fit", "t_cor": "fit", "gate": "soft", "features": "rich",
-         "base": "temperature", "per_class_t_cor": True, **FAST},
-        False,
-    ),
-    "sel-aug": (
-        "selective",
-        {"t_mis": "fit", "t_cor": "fit", "gate": "soft", "features": "rich",
-         "base": "temperature", **FAST},
-        True,
-    ),
-    "sel-refine-aug": (
-        "selective",
-        {"t_mis": "fit", "t_cor": "fit", "gate": "soft", "features": "rich",
-         "base": "temperature", "refine": True, **FAST},
-        True,
-    ),
+    "sel-onTS-keepT": ("selective", {**ON_TS, "t_cor": 1.0}, False),
+    "sel-pcT": ("selective", {**ON_TS, "per_class_t_cor": True}, False),
+    "sel-aug": ("selective", ON_TS, True),
+    "sel-refine-aug": ("selective", {**ON_TS, "refine": True}, True),
     "sel-context-refine-aug": (
-        "selective_spatial",
-        {"t_mis": "fit", "t_cor": "fit", "gate": "soft", "features": "rich",
-         "base": "temperature", "context": True, "local": False, "hidden": 16, "epochs": 10,
-         "refine": True},
+        "selective_spatial", {**SOFT_RICH, "base": "temperature", **CONTEXT, "refine": True},
         True,
     ),
-    "sel-context-aug": (
-        "selective_spatial",
-        {"t_mis": "fit", "t_cor": "fit", "gate": "soft", "features": "rich",
-         "base": "temperature", "context": True, "local": False, "hidden": 16, "epochs": 10},
-        True,
-    ),
+    "sel-context-aug": ("selective_spatial", {**SOFT_RICH, "base": "temperature", **CONTEXT}, True),
     # Image-level temperature (IBTS: one T per image from a conv net over the log-probabilities
     # and the image) trained on the corrupted copies too: a reference for the selective rows.
     "ibts-aug": ("ibts", {"epochs": 10}, True),
     # The context selector (soft gate, rich features) on top of that image-level temperature.
     "sel-context-on-ibts-aug": (
         "selective_spatial",
-        {"t_mis": "fit", "t_cor": "fit", "gate": "soft", "features": "rich", "base": "ibts",
-         "base_options": {"epochs": 10}, "context": True, "local": False, "hidden": 16,
-         "epochs": 10},
-        True,
+        {**SOFT_RICH, "base": "ibts", "base_options": {"epochs": 10}, **CONTEXT}, True,
     ),
 }
 # The candidates the recommendation is picked from: the pointwise selectors. The context
