@@ -49,8 +49,10 @@ class _TemperatureNet(nn.Module):
         self.head = nn.Conv2d(hidden, 1, 1)
         with torch.no_grad():
             self.head.weight.zero_()
-            # Inverse softplus: softplus(log(expm1(x))) = x.
-            self.head.bias.fill_(math.log(math.expm1(t_init - t_min)))
+            # Inverse softplus, softplus(log(expm1(x))) = x, written as x + log(1 - exp(-x)):
+            # math.expm1 overflows for x > ~709 (a TS start up to t_max = 1000 is allowed).
+            x = t_init - t_min
+            self.head.bias.fill_(x + math.log(-math.expm1(-x)))
         self.per_image = per_image
         self.t_min = t_min
 
