@@ -22,18 +22,89 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.paths import atomic_write_text
 
 
 class ConfigError(ValueError):
     """A config file or override that does not validate."""
 
 
+# Numbers and booleans are strict: `true` or "0.5" is not a number and 1 is not a boolean (a
+# YAML typo such as `n_bins: 1e9`, which YAML reads as a string, is refused rather than coerced).
+# A float field still takes an int (`scale: 1`).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+# Names that become file or folder names (dataset names, calibrator labels): a letter, digit or
+# underscore first, so never `.`, `..`, a hidden name or an option-like `-x`.
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
+_NAME = re.compile(NAME_PATTERN)
+# Label values are stored as uint16: `ignore_index` must be one of them.
+MAX_LABEL = 65535
+# Equal-width reliability bins; more than this is a typo (and `1e9` bins would hang evaluate).
+MAX_BINS = 1000
+MAX_BOOTSTRAP = 100_000
+# A parsed YAML document may share subtrees through aliases; expanded, it may hold at most this
+# many nodes, nested at most this deep (a 1 KB alias bomb expands to ~10^9 nodes).
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+# Calibrator options the fit stage reads itself (pipeline.fit.FIT_OPTIONS); not constructor
+# options, so they are set aside when the calibrator is built to check its options.
+FIT_OPTIONS = ("use_corrupted", "augment_corruptions")
+
+
+def check_name(key: str, value: Any) -> str:
+    """Check that ``value`` is safe as a single file or folder name (see :data:`NAME_PATTERN`).
+
+    Args:
+        key: the dotted config key, for the error message.
+        value: the name.
+
+    Returns:
+        ``value``, unchanged.
+
+    Raises:
+        ValueError: ``value`` is not such a name (e.g. ``.``, ``..``, ``a/b``, ``.hidden``).
+
+    Example:
+        >>> check_name("datasets.0.name", "camvid-val")
+        'camvid-val'
+        >>> check_name("datasets.0.name", "..")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `datasets.0.name` to be a file name (letters, digits, ...'..'
+    """
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(
+            f"Expected `{key}` to be a file name (letters, digits, '_', '.', '-', not starting "
+            f"with '.' or '-'; so never '.' or '..'), but got {value!r}"
+        )
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _exact_int(value: Any) -> Any:
+    """Refuse a bool or float where a Literal of ints is expected (``True == 1`` in Python)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Expected an integer, but got {value!r}")
+    return value
 
 
 class ModelConfig(_Strict):
@@ -41,18 +112,18 @@ class ModelConfig(_Strict):
 
     kind: Literal["torchscript", "torchvision", "hf", "python", "espnet"]
     path: str
-    num_classes: int = Field(ge=2)
+    num_classes: Int = Field(ge=2)
     class_names: list[str] | None = None
-    input_size: tuple[int, int] | None = None
+    input_size: tuple[Int, Int] | None = None
     channel_order: Literal["rgb", "bgr"] = "rgb"
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    scale: Float = 1.0 / 255.0
+    mean: tuple[Float, Float, Float] = (0.0, 0.0, 0.0)
+    std: tuple[Float, Float, Float] = (1.0, 1.0, 1.0)
     arch: str | None = None
     sha256: str | None = None
-    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
-    flip: bool = False
-    output_index: str | int | None = None
+    scales: list[Float] = Field(default_factory=lambda: [1.0], min_length=1)
+    flip: Bool = False
+    output_index: str | Int | None = None
 
     @model_validator(mode="after")
     def _check_names(self) -> ModelConfig:
@@ -74,14 +145,17 @@ class CorruptionConfig(_Strict):
     """A seeded synthetic corruption applied to a dataset's images (graded domain shift)."""
 
     kind: Literal["dark", "fog", "blur", "noise", "jpeg"]
-    severity: int = Field(ge=1, le=5)
-    seed: int = 0
+    severity: Int = Field(ge=1, le=5)
+    seed: Int = 0
 
 
 class DatasetConfig(_Strict):
-    """One labelled dataset: where it lives, its role and its domain."""
+    """One labelled dataset: where it lives, its role and its domain.
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    ``name`` becomes a folder name (the dataset's shards), so it must match :data:`NAME_PATTERN`.
+    """
+
+    name: str = Field(pattern=NAME_PATTERN)
     role: Literal["calibration", "test"]
     domain: str
     reference: str | None = None
@@ -92,10 +166,10 @@ class DatasetConfig(_Strict):
     glob: str = "*.png"
     include: list[str] | None = None
     split: str = "val"
-    limit: int | None = Field(default=None, ge=1)
-    sample_seed: int = 0
-    ignore_index: int = 255
-    label_map: dict[int, int] | None = None
+    limit: Int | None = Field(default=None, ge=1)
+    sample_seed: Int = 0
+    ignore_index: Int = Field(default=255, ge=0, le=MAX_LABEL)
+    label_map: dict[int, Int] | None = None
     corruption: CorruptionConfig | None = None
 
     @model_validator(mode="after")
@@ -112,21 +186,36 @@ class DatasetConfig(_Strict):
 class ExtractConfig(_Strict):
     """Stage 1 options."""
 
-    batch_size: int = Field(default=4, ge=1)
-    num_actors: int | None = Field(default=None, ge=1)
-    rows_per_shard: int = Field(default=64, ge=1)
+    batch_size: Int = Field(default=4, ge=1)
+    num_actors: Int | None = Field(default=None, ge=1)
+    rows_per_shard: Int = Field(default=64, ge=1)
     store_stride: Literal[1, 2, 4] = 1
-    label_resolution: bool = False
+    label_resolution: Bool = False
     on_error: Literal["fail", "skip"] = "fail"
-    store_image: bool = True
+    store_image: Bool = True
+    # Autocast dtype of the model's forward pass on the device; logits are stored as float16.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    _check_stride = field_validator("store_stride", mode="before")(_exact_int)
 
 
 class CalibratorSpec(_Strict):
-    """One calibrator to fit: a registry name, an artifact label and its options."""
+    """One calibrator to fit: a registry name, an artifact label and its options.
 
-    name: str
-    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-]+$")
+    In a config, a plain registry name stands for ``{name: NAME}``:
+    ``calibrators: [temperature, {name: selective, options: {gate: soft}}]``. The artifact
+    folder is named after :attr:`key`, so ``label`` (and ``name``) must match
+    :data:`NAME_PATTERN`.
+    """
+
+    name: str = Field(pattern=NAME_PATTERN)
+    label: str | None = Field(default=None, pattern=NAME_PATTERN)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
 
     @property
     def key(self) -> str:
@@ -138,36 +227,41 @@ class FitConfig(_Strict):
     """Stage 2 options."""
 
     mode: Literal["local", "ray"] = "local"
-    num_workers: int = Field(default=1, ge=1)
-    use_gpu: bool = False
-    pixels_per_image: int = Field(default=4096, ge=1)
-    heldout_fraction: float = Field(default=0.3, ge=0.0, lt=1.0)
-    epochs: int = Field(default=10, ge=1)
-    seed: int = 0
-    oversample_mispredicted: bool = False
-    map_stride: int = Field(default=1, ge=1)
+    num_workers: Int = Field(default=1, ge=1)
+    use_gpu: Bool = False
+    pixels_per_image: Int = Field(default=4096, ge=1)
+    heldout_fraction: Float = Field(default=0.3, ge=0.0, lt=1.0)
+    epochs: Int = Field(default=10, ge=1)
+    seed: Int = 0
+    oversample_mispredicted: Bool = False
+    map_stride: Int = Field(default=1, ge=1)
 
 
 class EvalConfig(_Strict):
     """Stage 3 options."""
 
-    n_bins: int = Field(default=15, ge=1)
-    boundary_width: int = Field(default=2, ge=1)
-    bootstrap: int = Field(default=1000, ge=0)
-    seed: int = 0
-    include_heldout: bool = True
-    num_actors: int | None = Field(default=None, ge=1)
+    n_bins: Int = Field(default=15, ge=1, le=MAX_BINS)
+    boundary_width: Int = Field(default=2, ge=1)
+    bootstrap: Int = Field(default=1000, ge=0, le=MAX_BOOTSTRAP)
+    seed: Int = 0
+    include_heldout: Bool = True
+    num_actors: Int | None = Field(default=None, ge=1)
 
 
 class RefreshConfig(_Strict):
     """Nightly refresh options (champion/challenger promotion)."""
 
     registry: str | None = None
-    tolerance: float = Field(default=0.002, ge=0.0)
+    tolerance: Float = Field(default=0.002, ge=0.0)
 
 
 class JobConfig(_Strict):
-    """A whole run: model, datasets, calibrators and per-stage options."""
+    """A whole run: model, datasets, calibrators and per-stage options.
+
+    The output folder may not be an input folder (a dataset's ``images`` or ``labels``), lie
+    inside one or contain one: a run would write into its data and, with a recursive ``glob``,
+    read its own plots back as images.
+    """
 
     output: str
     model: ModelConfig
@@ -201,9 +295,40 @@ class JobConfig(_Strict):
             raise ValueError("Expected no calibrator labelled 'uncalibrated' (a reserved name)")
         return specs
 
+    @model_validator(mode="after")
+    def _check_output_apart_from_inputs(self) -> JobConfig:
+        if not self.output.strip():
+            raise ValueError("Expected `output` to be a folder, but got an empty string")
+        if _is_url(self.output):
+            return self
+        output = Path(self.output).expanduser().resolve()
+        for i, ds in enumerate(self.datasets):
+            for key in ("images", "labels"):
+                value = getattr(ds, key)
+                if not value or _is_url(value):
+                    continue
+                folder = Path(value).expanduser().resolve()
+                if output.is_relative_to(folder):
+                    raise ValueError(
+                        f"Expected `output` ({output}) outside the input folder "
+                        f"`datasets.{i}.{key}` ({folder}), but it is inside it: choose an "
+                        "output folder apart from the data"
+                    )
+                if folder.is_relative_to(output):
+                    raise ValueError(
+                        f"Expected the input folder `datasets.{i}.{key}` ({folder}) outside "
+                        f"`output` ({output}), but it is inside it: choose an output folder "
+                        "apart from the data"
+                    )
+        return self
+
     def datasets_with_role(self, role: str) -> list[DatasetConfig]:
         """The datasets whose role is ``role``, in config order."""
         return [d for d in self.datasets if d.role == role]
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
 
 
 # Fields that hold filesystem paths, resolved against the config file's folder.
@@ -212,14 +337,61 @@ _DATASET_PATH_KEYS = ("images", "labels", "manifest")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand_env(value: Any) -> Any:
+def _expand_env(value: Any, key: str = "") -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of ``value``.
+
+    ``${VAR}`` with VAR unset (or empty) is an error: silently expanding it to "" turns
+    ``${ROOT}/runs`` into ``/runs``. ``${VAR:-default}`` gives ``default`` instead (``${VAR:-}``
+    when an empty value is wanted).
+    """
     if isinstance(value, str):
-        return _ENV.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+
+        def one(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            found = os.environ.get(name)
+            if found:
+                return found
+            if default is None:
+                state = "empty" if found is not None else "not set"
+                raise ConfigError(
+                    f"{key or '<root>'}: environment variable ${{{name}}} is {state} and has no "
+                    f"default (set it, or write ${{{name}:-DEFAULT}})"
+                )
+            return default
+
+        return _ENV.sub(one, value)
     if isinstance(value, dict):
-        return {k: _expand_env(v) for k, v in value.items()}
+        return {k: _expand_env(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v) for v in value]
+        return [_expand_env(v, f"{key}.{i}" if key else str(i)) for i, v in enumerate(value)]
     return value
+
+
+def _check_size(raw: Any) -> None:
+    """Refuse a document that expands to more than MAX_NODES nodes or nests deeper than MAX_DEPTH.
+
+    YAML aliases share one object among many places, so a 1 KB file can stand for 10^9 nodes
+    (and a recursive alias for infinitely many); everything after this (the JSON round trip,
+    validation, error messages) walks the expanded tree. The walk stops at the first node over
+    the bound, so it costs at most MAX_NODES steps.
+    """
+    stack: list[tuple[Any, int]] = [(raw, 0)]
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ConfigError(
+                f"Expected at most {MAX_NODES} values (YAML aliases expanded), but got more: "
+                "is it an alias bomb or a recursive alias?"
+            )
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"Expected values nested at most {MAX_DEPTH} deep, but got deeper")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            count += len(node)  # the keys
+        elif isinstance(node, list | tuple):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def _resolve(path: str, base: Path) -> str:
@@ -227,6 +399,13 @@ def _resolve(path: str, base: Path) -> str:
         return path  # a URL, or a python "module:factory" path
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_one(node: dict[str, Any], k: str, where: str, base: Path) -> None:
+    if not node[k].strip():
+        # "" would resolve to the config's own folder.
+        raise ConfigError(f"{where}: Expected a path, but got an empty string")
+    node[k] = _resolve(node[k], base)
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -237,12 +416,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
             if keys == ("model", "path") and node.get("kind") == "python":
                 continue
-            node[keys[-1]] = _resolve(node[keys[-1]], base)
-    for ds in raw.get("datasets") or []:
+            _resolve_one(node, keys[-1], ".".join(keys), base)
+    for i, ds in enumerate(raw.get("datasets") or []):
         if isinstance(ds, dict):
             for k in _DATASET_PATH_KEYS:
                 if isinstance(ds.get(k), str):
-                    ds[k] = _resolve(ds[k], base)
+                    _resolve_one(ds, k, f"datasets.{i}.{k}", base)
     return raw
 
 
@@ -250,7 +429,14 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"Expected an override of the form `key=value`, but got {override!r}")
     dotted, text = override.split("=", 1)
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(
+            f"Override `{dotted}`: the value {text!r} is not valid YAML ({problem}); quote it, "
+            f"e.g. --set '{dotted}=\"{text}\"'"
+        ) from None
     parts = dotted.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts):
@@ -272,6 +458,11 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             raise ConfigError(f"Override `{dotted}`: `{where}` is not a mapping or list")
 
 
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"Invalid config {source}:"]
     for e in err.errors():
@@ -279,14 +470,52 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
+        lines.append(f"  {key}: {msg} (got {_short(e.get('input'))})")
     return "\n".join(lines)
+
+
+def _check_calibrators(cfg: JobConfig) -> list[str]:
+    """Build every calibrator (on the meta device: no memory) so bad names and options fail now.
+
+    Returns:
+        One ``key: message`` line per bad entry.
+    """
+    import torch
+
+    from pipeline.calibrators import CALIBRATORS, build_calibrator
+
+    problems = []
+    for i, spec in enumerate(cfg.calibrators):
+        if spec.name not in CALIBRATORS:
+            problems.append(
+                f"calibrators.{i}.name: Unknown calibrator {spec.name!r}: expected one of "
+                f"{sorted(CALIBRATORS)}"
+            )
+            continue
+        options = {k: v for k, v in spec.options.items() if k not in FIT_OPTIONS}
+        use_corrupted = spec.options.get("use_corrupted", False)
+        if not isinstance(use_corrupted, bool):
+            problems.append(
+                f"calibrators.{i}.options.use_corrupted: Expected a bool, but got "
+                f"{use_corrupted!r}"
+            )
+        try:
+            with torch.device("meta"):
+                build_calibrator(spec.name, cfg.model.num_classes, **options)
+        except (TypeError, ValueError) as err:
+            problems.append(f"calibrators.{i}.options: {err} ({spec.key!r})")
+    return problems
 
 
 def parse_config(
     raw: dict[str, Any], *, base: Path | None = None, source: str = "<dict>"
 ) -> JobConfig:
     """Validate a raw mapping (as read from YAML) into a :class:`JobConfig`.
+
+    Besides the model's own checks, this expands ``${VAR}`` (an unset variable without a
+    default is an error), resolves relative paths, bounds the expanded size of the document
+    (YAML alias bombs) and builds every calibrator once so that unknown names and bad options
+    fail here rather than after extraction.
 
     Args:
         raw: the mapping; it is not modified.
@@ -298,11 +527,22 @@ def parse_config(
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"Expected {source} to hold a mapping, but got {type(raw).__name__}")
-    raw = _resolve_paths(_expand_env(json.loads(json.dumps(raw))), base or Path.cwd())
     try:
-        return JobConfig.model_validate(raw)
+        _check_size(raw)
+        raw = json.loads(json.dumps(raw))
+        raw = _resolve_paths(_expand_env(raw), base or Path.cwd())
+    except ConfigError as err:
+        raise ConfigError(f"Invalid config {source}:\n  {err}") from None
+    except (TypeError, ValueError) as err:  # e.g. a non-JSON value such as a date or a set
+        raise ConfigError(f"Invalid config {source}: {err}") from None
+    try:
+        cfg = JobConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    problems = _check_calibrators(cfg)
+    if problems:
+        raise ConfigError("\n  ".join([f"Invalid config {source}:", *problems]))
+    return cfg
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
@@ -317,7 +557,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
         The validated, frozen config, with ``source`` set to the file.
 
     Raises:
-        ConfigError: unreadable file, bad YAML, unknown keys or wrong types.
+        ConfigError: unreadable file, bad YAML (or an override value that is not YAML),
+            unknown keys or wrong types.
     """
     path = Path(path)
     try:
@@ -326,6 +567,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
         raise ConfigError(f"Cannot read config {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"Config {path} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"Config {path} is nested too deeply to read") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"Expected {path} to hold a mapping, but got {type(raw).__name__}")
     for override in overrides:
@@ -353,3 +596,27 @@ def config_hash(cfg: JobConfig, *, sections: Sequence[str] | None = None) -> str
         data = {k: data[k] for k in sections}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+RESOLVED = "config.resolved.yaml"
+
+
+def write_resolved_config(cfg: JobConfig, output: str | Path | None = None) -> Path:
+    """Write ``OUTPUT/config.resolved.yaml``: the config as validated, with its hash.
+
+    Every path is absolute and every ``${VAR}`` expanded, so the file alone reruns the run
+    (``segcal run OUTPUT/config.resolved.yaml``) and says exactly what produced the outputs
+    beside it. Written atomically.
+
+    Args:
+        cfg: the validated config.
+        output: the folder to write into (default: ``cfg.output``).
+
+    Returns:
+        The path written.
+    """
+    header = f"# segcal resolved config; config_hash {config_hash(cfg)}"
+    if cfg.source is not None:
+        header += f"; from {cfg.source}"
+    text = f"{header}\n" + yaml.safe_dump(config_dict(cfg), sort_keys=False)
+    return atomic_write_text(Path(output or cfg.output) / RESOLVED, text)

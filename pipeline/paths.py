@@ -8,18 +8,26 @@ Everything a run writes lives under its ``output`` folder::
     OUTPUT/per_image.parquet, summary.csv, domain_shift.csv, best.csv, report.md, report.html
     OUTPUT/plots/*.png
 
+``config.resolved.yaml`` is written by :func:`pipeline.config.write_resolved_config`.
+
 Writes go to a temporary name in the same folder and are renamed into place, so a killed run
 never leaves a half-written file under a final name. Stages that write several files at once
 build them in a hidden scratch folder (:func:`scratch_dir`) and move them into place at the end.
+Files and folders are created with the process umask (0644 and 0755 under umask 022), like
+``open()`` and ``mkdir``; :mod:`tempfile` would make them 0600 and 0700, unreadable to a serving
+process or a colleague.
+
+Names from the config that become file or folder names (dataset names, calibrator labels) are
+checked by :func:`child`: one path component, never ``.`` or ``..``, resolving inside its parent.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,19 +66,85 @@ class RunPaths:
         return self.output / "plots"
 
     def dataset_dir(self, name: str) -> Path:
-        """Shard folder of dataset ``name``."""
-        return self.shards_root / name
+        """Shard folder of dataset ``name``.
+
+        Raises:
+            ValueError: ``name`` is not a single folder name inside :attr:`shards_root`.
+        """
+        return child(self.shards_root, name, what="dataset name")
 
     def artifact_dir(self, label: str) -> Path:
-        """Artifact folder of the calibrator labelled ``label``."""
-        return self.artifacts / label
+        """Artifact folder of the calibrator labelled ``label``.
+
+        Raises:
+            ValueError: ``label`` is not a single folder name inside :attr:`artifacts`.
+        """
+        return child(self.artifacts, label, what="calibrator label")
+
+
+def child(parent: str | Path, name: str, *, what: str = "name") -> Path:
+    """``parent / name``, checked to be a direct child of ``parent``.
+
+    Args:
+        parent: the folder.
+        name: one path component, e.g. a dataset name from the config.
+        what: what ``name`` is, for the error message.
+
+    Returns:
+        ``parent / name`` (not resolved).
+
+    Raises:
+        ValueError: ``name`` is empty, ``.``, ``..``, holds a separator or NUL, or the result
+            (symbolic links followed) resolves outside ``parent``.
+
+    Example:
+        >>> str(child(Path("/runs/a/artifacts"), "ts"))
+        '/runs/a/artifacts/ts'
+        >>> child(Path("/runs/a/artifacts"), "..", what="label")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected label to be one folder name inside /runs/a/artifacts, but got '..'
+    """
+    parent = Path(parent)
+    bad = (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or (os.altsep is not None and os.altsep in name)
+        or os.sep in name
+        or "\0" in name
+    )
+    path = parent / name if not bad else parent
+    if bad or path.resolve().parent != parent.resolve():
+        raise ValueError(
+            f"Expected {what} to be one folder name inside {parent}, but got {name!r}"
+        )
+    return path
+
+
+def _create_temp(folder: Path, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """Create and open a new file ``folder/<prefix><random><suffix>``, mode 0666 minus umask.
+
+    Like :func:`tempfile.mkstemp` (O_EXCL, a fresh name on collision) but not 0600.
+    """
+    for _ in range(100):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"No free temporary name {prefix}*{suffix} in {folder}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    The file ends with the permissions a plain ``open(path, "wb")`` would give (0666 minus the
+    umask), whatever the old file had.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -106,7 +180,8 @@ def scratch_dir(parent: str | Path, stage: str) -> Path:
         stage: a short name, e.g. ``"evaluate"``.
 
     Returns:
-        The new, empty folder; the caller removes it when done.
+        The new, empty folder (mode 0777 minus the umask, like ``mkdir``; so folders moved out
+        of it into place are readable as the umask says); the caller removes it when done.
     """
     parent = Path(parent)
     prefix = f".{stage}-{socket.gethostname().replace('-', '_')}-"
@@ -114,7 +189,14 @@ def scratch_dir(parent: str | Path, stage: str) -> Path:
         pid = old.name[len(prefix):].split("-", 1)[0]
         if old.is_dir() and pid.isdigit() and not _running(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    for _ in range(100):
+        path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"No free scratch folder name {prefix}{os.getpid()}-* in {parent}")
 
 
 def _running(pid: int) -> bool:
