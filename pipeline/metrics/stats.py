@@ -411,22 +411,60 @@ def image_stats(
         F.boundary_mask(lab2d, width).reshape(-1), score, n_bins, n_score_bins,
         check=validate_args, preds=pred,
     )
-    top, top_sum = sums.top_count, sums.top_sum  # groups: correct + 2 * boundary
+    n_valid = sums.conf_cor.size + sums.conf_inc.size
+    ace = math.nan
+    if n_valid:
+        ace = F.ece_from_bins(*F.adaptive_bins(sums.conf_cor, sums.conf_inc, n_bins))
+    return stats_from_sums(
+        n_bins=n_bins, num_classes=c, n_valid=n_valid, top_count=sums.top_count,
+        top_sum=sums.top_sum, cls_count=sums.cls_count, cls_sum=sums.cls_sum,
+        cls_correct=sums.cls_correct, confusion=sums.confusion, msp_hist=sums.msp_hist,
+        mis_hist=sums.mis_hist, nll_sum=sums.nll_sum, brier_sum=sums.brier_sum, ace=ace,
+    )
+
+
+def stats_from_sums(
+    *, n_bins: int, num_classes: int, n_valid: int, top_count: np.ndarray, top_sum: np.ndarray,
+    cls_count: np.ndarray, cls_sum: np.ndarray, cls_correct: np.ndarray, confusion: np.ndarray,
+    msp_hist: np.ndarray, mis_hist: np.ndarray, nll_sum: float, brier_sum: float, ace: float,
+) -> ImageStats:
+    """One image's :class:`ImageStats` from the sums of a statistics pass (numba or torch).
+
+    Args:
+        n_bins: Number of confidence bins n.
+        num_classes: Number of classes C.
+        n_valid: Scored pixels of the image.
+        top_count: (4, n) int64 top-label bins by group ``correct + 2 * boundary``.
+        top_sum: (4, n) float64 confidence sums, same groups.
+        cls_count: (C, n) int64 classwise bins.
+        cls_sum: (C, n) float64 classwise sums.
+        cls_correct: (C, n) int64 pixels labelled k per classwise bin.
+        confusion: (C, C) int64 (rows: label, columns: prediction).
+        msp_hist: (2, S) int64 ``1 - confidence`` histogram (row 0 correct, 1 wrong).
+        mis_hist: (2, S) int64 selector score histogram, same rows.
+        nll_sum: float64 NLL sum.
+        brier_sum: float64 Brier sum.
+        ace: The image's ACE (unused when ``n_valid`` is 0).
+
+    Returns:
+        The image's statistics (``n_images`` is 0 without scored pixels).
+    """
+    top, tsum = top_count, top_sum
     stats = ImageStats(
-        n_bins=n_bins, num_classes=c,
-        count=top.sum(0), conf_sum=top_sum.sum(0), correct_sum=top[1] + top[3],
-        boundary_count=top[2] + top[3], boundary_conf_sum=top_sum[2] + top_sum[3],
-        boundary_correct_sum=top[3], cor_conf_sum=top_sum[1] + top_sum[3],
-        cls_count=sums.cls_count, cls_conf_sum=sums.cls_sum, cls_correct_sum=sums.cls_correct,
-        confusion=sums.confusion,
-        mis_hist_cor=sums.mis_hist[0], mis_hist_inc=sums.mis_hist[1],
-        msp_hist_cor=sums.msp_hist[0], msp_hist_inc=sums.msp_hist[1],
-        nll_sum=sums.nll_sum, brier_sum=sums.brier_sum,
+        n_bins=n_bins, num_classes=num_classes,
+        count=top.sum(0), conf_sum=tsum.sum(0), correct_sum=top[1] + top[3],
+        boundary_count=top[2] + top[3], boundary_conf_sum=tsum[2] + tsum[3],
+        boundary_correct_sum=top[3], cor_conf_sum=tsum[1] + tsum[3],
+        cls_count=cls_count, cls_conf_sum=cls_sum, cls_correct_sum=cls_correct,
+        confusion=confusion,
+        mis_hist_cor=mis_hist[0], mis_hist_inc=mis_hist[1],
+        msp_hist_cor=msp_hist[0], msp_hist_inc=msp_hist[1],
+        nll_sum=nll_sum, brier_sum=brier_sum,
         ace_sum=0.0, ece_img_sum=0.0, ece_img_sqsum=0.0, n_images=0,
     )
-    if sums.conf_cor.size + sums.conf_inc.size:
+    if n_valid:
         image_ece = stats.ece()
         stats.ece_img_sum, stats.ece_img_sqsum = image_ece, image_ece * image_ece
-        stats.ace_sum = F.ece_from_bins(*F.adaptive_bins(sums.conf_cor, sums.conf_inc, n_bins))
+        stats.ace_sum = ace
         stats.n_images = 1
     return stats
