@@ -53,6 +53,10 @@ Bool = Annotated[bool, Strict()]
 # underscore first, so never `.`, `..`, a hidden name or an option-like `-x`.
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
 _NAME = re.compile(NAME_PATTERN)
+_NAME_RULE = (
+    "a file name (letters, digits, '_', '.', '-', not starting with '.' or '-'; "
+    "so never '.' or '..')"
+)
 # Label values are stored as uint16: `ignore_index` must be one of them.
 MAX_LABEL = 65535
 # Equal-width reliability bins; more than this is a typo (and `1e9` bins would hang evaluate).
@@ -89,10 +93,7 @@ def check_name(key: str, value: Any) -> str:
         ValueError: Expected `datasets.0.name` to be a file name (letters, digits, ...'..'
     """
     if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ValueError(
-            f"Expected `{key}` to be a file name (letters, digits, '_', '.', '-', not starting "
-            f"with '.' or '-'; so never '.' or '..'), but got {value!r}"
-        )
+        raise ValueError(f"Expected `{key}` to be {_NAME_RULE}, but got {value!r}")
     return value
 
 
@@ -470,7 +471,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {key}: {msg} (got {_short(e.get('input'))})")
+        elif e["type"] == "string_pattern_mismatch" and e["ctx"]["pattern"] == NAME_PATTERN:
+            msg = f"Expected {_NAME_RULE}"
+        elif e["type"] == "value_error":
+            msg = str(e.get("ctx", {}).get("error") or msg)
+        if not e["loc"]:  # a whole-config check: its message names the keys and values
+            lines.append(f"  {msg}")
+        else:
+            lines.append(f"  {key}: {msg} (got {_short(e.get('input'))})")
     return "\n".join(lines)
 
 
