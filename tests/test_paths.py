@@ -1,12 +1,13 @@
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 
 import pytest
 
-from pipeline.paths import atomic_write_json, atomic_write_text, scratch_dir
+from pipeline.paths import RunPaths, atomic_write_json, atomic_write_text, child, scratch_dir
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -54,3 +55,67 @@ def test_scratch_dir_removes_only_folders_of_dead_processes_on_this_host(tmp_pat
     assert new.is_dir()
     assert list(new.iterdir()) == []
     assert new.name.startswith(f".evaluate-{host}-{os.getpid()}-")
+
+
+# --------------------------------------------------------------------------------------------
+# Names joined to paths stay inside their parent (issue 19 item 1)
+
+
+@pytest.mark.parametrize("name", [".", "..", "", "a/b", "../x", "/abs", "a\0b"])
+def test_dataset_and_artifact_dirs_refuse_names_that_leave_their_parent(tmp_path, name):
+    paths = RunPaths(tmp_path / "run", "0123456789abcdef")
+    with pytest.raises(ValueError, match="dataset name to be one folder name inside"):
+        paths.dataset_dir(name)
+    with pytest.raises(ValueError, match="calibrator label to be one folder name inside"):
+        paths.artifact_dir(name)
+
+
+def test_a_symlink_out_of_the_parent_is_refused(tmp_path):
+    paths = RunPaths(tmp_path / "run", "0123456789abcdef")
+    paths.artifacts.mkdir(parents=True)
+    (paths.artifacts / "ts").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="'ts'"):
+        paths.artifact_dir("ts")
+
+
+def test_plain_names_are_joined(tmp_path):
+    paths = RunPaths(tmp_path / "run", "0123456789abcdef")
+    assert paths.dataset_dir("camvid-val.v2") == tmp_path / "run/shards/0123456789ab/camvid-val.v2"
+    assert paths.artifact_dir("..ts") == tmp_path / "run/artifacts/..ts"
+    assert child(tmp_path, "a") == tmp_path / "a"
+
+
+# --------------------------------------------------------------------------------------------
+# Permissions follow the umask (issue 17 item 10)
+
+
+@pytest.fixture
+def umask():
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"),
+                         [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+def test_atomic_writes_and_scratch_dirs_follow_the_umask(tmp_path, umask, mask, file_mode,
+                                                        dir_mode):
+    umask(mask)
+    target = tmp_path / "sub" / "summary.csv"
+    atomic_write_text(target, "a,b\n")
+    assert _mode(target) == file_mode
+    assert _mode(target.parent) == dir_mode
+    assert _mode(scratch_dir(tmp_path, "evaluate")) == dir_mode
+
+
+def test_rewrite_takes_the_umask_not_the_old_mode(tmp_path, umask):
+    target = tmp_path / "report.html"
+    target.write_text("old")
+    target.chmod(0o600)  # e.g. written by an older segcal with tempfile.mkstemp
+    atomic_write_json(target, {"new": True})
+    assert _mode(target) == 0o644
+    assert json.loads(target.read_text()) == {"new": True}
