@@ -129,10 +129,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline import calibrators
+    from pipeline.config import check_name
 
     cfg = _load(args)
     root = Path(args.artifacts) if args.artifacts else Path(cfg.output) / "artifacts"
     labels = args.label or [s.key for s in cfg.calibrators]
+    for label in labels:  # each becomes a file name in the export folder
+        try:
+            check_name("--label", label)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     missing = [label for label in labels if not (root / label).is_dir()]
     if missing:
         raise UsageError(f"No fitted calibrator {missing} in {root}; run `segcal fit` first")

@@ -139,6 +139,12 @@ def test_console_script_is_installed():
         ),
         pytest.param(["run", "{config}", "--set", "fit.epochs=many"], "fit.epochs", id="bad-type"),
         pytest.param(["run", "{config}", "--set", "noequals"], "key=value", id="bad-override"),
+        pytest.param(
+            ["run", "{config}", "--set", "glob=**/*.png"], "is not valid YAML", id="override-yaml"
+        ),
+        pytest.param(["run", "{config}", "--set", "output=${{SEGCAL_NOPE_UNSET}}/x"],
+                     "${SEGCAL_NOPE_UNSET} is not set", id="unset-variable"),
+        pytest.param(["export", "{config}", "--label", "../ts"], "`--label`", id="export-label"),
         pytest.param(["refresh", "{config}"], "Expected a registry", id="no-registry"),
         pytest.param(["status", "{missing}"], "No registry at", id="status-no-registry"),
         pytest.param(["promote", "{missing}", "x"], "No registry at", id="promote-no-registry"),
@@ -159,6 +165,27 @@ def test_usage_errors_exit_2(argv, message, config, tmp_path, stages, capsys):
     assert code == cli.USAGE
     assert message in err
     assert stages.calls == []
+
+
+def test_override_that_is_not_yaml_is_one_line_without_traceback(config, stages, capsys):
+    # Issue 19: `--set 'glob=**/*.png'` gave a YAML traceback and exit code 1.
+    code, _, err = segcal("run", config, "--set", "glob=**/*.png", capsys=capsys)
+    assert code == cli.USAGE
+    assert "Traceback" not in err
+    assert err.strip().count("\n") == 0
+    assert """quote it, e.g. --set 'glob="**/*.png"'""" in err
+    assert stages.calls == []
+
+
+def test_plain_calibrator_names_run(config, stages, capsys):
+    # Issue 18 item 6: `calibrators: [temperature, selective]`.
+    raw = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**raw, "calibrators": ["temperature", "selective"]}))
+    code, _, _ = segcal("run", config, capsys=capsys)
+    assert code == cli.OK
+    assert sorted(p.name for p in (config.parent / "out" / "artifacts").iterdir()) == [
+        "selective", "temperature"
+    ]
 
 
 def test_job_arguments_only_for_submit(config, capsys):
