@@ -5,10 +5,26 @@ Layout of a registry folder ``DIR``::
     DIR/runs/<run id>/          a complete copy of one run's artifact set (see RUN_FILES) + run.json
     DIR/current -> runs/<id>    relative symlink, switched atomically (temp link + os.replace)
     DIR/history.jsonl           one JSON object per decision, with its numbers and reason
-    DIR/.lock                   held (fcntl.flock, non-blocking) by a refresh or a promotion
+    DIR/history.torn            torn last lines of history.jsonl, set aside (see below)
+    DIR/.lock                   held (fcntl.flock) by a refresh or a promotion
+    DIR/.promotion.json         journal of a switch of ``current`` whose record is not written yet
 
 A run folder appears under its final name only once the copy is complete (copied under a
 temporary name, then renamed), so ``current`` can only ever point to a complete set.
+
+Crash safety. Every writer holds :func:`lock`; taking it first repairs what a killed holder
+(SIGKILL, power loss) left behind:
+
+- A switch of ``current`` and its history record form one recoverable step: :func:`switch`
+  writes the journal ``.promotion.json`` before it replaces the link and :func:`record` removes
+  it once the record is on disk. A journal found at the next :func:`lock` means the holder died
+  in between: the outcome (``current`` switched or not) is read off the link and recorded with
+  ``"recovered": true``, so no champion is ever unrecorded.
+- A torn last line of ``history.jsonl`` (a write cut short) is moved to ``history.torn`` with
+  a warning before the next record, so that record starts on its own line; :func:`history`
+  skips such a line with a warning, so ``segcal status`` keeps working meanwhile.
+- Temporary copies and links (``runs/.<id>.tmp``, ``.current.<pid>.tmp``, ``.*.tmp`` files of
+  atomic writes) are removed.
 
 Decisions (:func:`compare`) use image-wise ECE (the mean over images of each image's ECE) from
 the runs' ``summary.csv``: the challenger is promoted only if, on every dataset and calibrator the
@@ -20,8 +36,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,7 +54,9 @@ from pipeline.paths import atomic_write_json
 RUNS = "runs"
 CURRENT = "current"
 HISTORY = "history.jsonl"
+TORN = "history.torn"
 LOCK = ".lock"
+JOURNAL = ".promotion.json"
 RUN_META = "run.json"
 SUMMARY = "summary.csv"
 ARTIFACTS = "artifacts"
@@ -58,6 +78,11 @@ REQUIRED = (ARTIFACTS, SUMMARY)
 KEY_COLUMNS = ("dataset", "calibrator")
 METRIC = "img_ece"
 UNCALIBRATED = "uncalibrated"
+# Files of an artifact folder that describe the fit's execution, not its result (wall-clock
+# timings): left out of `artifact_digest`, so identical calibrators are recognised.
+VOLATILE_FILES = ("timings.json",)
+
+logger = logging.getLogger(__name__)
 
 
 class RegistryError(RuntimeError):
@@ -173,40 +198,152 @@ def compare(
 
 
 @contextmanager
-def lock(root: str | Path) -> Iterator[Path]:
-    """Hold the registry's lock for the duration of the block (non-blocking).
+def lock(root: str | Path, *, timeout: float = 0.0) -> Iterator[Path]:
+    """Hold the registry's lock for the duration of the block, after repairing crash leftovers.
+
+    The lock is ``fcntl.flock`` on ``DIR/.lock``; the kernel releases it when its holder dies,
+    so a killed refresh never leaves the registry locked. Once it is held, :func:`recover`
+    runs (see the module docstring).
 
     Args:
         root: the registry folder (created when missing).
+        timeout: seconds to wait for another holder to finish; 0 (the default) fails at once.
 
     Yields:
         The registry folder as a Path.
 
     Raises:
-        RegistryError: another process holds the lock.
+        RegistryError: another process still holds the lock after ``timeout`` seconds (the
+            message names the lock file and its holder).
+        ValueError: a negative ``timeout``.
     """
+    if timeout < 0:
+        raise ValueError(f"Expected `timeout` to be >= 0, but got {timeout}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK
+    deadline = time.monotonic() + timeout
     with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise RegistryError(
-                f"Registry {root} is locked by another refresh or promotion ({holder}); "
-                f"try again when it has finished"
-            ) from None
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown holder"
+                    waited = f" after waiting {timeout:g} s" if timeout else ""
+                    raise RegistryError(
+                        f"Registry {root} is locked by another refresh or promotion{waited}: "
+                        f"lock file {path} is held by {holder}; try again when it has finished"
+                    ) from None
+                time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} since {_now()}\n")
         f.flush()
         try:
+            recover(root)
             yield root
         finally:
             f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def recover(root: str | Path) -> list[dict[str, Any]]:
+    """Repair what a killed lock holder left behind (the caller holds :func:`lock`).
+
+    Sets a torn last line of ``history.jsonl`` aside, records the outcome of an interrupted
+    switch of ``current`` (from its journal) and removes temporary copies and links.
+
+    Args:
+        root: the registry folder.
+
+    Returns:
+        The history entries recorded for interrupted switches (empty when none).
+    """
+    root = Path(root)
+    _repair_history(root)
+    recovered = []
+    journal = _read_journal(root)
+    entry = None if journal is None else _record_interrupted(root, journal)
+    if entry is not None:
+        recovered.append(entry)
+    for leftover in _leftovers(root):
+        logger.warning("Registry %s: removing %s left by a killed run", root, leftover)
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return recovered
+
+
+def _leftovers(root: Path) -> list[Path]:
+    # Every writer holds the lock, so under it every temporary entry is a dead holder's. Only
+    # the names this module makes (".<name>.tmp") are touched: a hidden folder someone moved
+    # aside by hand is not a leftover.
+    return sorted([*root.glob(".*.tmp"), *(root / RUNS).glob(".*.tmp")])
+
+
+def _read_journal(root: Path) -> dict[str, Any] | None:
+    path = root / JOURNAL
+    try:
+        journal = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        # Written atomically, so unreadable only if tampered with: the link itself is the truth.
+        journal = {}
+    return journal if isinstance(journal, dict) else {}
+
+
+def _link_target(root: Path) -> str | None:
+    # The run id ``current`` names, without checking that the run is complete.
+    link = root / CURRENT
+    if not link.is_symlink():
+        return None
+    parts = Path(os.readlink(link)).parts
+    return parts[1] if len(parts) == 2 and parts[0] == RUNS else None
+
+
+def _record_interrupted(root: Path, journal: dict[str, Any]) -> dict[str, Any] | None:
+    run_id = journal.get("run_id")
+    previous = journal.get("previous")
+    now = _link_target(root)
+    done = history(root, last=1)
+    if (
+        done
+        and done[0].get("current") == now
+        and str(done[0].get("time", "")) >= str(journal.get("time", ""))
+    ):
+        # Killed after the record was written, before the journal was removed.
+        (root / JOURNAL).unlink(missing_ok=True)
+        return None
+    entry = {
+        "action": "switch",
+        "champion": previous,
+        "challenger": run_id,
+        **(journal.get("entry") or {}),
+        "current": now,
+        "recovered": True,
+    }
+    if run_id is not None and now == run_id:
+        entry["decision"] = "promoted"
+        reason = (
+            f"recovered after a crash: `current` had been switched to {run_id} "
+            f"(pid {journal.get('pid')}, {journal.get('time')}) but the decision was not recorded"
+        )
+    else:
+        entry["decision"] = "failed"
+        reason = (
+            f"recovered after a crash: the switch of `current` to {run_id} "
+            f"(pid {journal.get('pid')}, {journal.get('time')}) did not happen; current is {now}"
+        )
+    entry["reason"] = f"{reason} ({entry['reason']})" if entry.get("reason") else reason
+    if entry["decision"] == "failed":
+        entry.pop("comparisons", None)  # numbers of a decision that did not take effect
+    logger.warning("Registry %s: %s", root, reason)
+    return record(root, entry)
 
 
 def run_dir(root: str | Path, run_id: str) -> Path:
@@ -257,30 +394,79 @@ def current(root: str | Path) -> str | None:
     return parts[1]
 
 
-def switch(root: str | Path, run_id: str) -> None:
+def switch(root: str | Path, run_id: str, *, entry: dict[str, Any] | None = None) -> None:
     """Point ``current`` at run ``run_id`` atomically (the caller holds :func:`lock`).
+
+    The switch is journalled first (``.promotion.json``); the next :func:`record` completes
+    it. If the process dies in between, the next :func:`lock` records the outcome.
+
+    Args:
+        root: the registry folder.
+        run_id: the run to promote.
+        entry: the history entry the caller is about to record, kept in the journal so that a
+            recovery records the same facts (see :func:`promote`).
 
     Raises:
         RegistryError: the run does not exist or is incomplete; ``current`` is left unchanged.
     """
     root = Path(root)
     run_dir(root, run_id)
+    journal = {
+        "run_id": run_id,
+        "previous": _link_target(root),
+        "entry": entry or {},
+        "pid": os.getpid(),
+        "time": _now(),
+    }
+    atomic_write_json(root / JOURNAL, journal)
     tmp = root / f".{CURRENT}.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    # A relative target keeps the registry valid when the whole folder is moved or mounted.
-    os.symlink(f"{RUNS}/{run_id}", tmp)
-    os.replace(tmp, root / CURRENT)
+    try:
+        tmp.unlink(missing_ok=True)
+        # A relative target keeps the registry valid when the whole folder is moved or mounted.
+        os.symlink(f"{RUNS}/{run_id}", tmp)
+        os.replace(tmp, root / CURRENT)
+    except Exception:
+        # Nothing switched: drop the journal (a crash, not an exception, leaves it for recovery).
+        tmp.unlink(missing_ok=True)
+        (root / JOURNAL).unlink(missing_ok=True)
+        raise
     _fsync_dir(root)
+
+
+def promote(root: str | Path, run_id: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Switch ``current`` to ``run_id`` and record ``entry``, as one recoverable step.
+
+    The caller holds :func:`lock`. A crash between the switch and the record is recorded by
+    the next :func:`lock` with this same entry (and ``"recovered": true``).
+
+    Args:
+        root: the registry folder.
+        run_id: the run to promote.
+        entry: the history entry (``action``, ``decision``, ``reason``, ...); ``current`` is
+            set, ``champion`` (the previous ``current``) and ``challenger`` default.
+
+    Returns:
+        The entry as written.
+
+    Raises:
+        RegistryError: the run does not exist or is incomplete; nothing is changed or recorded.
+    """
+    entry = {"champion": _link_target(Path(root)), "challenger": run_id, **entry, "current": run_id}
+    switch(root, run_id, entry=entry)
+    return record(root, entry)
 
 
 def artifact_digest(output: str | Path) -> str:
     """sha256 over the relative paths and bytes of every file under ``output/artifacts``.
 
-    Two runs with the same digest ship byte-identical calibrators.
+    Two runs with the same digest ship byte-identical calibrators. Files that record how the
+    fit ran rather than what it produced (:data:`VOLATILE_FILES`: wall-clock timings) are left
+    out, so refitting the same data with the same options gives the same digest.
     """
     base = Path(output) / ARTIFACTS
     h = hashlib.sha256()
-    for path in sorted(p for p in base.rglob("*") if p.is_file()):
+    files = (p for p in base.rglob("*") if p.is_file() and p.name not in VOLATILE_FILES)
+    for path in sorted(files):
         h.update(path.relative_to(base).as_posix().encode() + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
@@ -355,35 +541,110 @@ def read_summary(root: str | Path, run_id: str) -> pd.DataFrame:
 def record(root: str | Path, entry: dict[str, Any]) -> dict[str, Any]:
     """Append one decision to ``history.jsonl`` (with a ``time`` field) and fsync it.
 
+    A torn last line is set aside first (see the module docstring), so the entry always starts
+    on its own line. Recording completes a journalled :func:`switch`: the journal is removed,
+    and ``current`` is added to the entry when the caller did not set it.
+
     Returns:
         The entry as written.
     """
+    root = Path(root)
+    _repair_history(root)
     entry = {"time": _now(), **entry}
-    path = Path(root) / HISTORY
+    journal = root / JOURNAL
+    if journal.exists() and "current" not in entry:
+        entry["current"] = _link_target(root)
+    path = root / HISTORY
     with open(path, "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    if journal.exists():
+        journal.unlink()
+        _fsync_dir(root)
     return entry
+
+
+def _repair_history(root: Path) -> None:
+    # A record is one write of a line ending in "\n"; a last line without it was cut short.
+    path = root / HISTORY
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        content = f.read()
+        cut = content.rfind(b"\n") + 1
+        tail = content[cut:]
+        if _parses(tail):
+            # The whole line made it; only its newline did not.
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        else:
+            with open(root / TORN, "ab") as aside:
+                aside.write(tail + b"\n")
+                aside.flush()
+                os.fsync(aside.fileno())
+            f.truncate(cut)
+            logger.warning(
+                "Registry %s: the last line of %s was torn by a crash (%d bytes); moved it to %s",
+                root, HISTORY, len(tail), root / TORN,
+            )
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def history(root: str | Path, last: int | None = None) -> list[dict[str, Any]]:
     """The recorded decisions, oldest first (only the ``last`` ones when given).
 
+    A torn last line (no newline, not JSON: a write cut short by a crash) is skipped with a
+    warning; the next :func:`record` moves it to ``history.torn``.
+
     Raises:
-        RegistryError: a line of ``history.jsonl`` is not JSON.
+        RegistryError: a complete line of ``history.jsonl`` is not a JSON object.
     """
     path = Path(root) / HISTORY
     if not path.is_file():
         return []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    torn = lines.pop()  # "" when the file ends with a newline
     entries = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
-            raise RegistryError(f"Expected JSON on line {i} of {path}, but got {line!r}") from None
+            entry = None
+        if not isinstance(entry, dict):
+            raise RegistryError(
+                f"Expected a JSON object on line {i} of {path}, but got {line!r}; move the line "
+                f"to {path.parent / TORN} to keep it"
+            )
+        entries.append(entry)
+    if torn.strip():
+        if _parses(torn.encode()):
+            entries.append(json.loads(torn))
+        else:
+            logger.warning(
+                "Registry %s: skipping the torn last line of %s (%d bytes, cut short by a "
+                "crash); the next record moves it to %s",
+                path.parent, HISTORY, len(torn), path.parent / TORN,
+            )
     return entries[-last:] if last else entries
 
 

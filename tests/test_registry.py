@@ -7,14 +7,20 @@ ECE is written into the artifacts, so the champion's re-evaluation reads the cha
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import registry
+from pipeline import cli, registry
 from pipeline.config import parse_config
 from pipeline.refresh import refresh
 
@@ -232,7 +238,7 @@ def test_history_appends_and_reads_back(tmp_path):
     assert all("time" in e for e in registry.history(tmp_path))
     with open(tmp_path / "history.jsonl", "a") as f:
         f.write("{not json\n")
-    with pytest.raises(registry.RegistryError, match="Expected JSON on line 4"):
+    with pytest.raises(registry.RegistryError, match="Expected a JSON object on line 4"):
         registry.history(tmp_path)
 
 
@@ -381,3 +387,238 @@ def test_refresh_refuses_while_locked(tmp_path):
         refresh(_cfg(tmp_path), tmp_path / "reg", call=stages)
     assert stages.calls == []
     assert not (tmp_path / "reg" / "current").exists()
+
+
+# --- crash safety (issue 19 item 6) and concurrent refreshes (issue 18) -------------------------
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
+def _python(script: str, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT_DIR)}
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], cwd=ROOT_DIR, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _two_runs(tmp_path) -> tuple[Path, str, str]:
+    root = tmp_path / "reg"
+    first = registry.add_run(root, _fake_output(tmp_path / "a"), {})
+    second = registry.add_run(root, _fake_output(tmp_path / "b", 0.04), {})
+    with registry.lock(root):
+        registry.promote(root, first, {"action": "promote", "decision": "promoted", "reason": "x"})
+    return root, first, second
+
+
+KILLED_AFTER_SWITCH = """
+import os, signal, sys
+from pipeline import registry
+root, run = sys.argv[1], sys.argv[2]
+with registry.lock(root):
+    registry.switch(root, run)
+    os.kill(os.getpid(), signal.SIGKILL)  # before the history record
+"""
+
+KILLED_DURING_SWITCH = """
+import os, signal, sys
+from pipeline import registry
+root, run = sys.argv[1], sys.argv[2]
+real = os.replace
+def dying(src, dst):
+    if str(dst).endswith("current"):
+        os.kill(os.getpid(), signal.SIGKILL)  # journal written, temp link made, not switched
+    return real(src, dst)
+os.replace = dying
+with registry.lock(root):
+    registry.switch(root, run)
+"""
+
+
+def test_sigkill_after_switch_is_recorded_at_next_lock(tmp_path, caplog):
+    root, first, second = _two_runs(tmp_path)
+    proc = _python(KILLED_AFTER_SWITCH, root, second)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert registry.current(root) == second  # switched, but nobody recorded it yet
+    assert [e["challenger"] for e in registry.history(root)] == [first]
+    assert (root / registry.JOURNAL).is_file()
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.registry"), registry.lock(root):
+        pass
+    last = registry.history(root)[-1]
+    assert last["recovered"] is True
+    assert last["decision"] == "promoted"
+    assert (last["champion"], last["challenger"], last["current"]) == (first, second, second)
+    assert "had been switched to" in last["reason"]
+    assert "had been switched to" in caplog.text
+    assert not (root / registry.JOURNAL).exists()
+    with registry.lock(root):  # recovered once, not at every lock
+        pass
+    assert len(registry.history(root)) == 2
+
+
+def test_sigkill_during_switch_is_recorded_and_its_temp_link_removed(tmp_path):
+    root, first, second = _two_runs(tmp_path)
+    proc = _python(KILLED_DURING_SWITCH, root, second)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert list(root.glob(".current.*.tmp"))  # the crash leftover
+    with registry.lock(root):
+        pass
+    assert registry.current(root) == first
+    last = registry.history(root)[-1]
+    assert (last["decision"], last["recovered"], last["current"]) == ("failed", True, first)
+    assert f"switch of `current` to {second}" in last["reason"]
+    assert not list(root.glob(".current.*.tmp"))
+    assert not (root / registry.JOURNAL).exists()
+
+
+def test_promote_records_once_and_a_record_without_journal_removal_is_not_repeated(tmp_path):
+    root, first, second = _two_runs(tmp_path)
+    with registry.lock(root):
+        entry = registry.promote(root, second, {"action": "promote", "decision": "promoted"})
+    assert entry["current"] == second
+    assert not (root / registry.JOURNAL).exists()
+    # Killed after the record was written but before the journal was removed.
+    (root / registry.JOURNAL).write_text(json.dumps(
+        {"run_id": second, "previous": first, "time": "2000-01-01T00:00:00.000000Z"}
+    ))
+    with registry.lock(root):
+        pass
+    assert [e["current"] for e in registry.history(root)] == [first, second]
+    assert not (root / registry.JOURNAL).exists()
+
+
+def test_failed_switch_leaves_no_journal(tmp_path):
+    root, first, _ = _two_runs(tmp_path)
+    with registry.lock(root), pytest.raises(registry.RegistryError, match="has no run"):
+        registry.switch(root, "nope")
+    assert not (root / registry.JOURNAL).exists()
+    assert registry.current(root) == first
+
+
+def test_record_after_switch_completes_it(tmp_path):
+    # The refresh and `segcal promote` call switch() then record(): the same one step.
+    root, first, second = _two_runs(tmp_path)
+    with registry.lock(root):
+        registry.switch(root, second)
+        registry.record(root, {"action": "refresh", "decision": "failed", "reason": "boom"})
+    assert not (root / registry.JOURNAL).exists()
+    assert registry.history(root)[-1]["current"] == second  # what actually happened
+
+
+@pytest.mark.parametrize(
+    ("tail", "kept"),
+    [
+        pytest.param('{"time": "2026-01-01", "decision": "prom', False, id="torn"),
+        pytest.param('{"action": "refresh", "decision": "kept", "i": 9}', True,
+                     id="complete-without-newline"),
+    ],
+)
+def test_torn_last_history_line_is_set_aside(tmp_path, caplog, capsys, tail, kept):
+    root = tmp_path / "reg"
+    root.mkdir()
+    for i in range(2):
+        registry.record(root, {"action": "refresh", "decision": "kept", "i": i})
+    with open(root / "history.jsonl", "a") as f:
+        f.write(tail)  # a write cut short by SIGKILL / power loss
+    with caplog.at_level(logging.WARNING, logger="pipeline.registry"):
+        entries = registry.history(root)
+    assert [e["i"] for e in entries] == ([0, 1, 9] if kept else [0, 1])
+    assert ("torn last line" in caplog.text) is not kept
+    # `segcal status` keeps working.
+    assert cli.main(["status", str(root)]) == cli.OK
+    assert "kept" in capsys.readouterr().out
+
+    registry.record(root, {"action": "refresh", "decision": "kept", "i": 2})
+    lines = (root / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["i"] for line in lines] == ([0, 1, 9, 2] if kept else [0, 1, 2])
+    if kept:
+        assert not (root / "history.torn").exists()
+    else:
+        assert (root / "history.torn").read_text() == tail + "\n"
+
+
+def test_crash_leftovers_are_cleaned_at_the_next_lock(tmp_path):
+    root, first, _ = _two_runs(tmp_path)
+    (root / "runs" / ".20260101T000000.000000Z-deadbeef.tmp" / "artifacts").mkdir(parents=True)
+    (root / ".current.4242.tmp").symlink_to(f"runs/{first}")
+    (root / ".promotion.json.abc123.tmp").write_text("{")
+    runs = registry.list_runs(root)
+    with registry.lock(root):
+        pass
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".lock", "current", "history.jsonl", "runs",
+    ]
+    assert sorted(p.name for p in (root / "runs").iterdir()) == runs
+    assert registry.current(root) == first
+
+
+def test_lock_names_its_file_and_can_wait(tmp_path):
+    root = tmp_path / "reg"
+    with registry.lock(root):
+        with pytest.raises(registry.RegistryError) as err, registry.lock(root):
+            pass
+        assert f"lock file {root / '.lock'} is held by pid {os.getpid()}" in str(err.value)
+
+    held = threading.Event()
+
+    def hold_briefly():
+        with registry.lock(root):
+            held.set()
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=hold_briefly)
+    thread.start()
+    held.wait(10)
+    start = time.monotonic()
+    with registry.lock(root, timeout=30):
+        waited = time.monotonic() - start
+    thread.join()
+    assert 0.1 < waited < 30
+
+
+BLOCKING_REFRESH = """
+import sys, time
+from pathlib import Path
+from tests.test_registry import FakeStages, _cfg
+from pipeline.refresh import refresh
+
+tmp, root = Path(sys.argv[1]), sys.argv[2]
+class Slow(FakeStages):
+    def __call__(self, cfg, stage):
+        if stage == "extract":
+            (tmp / "started").touch()
+            deadline = time.monotonic() + 60
+            while not (tmp / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return super().__call__(cfg, stage)
+print(refresh(_cfg(tmp), root, call=Slow({"ts": 0.05, "selective": 0.04}))["decision"])
+"""
+
+
+def test_two_refreshes_at_once_one_exits_naming_the_lock(tmp_path):
+    root = tmp_path / "reg"
+    first = subprocess.Popen(
+        [sys.executable, "-c", BLOCKING_REFRESH, str(tmp_path), str(root)], cwd=ROOT_DIR,
+        env={**os.environ, "PYTHONPATH": str(ROOT_DIR)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stages = FakeStages({"ts": 0.05, "selective": 0.04})
+        other = tmp_path / "other"
+        other.mkdir()
+        with pytest.raises(registry.RegistryError, match=r"lock file .*reg/\.lock is held by pid"):
+            refresh(_cfg(other), root, call=stages)
+        assert stages.calls == []  # the second did nothing
+    finally:
+        (tmp_path / "go").touch()
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert out.strip() == "promoted"
+    assert [e["decision"] for e in registry.history(root)] == ["promoted"]
+    assert registry.current(root) == registry.history(root)[0]["challenger"]
