@@ -1,22 +1,36 @@
-"""Benchmark stage 1: the pipeline's Ray Data extraction against a plain torch loop.
+"""Benchmark stage 1: extraction against the model alone and a plain single-process loop.
 
-Both run the same model over the same images:
+All three run the same model over the same images, in one run:
 
-(a) a single-process loop: decode each image with PIL, run the model in batches, keep nothing;
-(b) ``pipeline.extract.run`` on local Ray: decode tasks, an actor pool, shards written.
+(a) the model alone: forward passes on a batch that already sits on the device (no decode, the
+    logits stay there): what the hardware can do;
+(b) a plain single-process loop: decode each image and label, run the model in batches, copy
+    the logits back, keep nothing;
+(c) ``pipeline.extract.run`` on local Ray with the stage's default options (plus the flags
+    below): decode tasks, the model's actor pool, shards written by the workers.
 
-Prints images/s for both and their ratio, Ray's start-up time on its own, and the shard bytes
-per image against raw float32 logits. By default it uses ESPNet on CamVid test images when
-../shared is present (or CAMVID_ROOT / SEGCAL_ESPNET_WEIGHTS, or --data / --weights), else a
-synthetic small conv net on generated images::
+It also measures the machine's decode-only rate (every CPU decoding image + label pairs in its
+own process), since with a near-free model that is the ceiling of any extraction. Printed:
+images/s of each, the CPU count, (c)/(b), (c)/min(a, decode-only rate), shard MB per image and
+MB/s written, and with ``--precision`` other than fp32 the largest logit difference against
+fp32 on the benchmark's images.
 
-    .venv/bin/python benchmarks/extract.py                   # ESPNet, 40 CamVid test images
-    .venv/bin/python benchmarks/extract.py --synthetic --images 64
+Models: ``espnet`` (the authors' CamVid weights, from ../shared or SEGCAL_ESPNET_WEIGHTS),
+``deeplab`` (torchvision DeepLabV3-ResNet50 with random weights, 19 classes, on 1024x2048
+images; needs torchvision) and ``null`` (a TorchScript module that average-pools the input to
+1/4 and repeats it to the class count: near-free, so what remains is the pipeline's own
+overhead). Images: CamVid frames (360x480, train + val + test, repeated when ``--images``
+exceeds them) from ../shared or CAMVID_ROOT, else generated ones::
+
+    .venv/bin/python benchmarks/extract.py --model null --images 600       # any machine
+    .venv/bin/python benchmarks/extract.py --model espnet --device cuda --stride 4
+    .venv/bin/python benchmarks/extract.py --model deeplab --device cuda --stride 4 --images 64
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -35,7 +49,8 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipeline.config import JobConfig, parse_config  # noqa: E402
-from pipeline.data import list_samples, load_image  # noqa: E402
+from pipeline.data import list_samples, load_sample  # noqa: E402
+from pipeline.data.readers import Sample  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 
 # ESPNet's input recipe ((bgr - mean) / std) / 255 with mean/std in 0..255 units, BGR order,
@@ -44,131 +59,253 @@ ESPNET_MEAN = (110.331055, 108.40889, 105.03321)
 ESPNET_STD = (72.12569, 72.690765, 69.904335)
 
 
+class NullNet(nn.Module):
+    """Near-free logits of the configured shape: the input pooled to 1/4, repeated to C."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(x, 4, ceil_mode=True)
+        reps = (self.num_classes + 2) // 3
+        return pooled.repeat(1, reps, 1, 1)[:, : self.num_classes]
+
+
 def _default(env: str, fallback: Path) -> Path | None:
     path = Path(os.environ[env]) if os.environ.get(env) else fallback
     return path if path.exists() else None
 
 
-def espnet_config(data: Path, weights: Path, out: Path, n: int, batch_size: int) -> JobConfig:
-    """Config for ESPNet on ``n`` seeded CamVid test images."""
-    return parse_config({
-        "output": str(out),
-        "model": {"kind": "espnet", "path": str(weights), "num_classes": 11,
-                  "input_size": [360, 480], "channel_order": "bgr", "scale": 1 / 255,
-                  "mean": [m / 255 for m in ESPNET_MEAN], "std": list(ESPNET_STD)},
-        "datasets": [{"name": "camvid-test", "role": "test", "domain": "day",
-                      "images": str(data / "test"), "labels": str(data / "testannot"),
-                      "ignore_index": 11, "limit": n}],
-        "extract": {"batch_size": batch_size},
-    })
-
-
-class SmallNet(nn.Module):
-    """A small encoder with logits at 1/4 resolution (about 1 GFLOP per 360x480 image)."""
-
-    def __init__(self, num_classes: int = 11) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, num_classes, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
-def synthetic_config(tmp: Path, out: Path, n: int, batch_size: int) -> JobConfig:
-    """Config for a TorchScript SmallNet on ``n`` generated 360x480 images."""
-    rng = np.random.default_rng(0)
-    (tmp / "img").mkdir()
-    (tmp / "lab").mkdir()
-    yy, xx = np.mgrid[0:360, 0:480]
+def _link_camvid(data: Path, dest: Path, n: int) -> None:
+    """``n`` image/label pairs under ``dest/img`` and ``dest/lab`` as symlinks to CamVid."""
+    pairs = [(p, data / f"{split}annot" / p.name)
+             for split in ("train", "val", "test") for p in sorted((data / split).glob("*.png"))]
+    (dest / "img").mkdir(parents=True)
+    (dest / "lab").mkdir(parents=True)
     for i in range(n):
+        image, label = pairs[i % len(pairs)]
+        name = f"{i // len(pairs)}_{image.name}"
+        (dest / "img" / name).symlink_to(image)
+        (dest / "lab" / name).symlink_to(label)
+
+
+def _generate(dest: Path, n: int, size: tuple[int, int], num_classes: int) -> None:
+    """``n`` seeded PNG image/label pairs of ``size`` under ``dest/img`` and ``dest/lab``."""
+    rng = np.random.default_rng(0)
+    (dest / "img").mkdir(parents=True)
+    (dest / "lab").mkdir(parents=True)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(min(n, 16)):  # 16 distinct frames, linked to reach n
         phase = rng.uniform(0, 6.28, 3)
         img = 127 + 100 * np.sin(xx[..., None] / 37.0 + yy[..., None] / 23.0 + phase)
         img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(tmp / "img" / f"s{i:04d}.png")
-        Image.fromarray(((xx // 48 + yy // 36) % 11).astype(np.uint8)).save(
-            tmp / "lab" / f"s{i:04d}.png"
-        )
-    torch.manual_seed(0)
-    torch.jit.script(SmallNet().eval()).save(str(tmp / "small.pt"))
+        Image.fromarray(img).save(dest / "img" / f"f{i:05d}.png")
+        lab = ((xx // 48 + yy // 36 + i) % num_classes).astype(np.uint8)
+        Image.fromarray(lab).save(dest / "lab" / f"f{i:05d}.png")
+    for i in range(16, n):
+        for sub in ("img", "lab"):
+            (dest / sub / f"f{i:05d}.png").symlink_to(dest / sub / f"f{i % 16:05d}.png")
+
+
+def build_config(args: argparse.Namespace, tmp: Path) -> JobConfig:
+    """The run config for ``args.model`` on ``args.images`` images under ``tmp``."""
+    data = tmp / "data"
+    num_classes = 19 if args.model == "deeplab" else 11
+    if args.model == "deeplab":
+        _generate(data, args.images, (1024, 2048), num_classes)
+    elif args.data is not None and not args.synthetic:
+        _link_camvid(args.data, data, args.images)
+    else:
+        _generate(data, args.images, (360, 480), num_classes)
+    camvid = args.model != "deeplab" and args.data is not None and not args.synthetic
+    model: dict = {"num_classes": num_classes}
+    if args.model == "espnet":
+        if args.weights is None:
+            raise SystemExit("--model espnet needs the ESPNet weights (--weights)")
+        model.update(kind="espnet", path=str(args.weights), input_size=[360, 480],
+                     channel_order="bgr", scale=1 / 255, mean=[m / 255 for m in ESPNET_MEAN],
+                     std=list(ESPNET_STD))
+    elif args.model == "deeplab":
+        from torchvision.models.segmentation import deeplabv3_resnet50
+
+        torch.manual_seed(0)
+        path = tmp / "deeplab.pt"
+        scripted = torch.jit.script(_TorchvisionOut(deeplabv3_resnet50(
+            weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)))
+        scripted.save(str(path))
+        model.update(kind="torchscript", path=str(path), mean=[0.485, 0.456, 0.406],
+                     std=[0.229, 0.224, 0.225])
+    else:
+        path = tmp / "null.pt"
+        torch.jit.script(NullNet(num_classes)).save(str(path))
+        model.update(kind="torchscript", path=str(path))
+    extract: dict = {"store_stride": args.stride, "precision": args.precision}
+    if args.batch_size is not None:
+        extract["batch_size"] = args.batch_size
     return parse_config({
-        "output": str(out),
-        "model": {"kind": "torchscript", "path": str(tmp / "small.pt"), "num_classes": 11},
-        "datasets": [{"name": "synthetic", "role": "test", "domain": "day",
-                      "images": str(tmp / "img"), "labels": str(tmp / "lab"),
-                      "ignore_index": 255}],
-        "extract": {"batch_size": batch_size},
+        "output": str(tmp / "out"),
+        "model": model,
+        "datasets": [{"name": "bench", "role": "test", "domain": "day",
+                      "images": str(data / "img"), "labels": str(data / "lab"),
+                      "ignore_index": 11 if camvid else 255}],
+        "extract": extract,
     })
 
 
-def plain_loop(cfg: JobConfig, uris: list[str], batch_size: int) -> tuple[float, tuple]:
-    """(a): seconds for decode + model over ``uris`` in one process, and the logits' shape."""
-    model = load_model(cfg.model)
-    model(torch.from_numpy(load_image(uris[0]))[None])  # warm-up, as the actor's first batch
+class _TorchvisionOut(nn.Module):
+    """torchvision's dict output as a plain tensor, so the model scripts."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _decode(sample: Sample) -> int:
+    image = np.asarray(Image.open(sample.uri).convert("RGB"))
+    labels = np.asarray(Image.open(sample.label_uri))
+    return image.shape[0] + labels.shape[0]
+
+
+def decode_only_rate(samples: list[Sample], procs: int) -> float:
+    """Images/s of plain PIL decoding of image + label in ``procs`` processes (the ceiling)."""
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        pool.map(_decode, samples[:procs])  # start-up and imports outside the timing
+        start = time.perf_counter()
+        pool.map(_decode, samples, chunksize=8)
+        return len(samples) / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_alone_rate(cfg: JobConfig, samples: list[Sample], device: torch.device,
+                     batch: int, precision: str) -> float:
+    """(a): images/s of the model on a batch resident on ``device`` (no decode, no copy back)."""
+    model = load_model(cfg.model).to(device)
+    images = [load_sample(s, cfg.datasets[0], cfg.model.num_classes)[0]
+              for s in samples[:batch]]
+    x = torch.from_numpy(np.stack(images)).to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    reps = max(3, 64 // batch)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        model(x)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            model(x)
+        _sync(device)
+    return reps * batch / (time.perf_counter() - start)
+
+
+def plain_loop_rate(cfg: JobConfig, samples: list[Sample], device: torch.device,
+                    batch: int) -> float:
+    """(b): images/s of decode + model + logits copied back in one process, nothing kept."""
+    model = load_model(cfg.model).to(device)
+    ds, c = cfg.datasets[0], cfg.model.num_classes
+    model(torch.from_numpy(load_sample(samples[0], ds, c)[0])[None].to(device))  # warm-up
+    _sync(device)
     start = time.perf_counter()
-    for i in range(0, len(uris), batch_size):
-        batch = np.stack([load_image(u) for u in uris[i : i + batch_size]])
-        logits = model(torch.from_numpy(batch))
-    return time.perf_counter() - start, tuple(logits.shape[1:])
+    for i in range(0, len(samples), batch):
+        images = np.stack([load_sample(s, ds, c)[0] for s in samples[i : i + batch]])
+        model(torch.from_numpy(images).to(device)).cpu()
+    return len(samples) / (time.perf_counter() - start)
+
+
+def precision_error(cfg: JobConfig, samples: list[Sample], device: torch.device,
+                    precision: str) -> float:
+    """Largest |logit - fp32 logit| over the first 8 images under ``precision`` autocast."""
+    model = load_model(cfg.model).to(device)
+    images = [load_sample(s, cfg.datasets[0], cfg.model.num_classes)[0] for s in samples[:8]]
+    x = torch.from_numpy(np.stack(images)).to(device)
+    ref = model(x)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    with torch.autocast(device.type, dtype=dtype):
+        low = model(x).float()
+    return float((low - ref).abs().max())
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run (a) and (b) and print the comparison."""
+    """Run (a), (b), the decode-only rate and (c), and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["espnet", "deeplab", "null"], default=None,
+                        help="default: espnet when its weights are found, else null")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when available")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--stride", type=int, choices=[1, 2, 4], default=1,
+                        help="extract.store_stride (the stage's default is 1)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="extract.batch_size (default: the stage's default)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs (default: all)")
     parser.add_argument("--data", type=Path, default=_default("CAMVID_ROOT",
                                                                SHARED / "data" / "camvid"))
     parser.add_argument("--weights", type=Path, default=_default(
         "SEGCAL_ESPNET_WEIGHTS", SHARED / "models" / "espnet" / "espnet_p_2_q_8_camvid.pth"))
-    parser.add_argument("--synthetic", action="store_true", help="ignore real data and weights")
-    parser.add_argument("--images", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs (default: all)")
+    parser.add_argument("--synthetic", action="store_true", help="generated images, not CamVid")
     args = parser.parse_args(argv)
+    args.model = args.model or ("espnet" if args.weights is not None else "null")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     import ray
 
     from pipeline import extract
 
+    cpus = args.num_cpus or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        real = not args.synthetic and args.data is not None and args.weights is not None
-        if real:
-            cfg = espnet_config(args.data, args.weights, tmp / "out", args.images,
-                                args.batch_size)
-        else:
-            cfg = synthetic_config(tmp, tmp / "out", args.images, args.batch_size)
-        uris = [s.uri for s in list_samples(cfg.datasets[0])]
-        for uri in uris:  # same page cache for both runs
-            Path(uri).read_bytes()
-        print(f"model: {cfg.model.kind} {cfg.model.path}\nimages: {len(uris)} "
-              f"(batch {args.batch_size}), torch threads {torch.get_num_threads()}, "
-              f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}", flush=True)
+        cfg = build_config(args, tmp)
+        batch = cfg.extract.batch_size
+        camvid = args.model != "deeplab" and args.data is not None and not args.synthetic
+        samples = list_samples(cfg.datasets[0])
+        for s in samples:  # the same page cache for every measurement
+            Path(s.uri).read_bytes()
+            Path(s.label_uri or s.uri).read_bytes()
+        print(f"model: {args.model} on {device}, precision {args.precision}, "
+              f"store_stride {args.stride}, batch {batch}\nimages: {len(samples)} "
+              f"{'CamVid' if camvid else 'generated'}, "
+              f"cpus {cpus}, load average {os.getloadavg()[0]:.1f}", flush=True)
 
-        plain_s, logit_shape = plain_loop(cfg, uris, args.batch_size)
-        plain_rate = len(uris) / plain_s
-        print(f"(a) plain torch loop:   {plain_s:7.1f} s  {plain_rate:6.2f} images/s", flush=True)
+        alone = model_alone_rate(cfg, samples, device, batch, args.precision)
+        print(f"(a) model alone:              {alone:8.1f} images/s", flush=True)
+        plain = plain_loop_rate(cfg, samples, device, batch)
+        print(f"(b) plain single-process loop: {plain:8.1f} images/s", flush=True)
+        decode = decode_only_rate(samples, cpus)
+        print(f"    decode only, {cpus} processes:  {decode:8.1f} images/s", flush=True)
+        if args.precision != "fp32":
+            err = precision_error(cfg, samples, device, args.precision)
+            print(f"    {args.precision} vs fp32: largest logit difference {err:.4g}")
 
         start = time.perf_counter()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
         init_s = time.perf_counter() - start
         start = time.perf_counter()
         (directory,) = extract.run(cfg).values()
-        ray_s = time.perf_counter() - start
+        stage_s = time.perf_counter() - start
         ray.shutdown()
-        ray_rate = len(uris) / ray_s
-        print(f"(b) Ray Data extract:   {ray_s:7.1f} s  {ray_rate:6.2f} images/s "
-              f"(ray.init {init_s:.1f} s not included)")
-        print(f"(b)/(a) time ratio:     {ray_s / plain_s:.2f}x  (goal <= 1.25x)")
-
+        stage = len(samples) / stage_s
         shard_bytes = sum(p.stat().st_size for p in directory.glob("part-*.parquet"))
-        raw = 4 * int(np.prod(logit_shape))
-        print(f"shard bytes per image:  {shard_bytes / len(uris) / 1e6:.2f} MB (logits "
-              f"float16 + labels + image), raw float32 logits {raw / 1e6:.2f} MB "
-              f"{logit_shape}: {shard_bytes / len(uris) / raw:.2f}x")
+        print(f"(c) pipeline.extract.run:     {stage:8.1f} images/s "
+              f"({stage_s:.1f} s; ray.init {init_s:.1f} s not included)")
+        ceiling = min(alone, decode)
+        print(f"(c)/(b) = {stage / plain:.2f}x    (c)/min(a, decode-only) = "
+              f"{stage / ceiling:.2f}x")
+        print(f"shards: {shard_bytes / len(samples) / 1e6:.3f} MB per image, "
+              f"{shard_bytes / stage_s / 1e6:.1f} MB/s written")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,6 @@ from pipeline.shards import (
 )
 
 logger = logging.getLogger(__name__)
-_SHARD_NAME = re.compile(r"part-(\d+)\.parquet")
 
 
 def content_hash(ds: DatasetConfig, ex: ExtractConfig) -> str:
@@ -99,7 +98,7 @@ def _column(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def decode_row(row: dict[str, Any], cfg: DatasetConfig, num_classes: int) -> dict[str, Any]:
-    """Ray Data read step: decode one listed image and its labels.
+    """Decode one listed image and its labels.
 
     Args:
         row: ``image_id``, ``uri`` and ``label_uri`` ("" when the image has no label).
@@ -121,8 +120,25 @@ def decode_row(row: dict[str, Any], cfg: DatasetConfig, num_classes: int) -> dic
     return {**row, "image": image, "labels": labels, "error": error}
 
 
+def decode_batch(
+    batch: dict[str, np.ndarray], cfg: DatasetConfig, num_classes: int
+) -> dict[str, np.ndarray]:
+    """Ray Data decode step: :func:`decode_row` over a batch of listed images (CPU tasks)."""
+    rows = [
+        decode_row({"image_id": i, "uri": u, "label_uri": lu}, cfg, num_classes)
+        for i, u, lu in zip(batch["image_id"], batch["uri"], batch["label_uri"], strict=True)
+    ]
+    return {
+        "image_id": batch["image_id"],
+        "uri": batch["uri"],
+        "image": _column([r["image"] for r in rows]),
+        "labels": _column([r["labels"] for r in rows]),
+        "error": np.array([r["error"] for r in rows], dtype=object),
+    }
+
+
 def _reduce(logits: torch.Tensor, stride: int) -> torch.Tensor:
-    """Area-downsample (C, h, w) logits by ``stride`` (mean over each stride x stride cell).
+    """Area-downsample (..., C, h, w) logits by ``stride`` (mean over each stride x stride cell).
 
     Averaging rather than subsampling keeps each stored value representative of the pixels
     it covers; with bilinear upsampling on read it round-trips smooth maps closely.
@@ -131,17 +147,27 @@ def _reduce(logits: torch.Tensor, stride: int) -> torch.Tensor:
         return logits
     h, w = logits.shape[-2:]
     size = (math.ceil(h / stride), math.ceil(w / stride))
-    return F.adaptive_avg_pool2d(logits[None], size)[0]
+    if logits.ndim == 3:
+        return F.adaptive_avg_pool2d(logits[None], size)[0]
+    return F.adaptive_avg_pool2d(logits, size)
+
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LogitPredictor:
-    """Ray Data actor: runs the model on decoded batches and prepares rows for the shards.
+    """Ray Data actor: runs the model on decoded batches, logits out at the stored resolution.
+
+    Everything after the model happens on its device before the copy back: the reduction by
+    ``store_stride`` (or the resize to label resolution) and the cast to float16, so a GPU
+    actor sends back a sixteenth of the float32 output at ``store_stride: 2``. Images stay at
+    full resolution here; :func:`write_shards` resizes them on a CPU worker.
 
     Plain Python, so it also runs without Ray (tests call it directly).
 
     Args:
         model_cfg: the model to load with :func:`pipeline.models.load_model`.
-        extract_cfg: storage options (stride, label resolution, image).
+        extract_cfg: storage options (stride, label resolution, precision).
         threads: torch intra-op threads (Ray sets 1 per logical CPU by default).
         use_gpu: put the model on the GPU that Ray assigned to this actor.
     """
@@ -155,75 +181,79 @@ class LogitPredictor:
         self.model = load_model(model_cfg).to(self.device).eval()
         self.num_classes = model_cfg.num_classes
         self.cfg = extract_cfg
+        self.autocast = _AUTOCAST[extract_cfg.precision]
 
     @torch.inference_mode()
-    def _logits(self, images: list[np.ndarray]) -> torch.Tensor:
-        x = torch.from_numpy(np.stack(images)).to(self.device)
-        return self.model(x).float().cpu()
-
-    def _predict_group(self, images: list[np.ndarray], uris: list[str]) -> list[Any]:
-        """Logits per image, or the error message for images whose output is unusable."""
-        try:
-            return list(self._logits(images))
-        except ValueError:
-            if len(images) == 1:
-                raise
-        # Rerun one by one so only the offending images are reported.
-        out: list[Any] = []
-        for image, uri in zip(images, uris, strict=True):
-            try:
-                out.append(self._logits([image])[0])
-            except ValueError as err:
-                out.append(f"Expected usable model output for image {uri}, but got: {err}")
-        return out
-
-    def _store(self, logits: torch.Tensor, image: np.ndarray, size: tuple[int, int]) -> tuple:
+    def _logits(self, images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+        """(N, C, h, w) float16 logits on the CPU, reduced or resized on the device."""
+        x = torch.from_numpy(np.stack(images))
+        if self.device.type == "cuda":
+            # Pinned memory lets the copy overlap the previous batch's work.
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
+                            enabled=self.autocast is not None):
+            logits = self.model(x)
+        logits = logits.float()
+        if self.autocast is not None and not torch.isfinite(logits).all():
+            raise ValueError(
+                f"Expected finite logits under `extract.precision`={self.cfg.precision}, but "
+                f"got NaN/inf values: the model overflows in {self.cfg.precision}; use fp32"
+            )
         if self.cfg.label_resolution:
-            logits = F.interpolate(logits[None], size=size, mode="bilinear",
-                                   align_corners=False)[0]
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         else:
             logits = _reduce(logits, self.cfg.store_stride)
-        h, w = logits.shape[-2:]
-        stored_image = None
-        if self.cfg.store_image:
-            stored_image = image
-            if image.shape[:2] != (h, w):
-                pil = Image.fromarray(image).resize((w, h), Image.BILINEAR)
-                stored_image = np.asarray(pil, dtype=np.uint8)
-        return logits.to(torch.float16).contiguous().numpy(), stored_image
+        return logits.to(torch.float16).cpu()
+
+    def _predict_group(
+        self, images: list[np.ndarray], uris: list[str], size: tuple[int, int]
+    ) -> list[Any]:
+        """Logits per image, or the error message for images the model fails on."""
+        try:
+            return list(self._logits(images, size).numpy())
+        except Exception:
+            if len(images) == 1:
+                return [self._error(images[0], uris[0], size)]
+        # Rerun one by one so only the offending images are reported.
+        return [self._error(image, uri, size) for image, uri in zip(images, uris, strict=True)]
+
+    def _error(self, image: np.ndarray, uri: str, size: tuple[int, int]) -> Any:
+        try:
+            return self._logits([image], size).numpy()[0]
+        except Exception as err:  # any model failure is this image's, reported per image
+            what = "" if isinstance(err, ValueError) else f"{type(err).__name__}: "
+            return f"Expected usable model output for image {uri}, but got: {what}{err}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Map a decoded batch to shard rows.
+        """Map a decoded batch to rows for :func:`write_shards`.
 
         Args:
-            batch: columns ``image_id``, ``uri``, ``label_uri``, ``image``, ``labels``,
-                ``error`` (see :func:`decode_row`).
+            batch: columns ``image_id``, ``uri``, ``image``, ``labels``, ``error`` (see
+                :func:`decode_batch`).
 
         Returns:
             Columns ``image_id``, ``uri``, ``error``, ``labels``, ``logits`` (C, h, w) float16
-            and, with ``store_image``, ``image`` (h, w, 3) uint8. Rows with an error carry
-            empty arrays.
+            and, with ``store_image``, ``image`` (H, W, 3) uint8 at full resolution. Rows with
+            an error carry empty arrays.
         """
         n = len(batch["image_id"])
         images, labels = list(batch["image"]), list(batch["labels"])
         errors = [str(e) for e in batch["error"]]
         uris = [str(u) for u in batch["uri"]]
         logits: list[np.ndarray] = [np.zeros((self.num_classes, 0, 0), np.float16)] * n
-        stored: list[np.ndarray] = [np.zeros((0, 0, 3), np.uint8)] * n
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in range(n):
             if not errors[i]:
                 groups.setdefault(images[i].shape, []).append(i)
         # The model takes one (N, H, W, 3) tensor, so images of different sizes run apart.
         for idx in groups.values():
-            results = self._predict_group([images[i] for i in idx], [uris[i] for i in idx])
+            results = self._predict_group([images[i] for i in idx], [uris[i] for i in idx],
+                                          labels[idx[0]].shape)
             for i, result in zip(idx, results, strict=True):
                 if isinstance(result, str):
                     errors[i] = result
-                    continue
-                logits[i], image = self._store(result, images[i], labels[i].shape)
-                if image is not None:
-                    stored[i] = image
+                else:
+                    logits[i] = result
         out = {
             "image_id": batch["image_id"],
             "uri": batch["uri"],
@@ -232,18 +262,74 @@ class LogitPredictor:
             "logits": _column(logits),
         }
         if self.cfg.store_image:
-            out["image"] = _column(stored)
+            out["image"] = batch["image"]
         return out
+
+
+def _stored_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The RGB image resized (PIL bilinear) to the logits' (h, w), for the shard."""
+    if image.shape[:2] == size:
+        return image
+    pil = Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def shard_name(image_ids: list[str]) -> str:
+    """A shard's file name, derived from the ids it holds, so writers need no coordination.
+
+    Example:
+        >>> shard_name(["b", "a"]) == shard_name(["a", "b"])
+        True
+    """
+    digest = hashlib.sha256("\0".join(sorted(image_ids)).encode()).hexdigest()
+    return f"part-{digest[:20]}.parquet"
+
+
+def write_shards(
+    batch: dict[str, np.ndarray], *, directory: str, dataset: str, domain: str, role: str,
+    fingerprint: str, store_image: bool,
+) -> dict[str, np.ndarray]:
+    """Ray Data write step: write a batch of predicted rows as shards, on a CPU worker.
+
+    Rows are grouped by shape (one shape per shard); each group becomes one shard, written
+    atomically under a name derived from its image ids. Only metadata goes back to the driver.
+
+    Returns:
+        Column ``meta``: one JSON object per shard (``{"shard": ShardInfo fields}``) and per
+        failed row (``{"skipped": {"uri": ..., "reason": ...}}``).
+    """
+    meta: list[str] = []
+    groups: dict[tuple, list[ImageRecord]] = {}
+    for i in range(len(batch["image_id"])):
+        uri, error = str(batch["uri"][i]), str(batch["error"][i])
+        if error:
+            meta.append(json.dumps({"skipped": {"uri": uri, "reason": error}}))
+            continue
+        labels, logits = batch["labels"][i], batch["logits"][i]
+        image = _stored_image(batch["image"][i], logits.shape[-2:]) if store_image else None
+        record = ImageRecord(
+            dataset=dataset, domain=domain, role=role, image_id=str(batch["image_id"][i]),
+            uri=uri, height=int(labels.shape[0]), width=int(labels.shape[1]),
+            model_fingerprint=fingerprint, labels=labels, logits=logits, image=image,
+        )
+        key = (logits.shape, labels.shape, labels.dtype.str)
+        groups.setdefault(key, []).append(record)
+    for records in groups.values():
+        path = Path(directory) / shard_name([r.image_id for r in records])
+        meta.append(json.dumps({"shard": asdict(write_shard(path, records))}))
+    return {"meta": np.array(meta, dtype=object)}
 
 
 def _pool_resources(requested: int | None, blocks: int) -> dict[str, Any]:
     """Actor pool size and per-actor resources, from what the cluster has free now.
 
-    Ray Data hangs when an actor pool holds every CPU (ray-project/ray#44687): read tasks never
-    get scheduled. One CPU (half of a lone CPU) is therefore always left for them. Without a
-    request the pool has one actor per GPU, or one per two free CPUs; never more actors than
-    input blocks, since extra ones would only start up to sit idle. CPU actors split the
-    cluster's cores between them as torch threads.
+    GPU clusters get one actor per GPU, each with one CPU for its host-side work; decode and
+    write tasks take the other CPUs. On CPU-only clusters the pool has one actor per two free
+    CPUs, splitting the cores between them as torch threads; decode and write tasks then ask
+    for half a logical CPU each so that, while the model runs, the cores it leaves idle still
+    decode and write. At least one logical CPU always stays outside the pool: Ray Data hangs
+    when an actor pool holds every CPU (ray-project/ray#44687). Never more actors than input
+    blocks, since extra ones would only start up to sit idle.
     """
     free = ray.available_resources()
     cpus, gpus = float(free.get("CPU", 0.0)), int(free.get("GPU", 0.0))
@@ -257,7 +343,7 @@ def _pool_resources(requested: int | None, blocks: int) -> dict[str, Any]:
     if requested is not None and size < min(requested, blocks):
         warnings.warn(
             f"`extract.num_actors`={requested} exceeds what the cluster has free "
-            f"({cpus:g} CPU, {gpus} GPU, one CPU kept for read tasks); using {size}",
+            f"({cpus:g} CPU, {gpus} GPU, one CPU kept for decode and write tasks); using {size}",
             stacklevel=3,
         )
     total_cpus = float(ray.cluster_resources().get("CPU", cpus))
@@ -265,10 +351,8 @@ def _pool_resources(requested: int | None, blocks: int) -> dict[str, Any]:
         "size": size,
         "num_gpus": 1 if gpus >= 1 else 0,
         "num_cpus": max(0.01, min(1.0, (cpus - reserve) / size)),
-        "threads": max(1, int(total_cpus // size)),
-        # Decode tasks fit in the reserve; on CPU-only clusters they then ask for the same CPUs
-        # as the actors, so Ray Data fuses them into the actor stage (see module docstring).
-        "read_cpus": min(1.0, reserve),
+        "threads": 1 if gpus >= 1 else max(1, int(total_cpus // size)),
+        "task_cpus": min(reserve, 1.0 if gpus >= 1 else 0.5),
     }
 
 
@@ -322,40 +406,6 @@ def _existing_shards(
     return shards
 
 
-class _ShardWriter:
-    """Buffers rows per shape and writes a shard whenever a buffer is full."""
-
-    def __init__(self, directory: Path, first_index: int, rows_per_shard: int) -> None:
-        self.directory = directory
-        self.index = first_index
-        self.rows_per_shard = rows_per_shard
-        self.buffers: dict[tuple, list[ImageRecord]] = {}
-        self.written: list[ShardInfo] = []
-
-    def add(self, record: ImageRecord) -> None:
-        key = (record.logits.shape, record.labels.shape, record.labels.dtype.str,
-               None if record.image is None else record.image.shape)
-        buf = self.buffers.setdefault(key, [])
-        buf.append(record)
-        if len(buf) >= self.rows_per_shard:
-            self._write(key)
-
-    def _write(self, key: tuple) -> None:
-        path = self.directory / f"part-{self.index:05d}.parquet"
-        self.written.append(write_shard(path, self.buffers.pop(key)))
-        self.index += 1
-
-    def flush(self) -> None:
-        for key in list(self.buffers):
-            self._write(key)
-
-
-def _next_index(directory: Path) -> int:
-    """The first shard number above every shard file present (kept or adopted)."""
-    found = (_SHARD_NAME.fullmatch(p.name) for p in directory.glob(SHARD_PATTERN))
-    return max((int(m.group(1)) for m in found if m), default=-1) + 1
-
-
 def _extract_dataset(
     cfg: JobConfig, ds: DatasetConfig, paths: RunPaths, fingerprint: str, chash: str
 ) -> Path:
@@ -365,34 +415,27 @@ def _extract_dataset(
     kept = _existing_shards(directory, ds, fingerprint, content)
     done = {i for s in kept for i in s.image_ids}
     todo = [s for s in list_samples(ds) if s.image_id not in done]
-    writer = _ShardWriter(directory, _next_index(directory), cfg.extract.rows_per_shard)
+    written: list[ShardInfo] = []
     skipped: list[dict[str, str]] = []
     start = time.perf_counter()
     if todo:
         logger.info("%s: %d images to extract (%d already stored)", ds.name, len(todo), len(done))
-        rows = _stream(cfg, ds, todo)
-        for row in rows:
-            if row["error"]:
-                if cfg.extract.on_error == "fail":
-                    raise DataError(f"Dataset {ds.name!r}: {row['error']}")
-                logger.warning("%s: skipping: %s", ds.name, row["error"])
-                skipped.append({"uri": str(row["uri"]), "reason": str(row["error"])})
+        for meta in _stream(cfg, ds, todo, directory, fingerprint):
+            if "shard" in meta:
+                written.append(ShardInfo(**meta["shard"]))
                 continue
-            labels = row["labels"]
-            writer.add(ImageRecord(
-                dataset=ds.name, domain=ds.domain, role=ds.role, image_id=str(row["image_id"]),
-                uri=str(row["uri"]), height=int(labels.shape[0]), width=int(labels.shape[1]),
-                model_fingerprint=fingerprint, labels=labels, logits=row["logits"],
-                image=row.get("image") if cfg.extract.store_image else None,
-            ))
-        writer.flush()
+            if cfg.extract.on_error == "fail":
+                raise DataError(f"Dataset {ds.name!r}: {meta['skipped']['reason']}")
+            logger.warning("%s: skipping: %s", ds.name, meta["skipped"]["reason"])
+            skipped.append(meta["skipped"])
     elapsed = time.perf_counter() - start
-    n_new = sum(s.rows for s in writer.written)
+    n_new = sum(s.rows for s in written)
     manifest = Manifest(
         dataset=ds.name, role=ds.role, domain=ds.domain, reference=ds.reference,
         num_classes=cfg.model.num_classes, class_names=cfg.model.names(),
         ignore_index=ds.ignore_index, model_fingerprint=fingerprint, config_hash=chash,
-        shards=kept + writer.written, skipped=skipped,
+        shards=kept + sorted(written, key=lambda s: s.file),
+        skipped=sorted(skipped, key=lambda s: s["uri"]),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         content_hash=content,
     )
@@ -410,35 +453,50 @@ def _extract_dataset(
     return directory
 
 
-def _stream(cfg: JobConfig, ds: DatasetConfig, todo: list[Sample]) -> Iterator[dict[str, Any]]:
-    """Run decode + inference on Ray Data and yield result rows as they arrive."""
+def _stream(
+    cfg: JobConfig, ds: DatasetConfig, todo: list[Sample], directory: Path, fingerprint: str
+) -> Iterator[dict[str, Any]]:
+    """Run decode, inference and shard writes on Ray Data; yield the writers' metadata."""
     items = [{"image_id": s.image_id, "uri": s.uri, "label_uri": s.label_uri or ""}
              for s in todo]
     num_classes = cfg.model.num_classes
-    # One block per model batch; actors beyond the block count would only sit idle.
-    blocks = max(1, math.ceil(len(items) / cfg.extract.batch_size))
+    batch_size = cfg.extract.batch_size
+    # [1] one input block per model batch: decode tasks spread over every free CPU and run
+    #     ahead of inference; actors beyond the block count would only sit idle.
+    blocks = max(1, math.ceil(len(items) / batch_size))
     pool = _pool_resources(cfg.extract.num_actors, blocks)
+    # A task CPU unlike the actors' keeps Ray Data from fusing decode into the actor stage,
+    # where it would run serially with the model.
+    task_cpus = pool["task_cpus"] if pool["task_cpus"] != pool["num_cpus"] else 0.5
     dataset = (
         ray.data.from_items(items, override_num_blocks=blocks)
-        .map(decode_row, fn_kwargs={"cfg": ds, "num_classes": num_classes},
-             num_cpus=pool["read_cpus"])
+        .map_batches(decode_batch, fn_kwargs={"cfg": ds, "num_classes": num_classes},
+                     batch_size=batch_size, batch_format="numpy", num_cpus=task_cpus)
+        # [2] the model: one actor per GPU (else per two CPUs), logits reduced on the device
         .map_batches(
             LogitPredictor,
             fn_constructor_kwargs={
                 "model_cfg": cfg.model, "extract_cfg": cfg.extract,
                 "threads": pool["threads"], "use_gpu": pool["num_gpus"] > 0,
             },
-            batch_size=cfg.extract.batch_size,
+            batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=pool["size"]),
             num_cpus=pool["num_cpus"],
             num_gpus=pool["num_gpus"],
         )
+        # [3] shards written by CPU workers where the logits are; only metadata comes back
+        .map_batches(
+            write_shards,
+            fn_kwargs={"directory": str(directory), "dataset": ds.name, "domain": ds.domain,
+                       "role": ds.role, "fingerprint": fingerprint,
+                       "store_image": cfg.extract.store_image},
+            batch_size=cfg.extract.rows_per_shard, batch_format="numpy", num_cpus=task_cpus,
+        )
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        columns = list(batch)
-        for i in range(len(batch["image_id"])):
-            yield {c: batch[c][i] for c in columns}
+        for meta in batch["meta"]:
+            yield json.loads(meta)
 
 
 def run(cfg: JobConfig) -> dict[str, Path]:

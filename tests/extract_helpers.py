@@ -40,3 +40,21 @@ def nan_on_bright(num_classes: int = NUM_CLASSES) -> nn.Module:
 def too_few_classes() -> nn.Module:
     """A model with one channel fewer than the tests' class count."""
     return tiny_net(NUM_CLASSES - 1)
+
+
+class _RaiseOnBright(nn.Module):
+    """tiny_net, except that it raises (not a ValueError) on a batch with a bright image."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.net = tiny_net(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.mean(dim=(1, 2, 3)) > 0.9).any()):
+            raise RuntimeError("cannot segment a bright image")
+        return self.net(x)
+
+
+def raise_on_bright(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """A model that fails with a RuntimeError on bright images only."""
+    return _RaiseOnBright(num_classes)
