@@ -23,8 +23,9 @@ Exit codes, for scripts:
     3  the cluster or the registry is unavailable: unreachable address, credentials refused,
        registry locked by another refresh, broken ``current``, unknown run
 
-Stage commands call ``ray.init()``, which connects to ``RAY_ADDRESS`` when set (inside a Ray job
-it is) and otherwise starts Ray on this machine.
+Stage commands connect to ``RAY_ADDRESS`` when set (inside a Ray job it is; ``RAY_ADDRESS=auto``
+joins a ``ray start`` cluster on this machine) and otherwise start Ray on this machine, listening
+on 127.0.0.1 only (``SEGCAL_RAY_BIND=all`` for every interface); see ``pipeline/runtime.py``.
 """
 
 from __future__ import annotations
@@ -61,12 +62,11 @@ def _load(args: argparse.Namespace) -> JobConfig:
 
 
 def _init_ray() -> None:
-    import ray
+    from pipeline.runtime import init_ray
 
-    # No address: ray.init() reads RAY_ADDRESS, so the same command runs inside a Ray job on a
-    # cluster or starts a local runtime on a laptop.
-    if not ray.is_initialized():
-        ray.init()
+    # RAY_ADDRESS set (inside a Ray job it is): join that cluster; else a local runtime on
+    # 127.0.0.1 only (SEGCAL_RAY_BIND=all for every interface).
+    init_ray()
 
 
 def _print_decision(entry: dict) -> None:

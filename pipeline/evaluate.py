@@ -645,8 +645,9 @@ def _batches_ray(
 ) -> Iterator[pa.Table]:
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    from pipeline.runtime import init_ray
+
+    init_ray()
     size, num_cpus, threads = _pool(num_actors, len(items))
     # [1] one block per shard file, so that the shards spread over the actors
     shards = ray.data.from_items(items, override_num_blocks=len(items))
