@@ -387,7 +387,10 @@ def _check_size(raw: Any) -> None:
                 "is it an alias bomb or a recursive alias?"
             )
         if depth > MAX_DEPTH:
-            raise ConfigError(f"Expected values nested at most {MAX_DEPTH} deep, but got deeper")
+            raise ConfigError(
+                f"Expected values nested at most {MAX_DEPTH} deep, but got deeper (a recursive "
+                "YAML alias?)"
+            )
         if isinstance(node, dict):
             stack.extend((v, depth + 1) for v in node.values())
             count += len(node)  # the keys
@@ -482,8 +485,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# Up to this many classes the parse-time check builds calibrators for real (a C x C matrix of
+# at most 4 MB, built in microseconds); above, on torch's meta device, which allocates nothing
+# but costs a few seconds of one-time setup for some ops (torch.eye).
+_REAL_BUILD_CLASSES = 1024
+
+
 def _check_calibrators(cfg: JobConfig) -> list[str]:
-    """Build every calibrator (on the meta device: no memory) so bad names and options fail now.
+    """Build every calibrator once so that bad names and options fail at parse time.
 
     Returns:
         One ``key: message`` line per bad entry.
@@ -508,8 +517,16 @@ def _check_calibrators(cfg: JobConfig) -> list[str]:
                 f"{use_corrupted!r}"
             )
         try:
-            with torch.device("meta"):
+            if cfg.model.num_classes <= _REAL_BUILD_CLASSES:
                 build_calibrator(spec.name, cfg.model.num_classes, **options)
+            else:
+                try:
+                    with torch.device("meta"):
+                        build_calibrator(spec.name, cfg.model.num_classes, **options)
+                except (NotImplementedError, RuntimeError):
+                    # A constructor that reads a tensor's value cannot run on the meta
+                    # device; build it for real (what fit does first anyway).
+                    build_calibrator(spec.name, cfg.model.num_classes, **options)
         except (TypeError, ValueError) as err:
             problems.append(f"calibrators.{i}.options: {err} ({spec.key!r})")
     return problems
