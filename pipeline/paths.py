@@ -189,14 +189,31 @@ def scratch_dir(parent: str | Path, stage: str) -> Path:
         pid = old.name[len(prefix):].split("-", 1)[0]
         if old.is_dir() and pid.isdigit() and not _running(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
+    return make_temp_dir(parent, prefix=f"{prefix}{os.getpid()}-")
+
+
+def make_temp_dir(parent: str | Path, *, prefix: str = "", suffix: str = "") -> Path:
+    """A new folder ``parent/<prefix><random><suffix>``, mode 0777 minus the umask.
+
+    Use it instead of :func:`tempfile.mkdtemp` (mode 0700) for a folder that is later renamed
+    into place, so that it ends as readable as a plain ``mkdir`` would make it.
+
+    Args:
+        parent: the folder to create it in (it must exist).
+        prefix: the start of the name.
+        suffix: the end of the name.
+
+    Returns:
+        The new, empty folder.
+    """
     for _ in range(100):
-        path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}{suffix}"
         try:
             path.mkdir(mode=0o777)
         except FileExistsError:
             continue
         return path
-    raise FileExistsError(f"No free scratch folder name {prefix}{os.getpid()}-* in {parent}")
+    raise FileExistsError(f"No free folder name {prefix}*{suffix} in {parent}")
 
 
 def _running(pid: int) -> bool:

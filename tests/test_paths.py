@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from pipeline.paths import RunPaths, atomic_write_json, atomic_write_text, child, scratch_dir
+from pipeline.paths import (
+    RunPaths,
+    atomic_write_json,
+    atomic_write_text,
+    child,
+    make_temp_dir,
+    scratch_dir,
+)
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -110,6 +117,10 @@ def test_atomic_writes_and_scratch_dirs_follow_the_umask(tmp_path, umask, mask, 
     assert _mode(target) == file_mode
     assert _mode(target.parent) == dir_mode
     assert _mode(scratch_dir(tmp_path, "evaluate")) == dir_mode
+    made = make_temp_dir(tmp_path, prefix=".ts.", suffix=".tmp")
+    assert _mode(made) == dir_mode
+    assert made.name.startswith(".ts.")
+    assert made.name.endswith(".tmp")
 
 
 def test_rewrite_takes_the_umask_not_the_old_mode(tmp_path, umask):
