@@ -622,3 +622,51 @@ def test_two_refreshes_at_once_one_exits_naming_the_lock(tmp_path):
     assert out.strip() == "promoted"
     assert [e["decision"] for e in registry.history(root)] == ["promoted"]
     assert registry.current(root) == registry.history(root)[0]["challenger"]
+
+
+class RealArtifactStages(FakeStages):
+    """fit writes real artifacts (same data -> same calibrator) with a fresh wall-clock timing."""
+
+    def __call__(self, cfg, stage):
+        out = Path(cfg.output)
+        if stage == "fit":
+            import torch
+
+            from pipeline import calibrators
+
+            self.calls.append((out.name, stage))
+            g = torch.Generator().manual_seed(0)
+            logits = torch.randn(256, 3, generator=g) * 4
+            labels = torch.randint(0, 3, (256,), generator=g)
+            for spec in cfg.calibrators:
+                cal = calibrators.build_calibrator("temperature", 3).fit(logits, labels)
+                metrics = {"ece": self.ece[spec.key], "seconds": time.perf_counter(),
+                           "ray": {"train_seconds": time.time()}}
+                calibrators.save(cal, out / "artifacts" / spec.key, class_names=None,
+                                 ignore_index=None, metrics=metrics)
+        elif stage == "evaluate":
+            self.calls.append((out.name, stage))
+            rows = {(ds, "uncalibrated"): 0.2 for ds in DATASETS}
+            for spec in cfg.calibrators:
+                card = json.loads((out / "artifacts" / spec.key / "calibrator.json").read_text())
+                rows.update({(ds, spec.key): card["metrics"]["ece"] for ds in DATASETS})
+            _summary(rows).to_csv(out / "summary.csv", index=False)
+        else:
+            super().__call__(cfg, stage)
+
+
+def test_refit_identical_calibrator_is_recognised_and_not_stored_twice(tmp_path):
+    # Issue 19 item 7: the fit's wall-clock time lives in timings.json, outside the digest.
+    root = tmp_path / "reg"
+    stages = RealArtifactStages({"ts": 0.05, "selective": 0.04})
+    first = refresh(_cfg(tmp_path), root, call=stages)
+    assert first["decision"] == "promoted"
+    timings = (tmp_path / "out" / "artifacts" / "ts" / "timings.json").read_text()
+    stages.calls.clear()
+    second = refresh(_cfg(tmp_path, seed=1), root, call=stages)  # config change: refit
+    assert ("out", "fit") in stages.calls
+    assert (tmp_path / "out" / "artifacts" / "ts" / "timings.json").read_text() != timings
+    assert second["decision"] == "kept"
+    assert "identical" in second["reason"]
+    assert second["challenger"] == first["challenger"]
+    assert len(registry.list_runs(root)) == 1

@@ -1,13 +1,21 @@
 """Calibrator artifacts: safetensors weights plus a JSON card, and TorchScript export.
 
-An artifact folder holds exactly two files::
+An artifact folder holds::
 
     model.safetensors   the calibrator's state_dict (safetensors, no pickle)
     calibrator.json     the card: registry name, options, classes, ignore index, fitted values,
                         metrics, sha256 of model.safetensors, data fingerprint, package version
+    timings.json        (when the fit reported any) wall-clock timings: how the fit ran
 
-`load` rebuilds the module from these two files alone: it never unpickles (no ``torch.load``)
-and refuses a card whose hash, registry name or class count does not match the weights.
+The first two files depend only on the fitted state and the options, so refitting the same data
+with the same options writes the same bytes (the registry recognises identical calibrators by
+them); timings, which change at every run, live apart in ``timings.json`` (see `read_timings`).
+
+`load` rebuilds the module from the first two files alone: it never unpickles (no
+``torch.load``) and refuses a card whose hash, registry name or class count does not match the
+weights. It treats both files as untrusted: sizes, JSON nesting depth, ``num_classes``
+(at most `MAX_CLASSES`) and every tensor's declared shape are checked before anything of that
+size is allocated, non-finite weights are refused, and every defect raises ValueError.
 """
 
 from __future__ import annotations
@@ -15,13 +23,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import shutil
+import struct
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -32,13 +44,29 @@ from pipeline.calibrators.base import Calibrator
 from pipeline.paths import atomic_write_bytes
 
 __all__ = [
-    "CARD", "WEIGHTS", "export_torchscript", "export_with_model", "load", "read_card", "save",
+    "CARD", "MAX_CLASSES", "TIMINGS", "WEIGHTS", "export_torchscript", "export_with_model", "load",
+    "read_card", "read_timings", "save", "split_timings",
 ]
 
 WEIGHTS = "model.safetensors"
 CARD = "calibrator.json"
+TIMINGS = "timings.json"
 FORMAT = "segcal.calibrator/1"
 _REQUIRED = ("format", "name", "options", "num_classes", "class_names", "ignore_index", "sha256")
+
+# Bounds `load` checks before allocating anything of the declared size.
+MAX_CLASSES = 4096
+MAX_CARD_BYTES = 16 * 2**20
+MAX_WEIGHTS_BYTES = 512 * 2**20
+MAX_JSON_DEPTH = 64
+# Tensors that may hold +inf in a valid fit (a sentinel, e.g. meta_cal's "never gate"
+# threshold); a calibrator class can also list them in an ``infinite_ok`` attribute.
+_INFINITE_OK = {"meta_cal": ("threshold",)}
+_SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 def _require_fitted(calibrator: Calibrator, action: str) -> None:
@@ -51,6 +79,56 @@ def _require_fitted(calibrator: Calibrator, action: str) -> None:
         raise RuntimeError(f"Expected a fitted calibrator to {action}, but it was never fitted")
 
 
+def _is_timing(key: str) -> bool:
+    return key == "seconds" or key.endswith("_seconds")
+
+
+def split_timings(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split metrics into what the fit produced and how long it took.
+
+    A key named ``seconds`` or ending in ``_seconds``, at any depth, is a wall-clock timing.
+
+    Args:
+        metrics: Metrics as a fit reports them, e.g. ``{"heldout": {...}, "seconds": 1.2,
+            "ray": {"train_loss": 0.4, "train_seconds": 0.9}}``.
+
+    Returns:
+        ``(metrics without timings, timings)``; both keep the nesting, empty dicts are dropped.
+
+    Example:
+        >>> split_timings({"nll": 0.5, "seconds": 1.5, "ray": {"loss": 1, "load_seconds": 2}})
+        ({'nll': 0.5, 'ray': {'loss': 1}}, {'seconds': 1.5, 'ray': {'load_seconds': 2}})
+    """
+    kept: dict[str, Any] = {}
+    timings: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(key, str) and _is_timing(key):
+            timings[key] = value
+        elif isinstance(value, dict):
+            inner, inner_timings = split_timings(value)
+            if inner or not inner_timings:
+                kept[key] = inner
+            if inner_timings:
+                timings[key] = inner_timings
+        else:
+            kept[key] = value
+    return kept, timings
+
+
+def _infinite_ok(calibrator_or_cls: Any) -> tuple[str, ...]:
+    name = getattr(calibrator_or_cls, "name", None)
+    return (*getattr(calibrator_or_cls, "infinite_ok", ()), *_INFINITE_OK.get(name, ()))
+
+
+def _non_finite(key: str, tensor: Tensor, infinite_ok: tuple[str, ...]) -> int:
+    """How many values of ``tensor`` are not allowed: NaN, -inf, and +inf unless allowed."""
+    if not tensor.is_floating_point():
+        return 0
+    if key in infinite_ok:
+        return int((torch.isnan(tensor) | (tensor == -math.inf)).sum())
+    return int((~torch.isfinite(tensor)).sum())
+
+
 def save(
     calibrator: Calibrator,
     directory: str | Path,
@@ -59,12 +137,15 @@ def save(
     ignore_index: int | None,
     metrics: dict[str, Any] | None = None,
     data_fingerprint: str | None = None,
+    timings: dict[str, Any] | None = None,
 ) -> Path:
     """Write a fitted calibrator to ``directory`` (model.safetensors + calibrator.json).
 
     The folder is built under a temporary name beside ``directory`` and renamed into place,
     so a killed run never leaves a half-written artifact; an existing artifact there is
-    replaced.
+    replaced. Wall-clock timings (``timings``, and the keys of ``metrics`` that `split_timings`
+    finds) go to ``timings.json``, so the other two files depend only on the fitted state,
+    the options and the metrics' values.
 
     Args:
         calibrator: A fitted calibrator.
@@ -73,13 +154,15 @@ def save(
         ignore_index: The label value that was ignored in the fit, or None.
         metrics: Json-able training / held-out metrics for the card.
         data_fingerprint: Fingerprint of the calibration data (e.g. its manifest hash).
+        timings: Json-able wall-clock timings of the fit, for ``timings.json``.
 
     Returns:
         The artifact folder.
 
     Raises:
         RuntimeError: When the calibrator is not fitted.
-        ValueError: When ``class_names`` has the wrong length or the card is not json-able.
+        ValueError: When ``class_names`` has the wrong length, the card or the timings are not
+            json-able, or a fitted tensor holds NaN or inf (`load` would refuse it).
     """
     _require_fitted(calibrator, "save it")
     if class_names is not None and len(class_names) != calibrator.num_classes:
@@ -88,7 +171,17 @@ def save(
             f"{len(class_names)}"
         )
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in calibrator.state_dict().items()}
+    allowed = _infinite_ok(calibrator)
+    for key, tensor in tensors.items():
+        bad = _non_finite(key, tensor, allowed)
+        if bad:
+            raise ValueError(
+                f"Expected finite values in the fitted tensor `{key}` of {calibrator.name!r}, "
+                f"but got {bad} NaN/inf values"
+            )
     weights = safetensors.torch.save(tensors)
+    metrics, metric_timings = split_timings(dict(metrics or {}))
+    timings = {**metric_timings, **(timings or {})}
     card = {
         "format": FORMAT,
         "name": calibrator.name,
@@ -97,7 +190,7 @@ def save(
         "class_names": None if class_names is None else list(class_names),
         "ignore_index": ignore_index,
         "summary": calibrator.summary(),
-        "metrics": metrics or {},
+        "metrics": metrics,
         "sha256": hashlib.sha256(weights).hexdigest(),
         "data_fingerprint": data_fingerprint,
         "version": pipeline.__version__,
@@ -106,12 +199,19 @@ def save(
         text = json.dumps(card, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except (TypeError, ValueError) as err:
         raise ValueError(f"Expected a json-able artifact card, but got {card!r}: {err}") from err
+    files = [(WEIGHTS, weights), (CARD, text.encode("utf-8"))]
+    if timings:
+        try:
+            timing_text = json.dumps(timings, indent=2, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"Expected json-able timings, but got {timings!r}: {err}") from err
+        files.append((TIMINGS, (timing_text + "\n").encode("utf-8")))
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        for name, data in ((WEIGHTS, weights), (CARD, text.encode("utf-8"))):
+        for name, data in files:
             with open(tmp / name, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -130,6 +230,46 @@ def save(
     return directory
 
 
+def read_timings(directory: str | Path) -> dict[str, Any]:
+    """The wall-clock timings `save` set apart for an artifact (empty when it has none).
+
+    Example keys, as `pipeline.fit` reports them: ``seconds`` (the whole fit) and, for a Ray
+    Train fit, ``ray.load_seconds`` / ``ray.train_seconds`` (one worker's shard read / training).
+
+    Raises:
+        ValueError: ``timings.json`` exists but is not a JSON object.
+    """
+    path = Path(directory) / TIMINGS
+    if not path.is_file():
+        return {}
+    timings = _parse_json(path.read_bytes(), path)
+    if not isinstance(timings, dict):
+        raise ValueError(f"Expected {path} to hold a JSON object, but got {type(timings).__name__}")
+    return timings
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_json(data: bytes, where: Path | str) -> Any:
+    """``json.loads`` with the nesting depth bounded first and only ValueError raised."""
+    # Brackets outside strings; json's decoder recurses per level, so depth is checked first.
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    if bare.size:
+        steps = np.isin(bare, (0x5B, 0x7B)).astype(np.int64) - np.isin(bare, (0x5D, 0x7D))
+        depth = int(np.cumsum(steps).max())
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(
+                f"Expected JSON nested at most {MAX_JSON_DEPTH} levels deep in {where}, but got "
+                f"{depth}"
+            )
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"Expected {where} to hold JSON, but got: {err}") from None
+
+
 def read_card(directory: str | Path) -> dict[str, Any]:
     """Read and check the keys of an artifact's calibrator.json.
 
@@ -141,15 +281,16 @@ def read_card(directory: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: When the card is missing.
-        ValueError: When it is not JSON, not a segcal card, or lacks a required key.
+        ValueError: When it is larger than `MAX_CARD_BYTES`, not JSON (or nested deeper than
+            `MAX_JSON_DEPTH`), not a segcal card, or lacks a required key.
     """
     path = Path(directory) / CARD
     if not path.is_file():
         raise FileNotFoundError(f"Expected an artifact card at {path}, but it does not exist")
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"Expected {path} to hold JSON, but got: {err}") from err
+    size = path.stat().st_size
+    if size > MAX_CARD_BYTES:
+        raise ValueError(f"Expected {path} to be at most {MAX_CARD_BYTES} bytes, but got {size}")
+    card = _parse_json(path.read_bytes(), path)
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         got = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise ValueError(f"Expected `format` in {path} to be {FORMAT!r}, but got {got!r}")
@@ -159,20 +300,89 @@ def read_card(directory: str | Path) -> dict[str, Any]:
     return card
 
 
+def _read_header(weights_path: Path, size: int) -> dict[str, Any]:
+    """The safetensors header (tensor name -> dtype, shape, offsets), checked; nothing else read.
+
+    The format: an 8-byte little-endian header length n, n bytes of JSON, then the data.
+    """
+    if size < 8:
+        raise ValueError(
+            f"Expected {weights_path} to be a safetensors file, but it has {size} bytes"
+        )
+    with open(weights_path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > min(size - 8, MAX_CARD_BYTES):
+            raise ValueError(
+                f"Expected the safetensors header of {weights_path} to fit in the file, but it "
+                f"declares {n} bytes for a file of {size}"
+            )
+        header = _parse_json(f.read(n), f"the safetensors header of {weights_path}")
+    if not isinstance(header, dict):
+        raise ValueError(f"Expected the safetensors header of {weights_path} to be a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, entry in header.items():
+        ok = isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES
+        shape = entry.get("shape") if ok else None
+        offsets = entry.get("data_offsets") if ok else None
+        ok = (
+            isinstance(shape, list) and len(shape) <= 8
+            and all(type(d) is int and 0 <= d <= MAX_WEIGHTS_BYTES for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size
+        )
+        if ok:
+            nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[entry["dtype"]]
+            ok = offsets[1] - offsets[0] == nbytes
+        if not ok:
+            raise ValueError(
+                f"Expected tensor `{key}` in {weights_path} to declare a dtype, a shape and "
+                f"data offsets inside the file that match, but got {entry!r}"
+            )
+    return header
+
+
+def _expected_state(build: Any, name: str, num_classes: int, options: dict[str, Any],
+                    card_path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Name -> (shape, bytes) of the state the card describes, built without allocating."""
+    try:
+        with torch.device("meta"):
+            state = build(name, num_classes, **options).state_dict()
+    except (NotImplementedError, RuntimeError):
+        # A constructor that needs real tensors: the bounded num_classes keeps this small.
+        try:
+            state = build(name, num_classes, **options).state_dict()
+        except Exception as err:
+            raise ValueError(f"Invalid `options` or `num_classes` in {card_path}: {err}") from None
+    except Exception as err:  # TypeError, ValueError, OverflowError from option checks
+        raise ValueError(f"Invalid `options` or `num_classes` in {card_path}: {err}") from None
+    return {k: (tuple(v.shape), v.numel() * v.element_size()) for k, v in state.items()}
+
+
 def load(directory: str | Path) -> Calibrator:
     """Rebuild a fitted calibrator from an artifact folder, without unpickling.
+
+    Both files are treated as untrusted. Before anything of a declared size is allocated,
+    ``num_classes`` is checked against `MAX_CLASSES`, the files against `MAX_CARD_BYTES` /
+    `MAX_WEIGHTS_BYTES`, and every tensor's shape in the safetensors header (read alone)
+    against the state the card's name, options and class count describe; then the sha256,
+    the tensors and their values (NaN and inf are refused, except +inf where a calibrator
+    uses it as a sentinel) are checked.
 
     Args:
         directory: A folder written by `save`.
 
     Returns:
-        The fitted calibrator in eval mode, on the CPU.
+        The fitted calibrator in eval mode, on the CPU, with ``requires_grad`` off (it runs
+        without autograd; call ``requires_grad_(True)`` to train it further).
 
     Raises:
         FileNotFoundError: When a file is missing.
-        ValueError: When the card is malformed, names an unknown calibrator, its sha256 does
-            not match model.safetensors, or the class count does not match the card or the
-            weights.
+        ValueError: Any defect of the card or the weights: malformed or too deeply nested
+            JSON, an unknown calibrator, bad options, a class count out of bounds or unlike
+            the weights', a sha256 that does not match model.safetensors, a malformed or
+            truncated safetensors file, tensors of other names or shapes, non-finite values.
     """
     # Imported here: the registry imports this module.
     from pipeline.calibrators import CALIBRATORS, build_calibrator, list_calibrators
@@ -181,7 +391,7 @@ def load(directory: str | Path) -> Calibrator:
     card = read_card(directory)
     card_path, weights_path = directory / CARD, directory / WEIGHTS
     name, num_classes = card["name"], card["num_classes"]
-    if name not in CALIBRATORS:
+    if not isinstance(name, str) or name not in CALIBRATORS:
         raise ValueError(
             f"Unknown calibrator {name!r} in `name` of {card_path}: expected one of "
             f"{list_calibrators()}"
@@ -189,13 +399,49 @@ def load(directory: str | Path) -> Calibrator:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise ValueError(f"Expected `num_classes` in {card_path} to be an int, but got "
                          f"{num_classes!r}")
-    names = card["class_names"]
-    if names is not None and (not isinstance(names, list) or len(names) != num_classes):
+    if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(
-            f"Expected `class_names` in {card_path} to list {num_classes} names, but got {names!r}"
+            f"Expected `num_classes` in {card_path} to be in [1, {MAX_CLASSES}], but got "
+            f"{num_classes}"
         )
+    names = card["class_names"]
+    if names is not None and (
+        not isinstance(names, list) or len(names) != num_classes
+        or not all(isinstance(n, str) for n in names)
+    ):
+        shown = names if not isinstance(names, list) or len(names) <= 20 else f"{len(names)} items"
+        raise ValueError(
+            f"Expected `class_names` in {card_path} to list {num_classes} names, but got {shown!r}"
+        )
+    options = card["options"]
+    if not isinstance(options, dict):
+        raise ValueError(
+            f"Expected `options` in {card_path} to be an object, but got {type(options).__name__}"
+        )
+    if not isinstance(card["sha256"], str):
+        raise ValueError(f"Expected `sha256` in {card_path} to be a hex string, but got "
+                         f"{card['sha256']!r}")
     if not weights_path.is_file():
         raise FileNotFoundError(f"Expected weights at {weights_path}, but it does not exist")
+    expected = _expected_state(build_calibrator, name, num_classes, options, card_path)
+    total = sum(nbytes for _, nbytes in expected.values())
+    size = weights_path.stat().st_size
+    if total > MAX_WEIGHTS_BYTES or size > MAX_WEIGHTS_BYTES:
+        raise ValueError(
+            f"Expected at most {MAX_WEIGHTS_BYTES} bytes of weights, but {card_path} describes "
+            f"{total} and {weights_path} holds {size}"
+        )
+    header = _read_header(weights_path, size)
+    if set(header) != set(expected):
+        raise ValueError(
+            f"Expected tensors {sorted(expected)} in {weights_path}, but got {sorted(header)}"
+        )
+    for key, entry in header.items():
+        if tuple(entry["shape"]) != expected[key][0]:
+            raise ValueError(
+                f"Expected tensor `{key}` of shape {expected[key][0]} in {weights_path} "
+                f"for `num_classes`={num_classes} in {card_path}, but got {tuple(entry['shape'])}"
+            )
     weights = weights_path.read_bytes()  # hash and parse the same bytes
     digest = hashlib.sha256(weights).hexdigest()
     if digest != card["sha256"]:
@@ -204,25 +450,28 @@ def load(directory: str | Path) -> Calibrator:
             f"{card['sha256']!r} for a file hashing to {digest!r}"
         )
     try:
-        calibrator = build_calibrator(name, num_classes, **card["options"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"Invalid `options` or `num_classes` in {card_path}: {err}") from err
-    tensors = safetensors.torch.load(weights)
-    expected = calibrator.state_dict()
-    if set(tensors) != set(expected):
-        raise ValueError(
-            f"Expected tensors {sorted(expected)} in {weights_path}, but got {sorted(tensors)}"
-        )
+        tensors = safetensors.torch.load(weights)
+    except Exception as err:  # safetensors' own SafetensorError, or a torch dtype error
+        raise ValueError(f"Expected {weights_path} to be a safetensors file: {err}") from None
+    try:
+        calibrator = build_calibrator(name, num_classes, **options)
+    except Exception as err:
+        raise ValueError(f"Invalid `options` or `num_classes` in {card_path}: {err}") from None
+    allowed = _infinite_ok(calibrator)
     for key, tensor in tensors.items():
-        if tensor.shape != expected[key].shape:
+        bad = _non_finite(key, tensor, allowed)
+        if bad:
             raise ValueError(
-                f"Expected tensor `{key}` of shape {tuple(expected[key].shape)} in {weights_path} "
-                f"for `num_classes`={num_classes} in {card_path}, but got {tuple(tensor.shape)}"
+                f"Expected finite values in tensor `{key}` of {weights_path}, but got {bad} "
+                f"NaN/inf values"
             )
-    calibrator.load_state_dict(tensors)
+    try:
+        calibrator.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise ValueError(f"Expected the tensors of {weights_path} to load: {err}") from None
     if not bool(calibrator.fitted):
         raise ValueError(f"Expected a fitted calibrator in {weights_path}, but `fitted` is false")
-    return calibrator.eval()
+    return calibrator.requires_grad_(False).eval()
 
 
 # --------------------------------------------------------------------------------------------
