@@ -12,6 +12,21 @@ Unknown keys and wrong types are errors that name the file and the dotted key:
     bogus
       Extra inputs are not permitted [type=extra_forbidden, input_value=1, input_type=int]
     ...
+
+What :func:`load_config` / :func:`parse_config` refuse, each with the dotted key named:
+
+- numbers and booleans of the wrong type (strict: ``true`` or ``"0.5"`` is not a number, ``1``
+  is not a boolean; an int is a valid float), and values out of bounds (``evaluate.n_bins`` in
+  1..1000, ``ignore_index`` in 0..65535, ...);
+- names that become folder names (``datasets.N.name``, ``calibrators.N.label`` and ``.name``)
+  unless they match :data:`NAME_PATTERN` (so never ``.`` or ``..``);
+- ``${VAR}`` with VAR unset or empty (``${VAR:-default}`` gives a default);
+- an ``output`` folder that is, lies in or contains a dataset's ``images``/``labels`` folder;
+- unknown calibrator names and options (each calibrator is built once);
+- YAML that expands (aliases) to more than :data:`MAX_NODES` values or nests deeper than
+  :data:`MAX_DEPTH`.
+
+``calibrators`` entries may be plain registry names: ``[temperature, selective]``.
 """
 
 from __future__ import annotations

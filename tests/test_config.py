@@ -353,6 +353,13 @@ def test_recursive_alias_and_deep_nesting_fail_cleanly(tmp_path):
         load_config(path)
 
 
+def test_values_json_cannot_hold_are_a_config_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "extra_date: 2020-01-01\n")
+    with pytest.raises(ConfigError, match="not JSON serializable"):
+        load_config(path)
+
+
 def test_a_few_aliases_still_work(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in BASE.items() if k != "calibrators"})
