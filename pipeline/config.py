@@ -16,8 +16,8 @@ Unknown keys and wrong types are errors that name the file and the dotted key:
 What :func:`load_config` / :func:`parse_config` refuse, each with the dotted key named:
 
 - numbers and booleans of the wrong type (strict: ``true`` or ``"0.5"`` is not a number, ``1``
-  is not a boolean; an int is a valid float), and values out of bounds (``evaluate.n_bins`` in
-  1..1000, ``ignore_index`` in 0..65535, ...);
+  is not a boolean; an int is a valid float), NaN and infinity, and values out of bounds
+  (``evaluate.n_bins`` in 1..1000, ``ignore_index`` in 0..65535, ...);
 - names that become folder names (``datasets.N.name``, ``calibrators.N.label`` and ``.name``)
   unless they match :data:`NAME_PATTERN` (so never ``.`` or ``..``);
 - ``${VAR}`` with VAR unset or empty (``${VAR:-default}`` gives a default);
@@ -113,7 +113,7 @@ def check_name(key: str, value: Any) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _exact_int(value: Any) -> Any:

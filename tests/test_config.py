@@ -233,6 +233,8 @@ def test_output_beside_inputs_is_accepted(tmp_path):
         pytest.param("extract.store_stride=true", r"extract\.store_stride", id="bool-stride"),
         pytest.param("extract.store_stride=2.0", r"extract\.store_stride", id="float-stride"),
         pytest.param("model.mean=[0, '0.5', 0]", r"model\.mean\.1", id="str-in-tuple"),
+        pytest.param("model.scale=.nan", r"model\.scale: .*finite", id="nan"),
+        pytest.param("refresh.tolerance=.inf", r"refresh\.tolerance: .*finite", id="inf"),
     ],
 )
 def test_numbers_and_booleans_are_strict_and_bounded(tmp_path, override, key):
