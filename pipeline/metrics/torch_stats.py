@@ -121,7 +121,10 @@ def prepare_targets(
             allowed += f" or ignore_index={ignore_index}"
         raise ValueError(f"Expected `labels` to be in {allowed}, but got {int(lab[bad][0])}")
     flat = lab.reshape(-1)
-    valid = torch.ones_like(flat, dtype=torch.bool) if ignore_index is None else flat != ignore_index
+    if ignore_index is None:
+        valid = torch.ones_like(flat, dtype=torch.bool)
+    else:
+        valid = flat != ignore_index
     index = valid.nonzero()[:, 0]
     boundary = boundary_mask_torch(lab, width).reshape(-1)[index].long()
     h, w = lab.shape
@@ -256,7 +259,9 @@ def image_stats_torch(
         pred = x.argmax(0)  # first maximum, as documented by torch
     else:
         if preds.dtype.is_floating_point or preds.dtype == torch.bool:
-            raise TypeError(f"Expected `preds` to be an integer tensor, but got dtype {preds.dtype}")
+            raise TypeError(
+                f"Expected `preds` to be an integer tensor, but got dtype {preds.dtype}"
+            )
         if tuple(preds.shape) != (h, w):
             raise ValueError(
                 f"Expected `preds` of shape {(h, w)} to match `labels`, but got "
