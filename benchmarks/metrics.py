@@ -14,7 +14,13 @@ Prints, on synthetic 19-class images of ``--size`` squared:
    per thread), beside torchmetrics' ``multiclass_calibration_error`` on the whole
    (N, C, H, W) tensor, and their ratios (wall and CPU time; CPU time counts all threads);
 3. torchmetrics' float32 drift: its binning kernel on ``--tm-drift`` top-label confidences with
-   a known ECE of 0.05.
+   a known ECE of 0.05;
+4. the public ``pipeline.metrics.ece`` (top-label bins only) beside torchmetrics'
+   ``multiclass_calibration_error`` and a bare ``probs.amax(1)`` on the same ``--ece-images``
+   x 19 x ``--ece-size``^2 float32 tensor, best of ``--repeat``, with the goals (>= 3x
+   torchmetrics, <= 2x amax); with CUDA, also the torch statistics pass
+   (:func:`pipeline.metrics.torch_stats.image_stats_torch`) per image on the GPU against
+   ``image_stats`` on the CPU (goal >= 20x).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 from torchmetrics.functional.classification.calibration_error import _ce_compute
 
-from pipeline.metrics import ImageStats, image_stats
+from pipeline.metrics import ImageStats, ece, image_stats
+from pipeline.metrics.torch_stats import image_stats_torch
 
 
 def make_images(n: int, c: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +172,56 @@ def tm_drift(pixels: int, seed: int) -> None:
           f"torchmetrics {value:.4f}")
 
 
+def _best(fn, repeat: int, sync: bool = False) -> tuple[float, object]:
+    """Best wall time of ``repeat`` calls and the last result."""
+    times, value = [], None
+    for _ in range(repeat):
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        value = fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times), value
+
+
+def public_ece(args: argparse.Namespace) -> None:
+    """Public ece vs torchmetrics vs a bare amax, side by side on one tensor."""
+    import os
+
+    probs, labels = make_images(args.ece_images, args.classes, args.ece_size, args.seed + 2)
+    ece(probs[:1], labels[:1])  # compile / load from cache
+    print(f"== public ece: {tuple(probs.shape)} float32 ({probs.numel() * 4 / 2**20:.0f} MiB), "
+          f"torch threads {torch.get_num_threads()}, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    t_amax, _ = _best(lambda: probs.amax(1), args.repeat)
+    t_ours, ours = _best(lambda: ece(probs, labels), args.repeat)
+    t_tm, tm = _best(lambda: float(multiclass_calibration_error(
+        probs, labels, num_classes=args.classes)), args.repeat)
+    print(f"probs.amax(1)         {t_amax:7.3f} s")
+    print(f"pipeline.metrics.ece  {t_ours:7.3f} s  ECE {ours:.6f}")
+    print(f"torchmetrics          {t_tm:7.3f} s  ECE {tm:.6f}")
+    print(f"ours vs torchmetrics: {t_tm / t_ours:.1f}x faster (goal >= 3x: "
+          f"{'met' if t_tm / t_ours >= 3 else 'MISSED'}); ours / amax: {t_ours / t_amax:.2f}x "
+          f"(goal <= 2x: {'met' if t_ours / t_amax <= 2 else 'MISSED'})")
+    if not torch.cuda.is_available():
+        print("CUDA: not available, GPU figures skipped")
+        return
+    n = probs.shape[0]
+    t_cpu, _ = _best(lambda: [image_stats(probs[i], labels[i]) for i in range(n)], args.repeat)
+    gp, gl = probs.cuda(), labels.cuda()
+    image_stats_torch(gp[0], gl[0])
+    t_gpu, _ = _best(lambda: [image_stats_torch(gp[i], gl[i]) for i in range(n)], args.repeat,
+                     sync=True)
+    t_gece, _ = _best(lambda: float(multiclass_calibration_error(
+        gp, gl, num_classes=args.classes)), args.repeat, sync=True)
+    print(f"statistics pass per image: CPU numba {t_cpu / n * 1e3:.1f} ms, CUDA torch "
+          f"{t_gpu / n * 1e3:.2f} ms -> {t_cpu / t_gpu:.1f}x (goal >= 20x: "
+          f"{'met' if t_cpu / t_gpu >= 20 else 'MISSED'}); torchmetrics on CUDA {t_gece:.3f} s "
+          f"for all {n} images")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pixels", type=float, default=1e7, help="throughput input size")
@@ -175,7 +232,13 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=8, help="distinct images in the stream")
     parser.add_argument("--tm-drift", type=float, default=4e7, help="0 to skip")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ece-images", type=int, default=10, help="0 to skip the ece section")
+    parser.add_argument("--ece-size", type=int, default=1024, help="multiple of 16")
+    parser.add_argument("--only-ece", action="store_true", help="run only the ece section")
     args = parser.parse_args()
+    if args.only_ece:
+        public_ece(args)
+        return
 
     t0 = time.perf_counter()
     image_stats(torch.full((args.classes, 8, 8), 1 / args.classes), torch.zeros(8, 8).long())
@@ -189,6 +252,8 @@ def main() -> None:
     throughput(args)
     if args.tm_drift:
         tm_drift(int(args.tm_drift), args.seed)
+    if args.ece_images:
+        public_ece(args)
 
 
 if __name__ == "__main__":
