@@ -3,24 +3,30 @@
 A dataset's shards live in ``OUTPUT/shards/<fp12>/<dataset>/`` as ``part-00000.parquet``, ...,
 plus ``manifest.json``, which is written last. One row per image:
 
-================== ======================================= ====================================
-column             Arrow type                              meaning
-================== ======================================= ====================================
-dataset            string                                  dataset name
-domain             string                                  domain tag (e.g. ``day``)
-role               string                                  ``calibration`` or ``test``
-image_id           string                                  id unique within the dataset
-uri                string                                  where the image was read from
-height, width      int32                                   label resolution
-model_fingerprint  string                                  model that produced the logits
-labels             fixed_shape_tensor<uint8|uint16>[H, W]  labels at label resolution
-logits             fixed_shape_tensor<float16>[C, h, w]    logits at stored resolution
-image (optional)   fixed_shape_tensor<uint8>[h, w, 3]      RGB image at the logits' resolution
-================== ======================================= ====================================
+================== ===================================== ======================================
+column             Arrow type                            meaning
+================== ===================================== ======================================
+dataset            string                                dataset name
+domain             string                                domain tag (e.g. ``day``)
+role               string                                ``calibration`` or ``test``
+image_id           string                                id unique within the dataset
+uri                string                                where the image was read from
+height, width      int32                                 label resolution
+model_fingerprint  string                                model that produced the logits
+labels             tensor: uint8 or uint16 [H, W]        labels at label resolution
+logits             tensor: float16 [C, h, w]             logits at stored resolution
+image (optional)   tensor: uint8 [h, w, 3]               RGB image at the logits' resolution
+================== ===================================== ======================================
 
-Tensor columns use Arrow's canonical ``arrow.fixed_shape_tensor`` extension type, so plain
-pyarrow reads them back as ndarrays (``column.combine_chunks().to_numpy_ndarray()``). Every shard
-holds one shape per tensor column; the writer groups records by shape.
+A tensor column is ``fixed_size_binary`` (one value per image, the array's bytes) whose field
+metadata ``segcal.tensor`` holds its shape, dtype and layout as JSON. Multi-byte values are
+stored as byte planes (all first bytes of the image, then all second bytes: Parquet's
+byte-stream split done by hand), which zstd compresses well: the float16 logits' sign and
+exponent bytes sit together. One binary value per image, instead of a Parquet list with one
+repetition/definition level per element, makes writing about 4x and reading about 5x cheaper
+(``benchmarks/extract.py --profile``). Shards written before this layout, with Arrow's
+``arrow.fixed_shape_tensor`` columns, are read as well. Every shard holds one shape per tensor
+column; the writer groups records by shape.
 
 Logits are stored at the model's output resolution (optionally reduced by ``store_stride``) and
 brought back to label resolution with :func:`upsample_logits`.
@@ -48,13 +54,12 @@ MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "part-*.parquet"
 _STRING_COLUMNS = ("dataset", "domain", "role", "image_id", "uri", "model_fingerprint")
 _LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
-# Parquet options: byte-stream-split puts the float16 logits' high bytes (sign, exponent)
-# together, which zstd then compresses well (ESPNet CamVid logits: 2.7 instead of 3.6 MB per
-# image, and faster to write); dictionaries only pay off for the repeated string columns.
+_TENSOR_KEY = b"segcal.tensor"
+# Parquet options: zstd for everything; dictionaries only pay off for the repeated string
+# columns (tried on the tensor columns' bytes, they cost time for nothing).
 _WRITE_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
     "use_dictionary": ["dataset", "domain", "role", "model_fingerprint"],
-    "use_byte_stream_split": ["logits.list.element"],
 }
 
 
@@ -132,14 +137,30 @@ class Manifest:
         return {i for s in self.shards for i in s.image_ids}
 
 
-def _tensor_column(arrays: Sequence[np.ndarray], dtype: np.dtype, name: str) -> pa.Array:
+def _tensor_column(
+    arrays: Sequence[np.ndarray], dtype: np.dtype, name: str
+) -> tuple[pa.Field, pa.Array]:
+    """One ``fixed_size_binary`` value per array, with the shape and layout in the field."""
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(
             f"Expected every `{name}` in a shard to have one shape, but got {sorted(shapes)}"
         )
     stacked = np.ascontiguousarray(np.stack(arrays).astype(dtype, copy=False))
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+    n, itemsize = len(arrays), stacked.dtype.itemsize
+    width = stacked[0].nbytes
+    if itemsize > 1:  # byte planes per image
+        stacked = np.ascontiguousarray(
+            stacked.view(np.uint8).reshape(n, -1, itemsize).transpose(0, 2, 1)
+        )
+    values = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), n, [None, pa.py_buffer(stacked)]
+    )
+    spec = {"shape": list(arrays[0].shape),
+            "dtype": np.dtype(dtype).str, "layout": "planes" if itemsize > 1 else "c"}
+    field = pa.field(name, pa.binary(width), nullable=False,
+                     metadata={_TENSOR_KEY: json.dumps(spec)})
+    return field, values
 
 
 def encode_records(records: Sequence[ImageRecord]) -> pa.Table:
@@ -158,8 +179,8 @@ def encode_records(records: Sequence[ImageRecord]) -> pa.Table:
     Example:
         >>> r = ImageRecord("d", "day", "test", "a", "a.png", 4, 4, "fp",
         ...                 np.zeros((4, 4), np.uint8), np.zeros((3, 2, 2), np.float16))
-        >>> encode_records([r]).column("logits").type.shape
-        [3, 2, 2]
+        >>> encode_records([r]).schema.field("logits").metadata[b"segcal.tensor"]
+        b'{"shape": [3, 2, 2], "dtype": "<f2", "layout": "planes"}'
     """
     if not records:
         raise ValueError("Expected `records` to hold at least one record, but got none")
@@ -178,36 +199,58 @@ def encode_records(records: Sequence[ImageRecord]) -> pa.Table:
     with_image = [r.image is not None for r in records]
     if any(with_image) and not all(with_image):
         raise ValueError("Expected either every record or none to carry an `image`")
-    columns: dict[str, pa.Array] = {
-        name: pa.array([getattr(r, name) for r in records], pa.string())
-        for name in _STRING_COLUMNS
-    }
-    columns["height"] = pa.array([r.height for r in records], pa.int32())
-    columns["width"] = pa.array([r.width for r in records], pa.int32())
-    columns["labels"] = _tensor_column([r.labels for r in records], label_dtype, "labels")
-    columns["logits"] = _tensor_column([r.logits for r in records], np.float16, "logits")
+    fields = [pa.field(name, pa.string()) for name in _STRING_COLUMNS]
+    columns = [pa.array([getattr(r, name) for r in records], pa.string())
+               for name in _STRING_COLUMNS]
+    fields += [pa.field("height", pa.int32()), pa.field("width", pa.int32())]
+    columns += [pa.array([r.height for r in records], pa.int32()),
+                pa.array([r.width for r in records], pa.int32())]
+    tensors = [("labels", [r.labels for r in records], label_dtype),
+               ("logits", [r.logits for r in records], np.dtype(np.float16))]
     if all(with_image):
-        columns["image"] = _tensor_column([r.image for r in records], np.uint8, "image")
-    return pa.table(columns)
+        tensors.append(("image", [r.image for r in records], np.dtype(np.uint8)))
+    for name, arrays, dtype in tensors:
+        field, values = _tensor_column(arrays, dtype, name)
+        fields.append(field)
+        columns.append(values)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
 def _tensor_values(table: pa.Table, name: str) -> np.ndarray:
+    """The (N, *shape) array of tensor column ``name`` (read-only when no copy was needed)."""
     column = table.column(name).combine_chunks()
-    if not isinstance(column.type, pa.FixedShapeTensorType):
+    if isinstance(column.type, pa.FixedShapeTensorType):  # shards written before byte planes
+        return column.to_numpy_ndarray()
+    meta = table.schema.field(name).metadata or {}
+    if not isinstance(column.type, pa.FixedSizeBinaryType) or _TENSOR_KEY not in meta:
         raise TypeError(
-            f"Expected column `{name}` to be an arrow.fixed_shape_tensor, but got {column.type}"
+            f"Expected column `{name}` to be a tensor column (fixed_size_binary with "
+            f"`segcal.tensor` metadata), but got {column.type}"
         )
-    return column.to_numpy_ndarray()
+    spec = json.loads(meta[_TENSOR_KEY])
+    dtype, shape, width = np.dtype(spec["dtype"]), tuple(spec["shape"]), column.type.byte_width
+    if width != dtype.itemsize * int(np.prod(shape)):
+        raise ValueError(
+            f"Expected column `{name}` values of {dtype.itemsize * int(np.prod(shape))} bytes "
+            f"for shape {list(shape)} {dtype}, but got {width}"
+        )
+    n = len(column)
+    raw = np.frombuffer(column.buffers()[1], np.uint8, count=n * width,
+                        offset=column.offset * width)
+    if spec["layout"] == "planes":
+        raw = np.ascontiguousarray(raw.reshape(n, dtype.itemsize, -1).transpose(0, 2, 1))
+    return raw.view(dtype).reshape(n, *shape)
 
 
 def decode_table(table: pa.Table) -> list[ImageRecord]:
     """Decode a shard table back into records (the inverse of :func:`encode_records`).
 
-    The arrays are zero-copy, read-only views of the table's buffers; copy before writing.
+    Single-byte arrays are zero-copy, read-only views of the table's buffers; copy before
+    writing.
 
     Raises:
         ValueError: a column of the schema is missing.
-        TypeError: a tensor column is not a fixed-shape tensor.
+        TypeError: a tensor column is neither a segcal tensor nor an Arrow fixed-shape tensor.
     """
     required = (*_STRING_COLUMNS, "height", "width", "labels", "logits")
     missing = [c for c in required if c not in table.column_names]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -75,18 +76,41 @@ def test_shard_round_trip(tmp_path, label_dtype, stride, image):
     assert not list(tmp_path.glob(".*"))  # no temp file left behind
 
 
-def test_tensor_columns_read_by_plain_pyarrow(tmp_path):
+def test_tensor_columns_are_binary_values_with_their_shape(tmp_path):
     records = make_records(stride=2)
     write_shard(tmp_path / "s.parquet", records)
     table = pq.read_table(tmp_path / "s.parquet")
-    logits_type = table.schema.field("logits").type
-    assert isinstance(logits_type, pa.FixedShapeTensorType)
-    assert logits_type.value_type == pa.float16()
-    logits = table.column("logits").combine_chunks().to_numpy_ndarray()
-    assert logits.shape == (3, C, H // 2, W // 2)
-    np.testing.assert_array_equal(logits[1], records[1].logits)
-    labels = table.column("labels").combine_chunks().to_numpy_ndarray()
-    np.testing.assert_array_equal(labels[2], records[2].labels)
+    field = table.schema.field("logits")
+    assert field.type == pa.binary(2 * C * (H // 2) * (W // 2))
+    spec = json.loads(field.metadata[b"segcal.tensor"])
+    assert spec == {"shape": [C, H // 2, W // 2], "dtype": "<f2", "layout": "planes"}
+    # Byte planes: the image's first bytes, then its second bytes.
+    raw = np.frombuffer(table.column("logits")[1].as_py(), np.uint8)
+    planes = raw.reshape(2, -1).T.copy().view(np.float16).reshape(C, H // 2, W // 2)
+    np.testing.assert_array_equal(planes, records[1].logits)
+    labels = np.frombuffer(table.column("labels")[2].as_py(), np.uint8).reshape(H, W)
+    np.testing.assert_array_equal(labels, records[2].labels)
+
+
+def _legacy_table(records):
+    """A shard table as written before byte planes: Arrow fixed-shape tensor columns."""
+    table = encode_records(records)
+    for name in ("labels", "logits", "image"):
+        values = np.stack([getattr(r, name) for r in records])
+        if name == "logits":
+            values = values.astype(np.float16)
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name,
+                                 pa.FixedShapeTensorArray.from_numpy_ndarray(values))
+    return table
+
+
+def test_shards_with_fixed_shape_tensor_columns_still_read(tmp_path):
+    records = make_records(stride=2)
+    pq.write_table(_legacy_table(records), tmp_path / "old.parquet")
+    assert isinstance(pq.read_schema(tmp_path / "old.parquet").field("logits").type,
+                      pa.FixedShapeTensorType)
+    assert_records_equal(read_shard(tmp_path / "old.parquet"), records)
 
 
 def test_encode_casts_logits_to_float16():
@@ -126,7 +150,7 @@ def test_decode_errors():
         table.schema.get_field_index("logits"), "logits",
         pa.array([[1.0]], pa.list_(pa.float32())),
     )
-    with pytest.raises(TypeError, match="`logits` to be an arrow.fixed_shape_tensor"):
+    with pytest.raises(TypeError, match="`logits` to be a tensor column"):
         decode_table(plain)
 
 
