@@ -146,18 +146,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     net = None
     if args.with_model:
+        import torch
+
+        from pipeline.calibrators.artifacts import InputRecipe
         from pipeline.models import load_model
 
-        # The bare network: the exported file takes its input, i.e. images already through
-        # the config's recipe (resize, channel order, scale, mean/std).
-        net = load_model(cfg.model).net
+        # The bare network behind the config's input recipe, which the file applies itself:
+        # it takes RGB images in [0, 1], as spatial calibrators do in the pipeline.
+        m = cfg.model
+        net = load_model(m).net
+        recipe = InputRecipe(m.input_size, m.channel_order, m.scale, m.mean, m.std)
+        # Only used when the network cannot be scripted (e.g. transformers models): traced at
+        # the network's input size.
+        example = torch.rand(1, 3, *(m.input_size or (256, 256)))
+        if len(m.scales) > 1 or m.flip:
+            logger.warning(
+                "model.scales %s / model.flip %s: the exported file runs the model once, at "
+                "scale 1 without flipping (test-time augmentation is not exported)",
+                m.scales, m.flip,
+            )
     for label in labels:
         calibrator = calibrators.load(root / label)
         if net is None:
             path = calibrators.export_torchscript(calibrator, out / f"{label}.pt")
         else:
             path = calibrators.export_with_model(
-                net, calibrator, out / f"{label}_with_model.pt", num_classes=cfg.model.num_classes
+                net, calibrator, out / f"{label}_with_model.pt", num_classes=m.num_classes,
+                example_input=example, preprocess=recipe, output_index=m.output_index,
             )
         print(path)
     return OK
@@ -319,8 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[config],
         help="write TorchScript calibrators",
         description="Write OUT/<label>.pt: (logits, image=None) -> calibrated logits; with "
-        "--with-model OUT/<label>_with_model.pt: network input (N, 3, H, W), preprocessed as the "
-        "config says -> calibrated probabilities (N, C, H, W).",
+        "--with-model OUT/<label>_with_model.pt: RGB image (N, 3, H, W) float in [0, 1] "
+        "(uint8 / 255) -> calibrated probabilities (N, C, H, W). The config's input recipe "
+        "(input_size, channel_order, scale, mean, std) is inside the file; test-time "
+        "augmentation (scales, flip) is not.",
     )
     p.add_argument("--label", action="append", help="calibrator label (default: all; repeatable)")
     p.add_argument("--artifacts", help="artifact folder (default OUTPUT/artifacts)")

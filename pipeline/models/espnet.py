@@ -212,10 +212,12 @@ class ESPNet(nn.Module):
         Raises:
             ValueError: H or W is not divisible by 8 (the decoder could not realign the levels).
         """
-        if x.shape[-2] % 8 or x.shape[-1] % 8:
+        height, width = x.shape[-2], x.shape[-1]
+        if height % 8 or width % 8:
+            # Plain ints in the message: TorchScript cannot format tuple(x.shape[-2:]).
             raise ValueError(
                 f"Expected ESPNet input height and width divisible by 8, but got "
-                f"{tuple(x.shape[-2:])} (set `model.input_size`)"
+                f"({height}, {width}) (set `model.input_size`)"
             )
         out0, out1, scores = self.encoder(x)
         u3 = self.up_l3(self.br(scores))

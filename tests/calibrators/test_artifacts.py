@@ -264,13 +264,24 @@ def test_exported_model_with_calibrator_matches_in_process(name, how, tmp_path):
     images = torch.rand(2, 3, 12, 10)
     example = images if how == "trace" else None
     path = export_with_model(model, calibrator, tmp_path / "full.pt", num_classes=C,
-                             example_input=example)
+                             example_input=example, method=how)
     exported = torch.jit.load(str(path))
     with torch.no_grad():
         logits = F.interpolate(model(images)[:, :C], size=(12, 10), mode="bilinear",
                                align_corners=False)
         expected = torch.softmax(calibrator(logits), dim=1)
-        torch.testing.assert_close(exported(images), expected, rtol=1e-5, atol=1e-6)
+    got = exported(images)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not got.requires_grad  # runs without autograd
+    assert any(p.requires_grad for p in calibrator.parameters())  # the caller's is untouched
+
+
+def test_exported_calibrator_runs_without_autograd(fitted, tmp_path):
+    scripted = torch.jit.load(str(export_torchscript(fitted, tmp_path / "c.pt")))
+    logits, _, images = _maps(6)
+    out = scripted(logits, images) if fitted.spatial else scripted(logits)
+    assert not out.requires_grad
+    assert not any(p.requires_grad for p in scripted.parameters())
 
 
 def test_export_refuses_misuse(tmp_path, temperature):
@@ -280,6 +291,12 @@ def test_export_refuses_misuse(tmp_path, temperature):
         export_with_model(_TinySegmenter(), temperature, tmp_path / "m.pt", num_classes=4)
     with pytest.raises(TypeError, match="`calibrator` to be a pipeline.calibrators.Calibrator"):
         export_torchscript(nn.Identity(), tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="`method` to be one of"):
+        export_with_model(_TinySegmenter(), temperature, tmp_path / "m.pt", num_classes=C,
+                          method="onnx")
+    with pytest.raises(ValueError, match="`example_input` to trace the model, but got None"):
+        export_with_model(_TinySegmenter(), temperature, tmp_path / "m.pt", num_classes=C,
+                          method="trace")
     assert not any(tmp_path.iterdir())
 
 
