@@ -159,7 +159,9 @@ class SegmentationModel(nn.Module):
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
         if self.bgr:
             x = x.flip(1)
-        x = (x * self.scale - self.mean) / self.std
+        # In place: the same operations in the same order as (x * scale - mean) / std, so the
+        # same values, without three full-size temporaries.
+        x = x.mul_(self.scale).sub_(self.mean).div_(self.std)
         return x.contiguous(memory_format=torch.channels_last)
 
     def _select(self, out: Any) -> Tensor:
@@ -235,7 +237,9 @@ class SegmentationModel(nn.Module):
                 size = total.shape[-2:]
                 total += F.interpolate(y, size=size, mode="bilinear", align_corners=False)
         logits = total / (len(self.scales) * (2 if self.flip else 1))
-        bad = int((~torch.isfinite(logits)).sum())
+        # One reduction: a finite sum means finite values (barring overflow of the sum itself,
+        # which the exact count below then settles).
+        bad = 0 if bool(torch.isfinite(logits.sum())) else int((~torch.isfinite(logits)).sum())
         if bad:
             raise ValueError(
                 f"Expected finite logits from model `{self.name}`, but got {bad} NaN/inf values"
