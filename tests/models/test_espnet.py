@@ -117,3 +117,15 @@ def test_camvid_test_miou(espnet_weights, camvid_root):
           f"{time.perf_counter() - start:.1f} s")
     assert miou >= 0.55
     assert acc >= 0.85
+
+
+def test_scripts_with_torchscript_and_keeps_its_size_check():
+    # `segcal export --with-model` compiles the network (issue 18 item 4).
+    torch.manual_seed(0)
+    net = ESPNet(classes=5, p=1, q=1).eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(torch.jit.Error, match=r"divisible by 8, but got \(100, 64\)"):
+        scripted(torch.zeros(1, 3, 100, 64))
