@@ -310,7 +310,10 @@ def _record_interrupted(root: Path, journal: dict[str, Any]) -> dict[str, Any] |
     run_id = journal.get("run_id")
     previous = journal.get("previous")
     now = _link_target(root)
-    done = history(root, last=1)
+    try:
+        done = history(root, last=1)
+    except RegistryError:  # a corrupt line is reported by `segcal status`; recover anyway
+        done = []
     if (
         done
         and done[0].get("current") == now
@@ -419,6 +422,7 @@ def switch(root: str | Path, run_id: str, *, entry: dict[str, Any] | None = None
         "time": _now(),
     }
     atomic_write_json(root / JOURNAL, journal)
+    _fsync_dir(root)  # the journal is on disk before the link can change
     tmp = root / f".{CURRENT}.{os.getpid()}.tmp"
     try:
         tmp.unlink(missing_ok=True)
