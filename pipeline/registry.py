@@ -322,11 +322,12 @@ def _record_interrupted(root: Path, journal: dict[str, Any]) -> dict[str, Any] |
         # Killed after the record was written, before the journal was removed.
         (root / JOURNAL).unlink(missing_ok=True)
         return None
+    planned = journal.get("entry")
     entry = {
         "action": "switch",
         "champion": previous,
         "challenger": run_id,
-        **(journal.get("entry") or {}),
+        **(planned if isinstance(planned, dict) else {}),
         "current": now,
         "recovered": True,
     }
