@@ -7,7 +7,8 @@ Commands (each has ``--help``; ``--set key=value`` overrides a config key, repea
                                    all stages, then the headline table
     segcal extract|fit|evaluate|report CONFIG     one stage, always run
     segcal export CONFIG           TorchScript files of the fitted calibrators (optionally + model)
-    segcal submit CONFIG [STAGE] --address http://HOST:8265 [--follow] [--env K=V] [-- ARGS]
+    segcal submit CONFIG [STAGE] --address http://HOST:8265 [--follow] [--env K=V]
+                   [--env-from-cluster NAME] [--skip-check] [-- ARGS]
     segcal refresh CONFIG [--registry DIR]        nightly refresh with champion/challenger promotion
     segcal promote DIR RUN_ID      point DIR/current at a stored run (by hand, e.g. to roll back)
     segcal status DIR              the current champion and the last decisions
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -194,16 +196,44 @@ def cmd_submit(args: argparse.Namespace) -> int:
             cfg.output,
         )
     env = dict(_split_env(item) for item in args.env)
+    for name in args.env_from_cluster:
+        if not _ENV_NAME.fullmatch(name):
+            raise UsageError(
+                f"Expected `--env-from-cluster` to be a variable name, but got {name!r}"
+            )
+        if name in env:
+            raise UsageError(f"`{name}` is given by both --env and --env-from-cluster; pick one")
+    for key in env:
+        if _SECRET_KEY.search(key):
+            logger.warning(
+                "--env %s: values passed with --env are stored in the job's info and shown to "
+                "anyone who can reach the dashboard or run `ray job list`; for a secret, set it "
+                "in the cluster's environment and pass --env-from-cluster %s instead",
+                key,
+                key,
+            )
     job_args = [a for kv in args.overrides for a in ("--set", kv)] + args.job_args
     _, code = submit(
-        args.address, args.stage, args.config, args=job_args, env=env, follow=args.follow
+        args.address,
+        args.stage,
+        args.config,
+        args=job_args,
+        env=env,
+        require_env=args.env_from_cluster,
+        cfg=cfg,
+        check=not args.skip_check,
+        follow=args.follow,
     )
     return code
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET_KEY = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY", re.I)
+
+
 def _split_env(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
-    if not sep or not key:
+    if not sep or not _ENV_NAME.fullmatch(key):
         raise UsageError(f"Expected `--env` to be KEY=VALUE, but got {item!r}")
     return key, value
 
@@ -352,12 +382,37 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[config],
         help="submit a stage to a Ray cluster as a Ray job",
         description="Submit `python jobs/STAGE.py CONFIG` to a Ray cluster. Arguments after "
-        "`--` go to the job (e.g. `-- --registry /mnt/registry`).",
+        "`--` go to the job (e.g. `-- --registry /mnt/registry`). Uploaded: pipeline/, jobs/, "
+        "pyproject.toml, the config and the files it names inside the project; never dotfiles "
+        "(.env, .ray/, .aws/), secrets/, keys, data or outputs. A probe job first checks that "
+        "the cluster can import segcal's dependencies; nothing is submitted when it cannot.",
     )
     p.add_argument("stage", nargs="?", default="run", choices=JOBS, help="job to run (default run)")
     p.add_argument("--address", required=True, help="dashboard URL, e.g. http://127.0.0.1:8265")
     p.add_argument("--follow", action="store_true", help="stream logs; exit with the job's status")
-    p.add_argument("--env", action="append", default=[], metavar="K=V", help="job env var")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="job env var (repeatable). The value is stored in the job's info: anyone who can "
+        "reach the dashboard or run `ray job list` reads it. No secrets here",
+    )
+    p.add_argument(
+        "--env-from-cluster",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a secret by reference (repeatable): the job reads NAME from the cluster's own "
+        "environment (set where `ray start` runs) and stops with exit code 2 if it is unset; "
+        "its value is never sent",
+    )
+    p.add_argument(
+        "--skip-check",
+        action="store_true",
+        help="skip the probe job that checks the cluster can import segcal's dependencies "
+        "(and runs the job on Ray's own interpreter)",
+    )
     p.set_defaults(func=cmd_submit, job_args=[])
 
     p = sub.add_parser("refresh", parents=[config], help="nightly refresh with safe promotion")

@@ -1,9 +1,20 @@
 """Submit a segcal stage to a Ray cluster as a Ray job (wraps ``JobSubmissionClient``).
 
-The project folder is uploaded as the job's ``working_dir`` (without run outputs, virtual
-environments, caches and ``.git``), and the entrypoint is ``python jobs/<stage>.py CONFIG ...``.
+The job's ``working_dir`` is a staging folder holding an allow-list of the project (see
+:func:`package_files`): the ``pipeline`` package, ``jobs/``, ``pyproject.toml``, the config and
+the files it names, when they lie inside the project. Nothing else is uploaded: no dotfile or
+dot-folder (``.env``, ``.ray/auth_token``, ``.aws/credentials``, ``.git``, ``.venv``), nothing
+under ``secrets/`` or that looks like a key or credential, no data, runs or outputs. The
+entrypoint is ``PYTHON jobs/<stage>.py CONFIG ...``, where PYTHON is the interpreter Ray itself
+runs on at the cluster, found by a probe job that first checks that segcal's dependencies
+import there (:func:`probe_cluster`); the submission stops before the job when they do not.
 The address is the dashboard's HTTP address, e.g. ``http://127.0.0.1:8265`` after
 ``ray dashboard cluster.yaml`` forwards it over SSH.
+
+Secrets: ``env`` values are stored in the job's info, which anyone who can reach the dashboard
+(or run ``ray job list``) reads. Set a secret in the cluster's own environment instead (where
+``ray start`` runs: the job inherits it) and name it with ``require_env``: the job then checks
+that it is set, and its value never leaves the cluster.
 
 Token authentication: when the cluster runs with ``RAY_AUTH_MODE=token``, set
 ``RAY_AUTH_MODE=token`` on the submitting machine too, and the token as ``RAY_AUTH_TOKEN``,
@@ -14,50 +25,112 @@ Ray's client then sends it as an ``Authorization: Bearer`` header on every reque
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import json
 import logging
 import os
+import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
+    from pipeline.config import JobConfig
+
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 JOBS = ("run", "extract", "fit", "evaluate", "report", "refresh")
-# gitignore-style patterns, relative to the project root; Ray refuses packages over 500 MiB.
-EXCLUDES = [
-    "/runs/",
-    ".venv/",
-    "venv/",
-    ".git/",
-    "__pycache__/",
-    ".pytest_cache/",
-    ".ruff_cache/",
-    ".cache/",
-    "*.egg-info/",
-    "/build/",
-    "/dist/",
-    "*.pth",
-    "*.pt",
-]
+
+# --- what is uploaded ---
+# Folders uploaded whole (less what SKIP_* and SECRET_PATTERNS leave out) and single files.
+PACKAGE_TREES = ("pipeline", "jobs")
+PACKAGE_FILES = ("pyproject.toml",)
+# Never uploaded, wherever they are, even when the config names them: any name starting with
+# "." (.env, .ray/, .aws/, .ssh/, .git/, .venv/), and names that hold keys or credentials.
+SECRET_PATTERNS = (
+    ".*",
+    "secrets",
+    "secret",
+    "*credentials*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.keystore",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*.token",
+    "auth_token",
+    "*.kdbx",
+)
+# Left out of the package trees: caches, build and run outputs.
+SKIP_NAMES = ("__pycache__", "*.pyc", "*.pyo", "*.nbi", "*.nbc", "*.egg-info", "runs", "outputs")
+# A file in a package tree above this is a stray data file, not code: left out with a warning.
+TREE_FILE_MAX_BYTES = 2 * 1024 * 1024
+# A file the config names (model weights, a manifest) above this is not uploaded: large inputs
+# belong on storage the cluster reads (Ray refuses packages over 500 MiB anyway).
+NAMED_FILE_MAX_BYTES = 100 * 1024 * 1024
+
+# --- what the cluster must have ---
+# Import name of each of segcal's dependencies (pyproject.toml's [project] dependencies).
+DEPENDENCIES = {
+    "torch": "torch",
+    "ray": "ray",
+    "pyarrow": "pyarrow",
+    "pandas": "pandas",
+    "numpy": "numpy",
+    "numba": "numba",
+    "safetensors": "safetensors",
+    "pydantic": "pydantic",
+    "pyyaml": "yaml",
+    "matplotlib": "matplotlib",
+    "pillow": "PIL",
+    "fsspec": "fsspec",
+}
+PROBE_MARK = "SEGCAL_PROBE"
+PROBE_TIMEOUT_S = 120.0
+PROBE_POLL_S = 0.5
 CONNECT_TIMEOUT_S = 10.0
 POLL_S = 1.0
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class SubmitError(RuntimeError):
     """The cluster cannot be reached, refuses the credentials, or rejects the job."""
 
 
-def entrypoint(stage: str, config: str, args: Sequence[str] = ()) -> str:
+def entrypoint(
+    stage: str,
+    config: str,
+    args: Sequence[str] = (),
+    *,
+    python: str = "python",
+    require_env: Sequence[str] = (),
+) -> str:
     """The shell command the job runs on the cluster.
+
+    Args:
+        stage: one of :data:`JOBS`.
+        config: the config as the job names it (see :func:`config_argument`).
+        args: extra arguments for the job script.
+        python: the interpreter that runs the job script.
+        require_env: environment variables the job must find in the cluster's own environment;
+            the command stops with exit code 2 and the variable named when one is unset.
+
+    Raises:
+        ValueError: an unknown stage, or a ``require_env`` entry that is not a variable name.
 
     Example:
         >>> entrypoint("refresh", "configs/a b.yaml", ["--registry", "/reg"])
@@ -65,7 +138,15 @@ def entrypoint(stage: str, config: str, args: Sequence[str] = ()) -> str:
     """
     if stage not in JOBS:
         raise ValueError(f"Expected `stage` to be one of {list(JOBS)}, but got {stage!r}")
-    return shlex.join(["python", f"jobs/{stage}.py", config, *args])
+    checks = []
+    for name in require_env:
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(
+                f"Expected `require_env` entries to be variable names, but got {name!r}"
+            )
+        message = shlex.quote(f"segcal: {name} is not set in the cluster's environment")
+        checks.append(f'[ -n "${{{name}:-}}" ] || {{ echo {message} >&2; exit 2; }}; ')
+    return "".join(checks) + shlex.join([python, f"jobs/{stage}.py", config, *args])
 
 
 def config_argument(config: str | Path, root: Path = PROJECT_ROOT) -> str:
@@ -86,9 +167,171 @@ def config_argument(config: str | Path, root: Path = PROJECT_ROOT) -> str:
     return str(path)
 
 
-def runtime_env(env: Mapping[str, str] | None = None, root: Path = PROJECT_ROOT) -> dict:
-    """The job's runtime environment: the project folder and extra environment variables."""
-    renv: dict = {"working_dir": str(root), "excludes": list(EXCLUDES)}
+# --- the package -------------------------------------------------------------------------------
+
+
+def refused(rel: str | PurePosixPath) -> str | None:
+    """Why the project path ``rel`` (relative, POSIX) is never uploaded, or None.
+
+    Example:
+        >>> refused(".ray/auth_token")
+        "'.ray' matches '.*'"
+        >>> refused("pipeline/cli.py") is None
+        True
+    """
+    for part in PurePosixPath(rel).parts:
+        for pattern in SECRET_PATTERNS:
+            if fnmatch.fnmatch(part.lower(), pattern):
+                return f"{part!r} matches {pattern!r}"
+    return None
+
+
+def _inside(path: Path, root: Path) -> PurePosixPath | None:
+    """``path`` relative to ``root``, its links resolved, or None when it lies outside."""
+    real = path.resolve()
+    return PurePosixPath(real.relative_to(root).as_posix()) if real.is_relative_to(root) else None
+
+
+def _tree_files(root: Path, tree: str) -> Iterator[PurePosixPath]:
+    top = root / tree
+    if not top.is_dir() or top.is_symlink():
+        return
+    for folder, dirs, files in os.walk(top):  # links to folders are not followed
+        dirs[:] = sorted(d for d in dirs if not any(fnmatch.fnmatch(d, p) for p in SKIP_NAMES))
+        for name in sorted(files):
+            if not any(fnmatch.fnmatch(name, p) for p in SKIP_NAMES):
+                yield PurePosixPath((Path(folder) / name).relative_to(root).as_posix())
+
+
+def _python_module_files(path: str, root: Path) -> list[Path]:
+    """The project files of a ``package.module:factory`` model path (and its packages)."""
+    parts = path.split(":", 1)[0].split(".")
+    found = []
+    for i in range(1, len(parts)):
+        init = root.joinpath(*parts[:i], "__init__.py")
+        if init.is_file():
+            found.append(init)
+    module = root.joinpath(*parts)
+    if module.with_suffix(".py").is_file():
+        found.append(module.with_suffix(".py"))
+    elif module.is_dir():
+        found.extend(sorted(module.rglob("*.py")))
+    return found
+
+
+def named_paths(cfg: JobConfig, root: Path = PROJECT_ROOT) -> dict[str, Path]:
+    """The inputs a config names, by key: model weights or module, dataset folders, manifests.
+
+    Outputs (``output``, ``refresh.registry``) are written on the cluster, never uploaded.
+    """
+    named: dict[str, Path] = {}
+    if cfg.model.kind == "python":
+        for i, file in enumerate(_python_module_files(cfg.model.path, root)):
+            named[f"model.path[{i}]"] = file
+    elif "://" not in cfg.model.path:
+        named["model.path"] = Path(cfg.model.path)
+    for i, ds in enumerate(cfg.datasets):
+        for key in ("images", "labels", "manifest"):
+            value = getattr(ds, key)
+            if value and "://" not in value:
+                named[f"datasets.{i}.{key}"] = Path(value)
+    return named
+
+
+def package_files(
+    config: str | Path | None = None,
+    named: Mapping[str, Path] | None = None,
+    root: Path = PROJECT_ROOT,
+) -> list[PurePosixPath]:
+    """The project files a submission uploads, relative to ``root``, sorted.
+
+    The allow-list: every file of :data:`PACKAGE_TREES` (less caches, and files over
+    :data:`TREE_FILE_MAX_BYTES`), :data:`PACKAGE_FILES`, the config when it lies inside
+    ``root``, and each file in ``named`` that lies inside ``root`` (up to
+    :data:`NAMED_FILE_MAX_BYTES`). A path that :func:`refused` names, or a link that leads
+    outside ``root`` or to a refused path, is never uploaded. A named folder inside ``root``
+    (a dataset) is not uploaded: the job must read it from storage the cluster sees; each
+    named input left out is logged as a warning.
+
+    Args:
+        config: the run config.
+        named: the config's inputs by key (see :func:`named_paths`).
+        root: the project folder.
+    """
+    root = root.resolve()
+    chosen: set[PurePosixPath] = set()
+
+    def add(path: Path, why: str, limit: int) -> None:
+        rel = _inside(path, root)
+        own = PurePosixPath(path.absolute().relative_to(root).as_posix())
+        reason = refused(own) or (refused(rel) if rel is not None else "it links outside")
+        if reason or rel is None:
+            logger.warning("Not uploading %s (%s): %s", own, why, reason)
+        elif not path.is_file():
+            logger.warning(
+                "Not uploading %s (%s): not a file; the job must find it on storage the "
+                "cluster sees",
+                own,
+                why,
+            )
+        elif path.stat().st_size > limit:
+            logger.warning(
+                "Not uploading %s (%s): %d bytes, over the %d-byte limit; put it on storage "
+                "the cluster sees",
+                own,
+                why,
+                path.stat().st_size,
+                limit,
+            )
+        else:
+            chosen.add(own)
+
+    for tree in PACKAGE_TREES:
+        for rel in _tree_files(root, tree):
+            add(root / rel, "package", TREE_FILE_MAX_BYTES)
+    for name in PACKAGE_FILES:
+        if (root / name).is_file():
+            add(root / name, "package", TREE_FILE_MAX_BYTES)
+    inputs = dict(named or {})
+    if config is not None:
+        inputs["config"] = Path(config)
+    for key, path in inputs.items():
+        path = Path(path).absolute()
+        if path.is_relative_to(root) or path.resolve().is_relative_to(root):
+            if not path.is_relative_to(root):  # a link from outside into the project
+                path = path.resolve()
+            add(path, key, NAMED_FILE_MAX_BYTES)
+    return sorted(chosen)
+
+
+@contextmanager
+def staged_package(
+    config: str | Path | None = None,
+    named: Mapping[str, Path] | None = None,
+    root: Path = PROJECT_ROOT,
+) -> Iterator[Path]:
+    """A temporary folder holding a copy of :func:`package_files`, removed on exit.
+
+    It is what the job gets as ``working_dir``: Ray zips and uploads it when the job is
+    submitted.
+    """
+    with tempfile.TemporaryDirectory(prefix="segcal-submit-") as tmp:
+        stage = Path(tmp) / "project"
+        stage.mkdir()
+        for rel in package_files(config, named, root):
+            dest = stage / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / rel, dest)  # follows links (checked to stay inside root)
+        yield stage
+
+
+def runtime_env(
+    env: Mapping[str, str] | None = None, working_dir: str | Path | None = None
+) -> dict:
+    """The job's runtime environment: the staged project folder and extra environment variables."""
+    renv: dict[str, Any] = {}
+    if working_dir is not None:
+        renv["working_dir"] = str(working_dir)
     if env:
         renv["env_vars"] = dict(env)
     return renv
@@ -152,6 +395,155 @@ def connect(address: str) -> JobSubmissionClient:
         raise SubmitError(f"Cannot use the Ray job server at {address}: {err}") from None
 
 
+# --- the cluster's Python -----------------------------------------------------------------------
+
+
+def _probe_snippet() -> str:
+    modules = sorted(set(DEPENDENCIES.values()))
+    return (
+        "import importlib.util as u, json, sys; "
+        f"m = [n for n in {modules!r} if u.find_spec(n) is None]; "
+        f"print({PROBE_MARK!r}, json.dumps({{'via': sys.argv[1], 'python': sys.executable, "
+        "'version': sys.version.split()[0], 'missing': m}))"
+    )
+
+
+def probe_entrypoint() -> str:
+    """A shell command that reports, for ``python`` on the PATH and for the interpreter Ray's
+    workers run on, which of :data:`DEPENDENCIES` it cannot import (one JSON line each).
+
+    Ray's worker interpreter is read from the raylet's ``--python_worker_command`` (the job
+    runs as a child of a Ray worker, itself a child of the raylet; Linux ``/proc``).
+    """
+    snippet = shlex.quote(_probe_snippet())
+    return (
+        f"python -c {snippet} path 2>/dev/null; "
+        "raylet=$(awk '/^PPid:/{print $2}' /proc/$PPID/status 2>/dev/null); "
+        "worker=$(tr '\\0' '\\n' < /proc/$raylet/cmdline 2>/dev/null "
+        "| sed -n 's/^--python_worker_command=//p' | head -n 1); "
+        f'set -- $worker; [ -z "$1" ] || "$1" -c {snippet} ray; true'
+    )
+
+
+def parse_probe(logs: str) -> list[dict[str, Any]]:
+    """The reports :func:`probe_entrypoint` printed, in order; other lines are ignored."""
+    reports = []
+    for line in logs.splitlines():
+        if line.startswith(PROBE_MARK + " "):
+            try:
+                reports.append(json.loads(line[len(PROBE_MARK) + 1 :]))
+            except json.JSONDecodeError:
+                continue
+    return reports
+
+
+def _install_hint(python: str, missing: Sequence[str]) -> str:
+    dists = {module: dist for dist, module in DEPENDENCIES.items()}
+    names = " ".join(dists.get(m, m) for m in missing)
+    return (
+        f"install segcal's dependencies there on every node, e.g. `{python} -m pip install "
+        f"{names}` (or the project itself, `{python} -m pip install /path/to/segcal`, as "
+        "cluster.yaml's setup commands do)"
+    )
+
+
+def choose_python(reports: Sequence[Mapping[str, Any]], logs: str = "") -> str:
+    """The interpreter the job should run on, from :func:`probe_entrypoint`'s reports.
+
+    Ray's worker interpreter when it was found: the job's tasks run on it, and the driver must
+    match it. Otherwise ``python`` on the PATH.
+
+    Raises:
+        SubmitError: that interpreter lacks some of segcal's dependencies (named, with the
+            command that installs them), or the probe found no Python at all.
+    """
+    ray_python = next((r for r in reports if r.get("via") == "ray"), None)
+    path_python = next((r for r in reports if r.get("via") == "path"), None)
+    if ray_python is not None:
+        python, missing = str(ray_python["python"]), list(ray_python.get("missing") or [])
+        if missing:
+            also = ""
+            if path_python is not None and not path_python.get("missing"):
+                also = (
+                    f" (`python` on the PATH, {path_python['python']}, has them, but Ray's "
+                    "tasks do not run on it)"
+                )
+            raise SubmitError(
+                f"The cluster cannot run segcal: Ray's workers run on {python} (Python "
+                f"{ray_python.get('version')}), which cannot import {', '.join(missing)}{also}. "
+                f"Fix: {_install_hint(python, missing)}; or start Ray from an environment that "
+                "has them. Nothing was submitted."
+            )
+        return python
+    if path_python is not None:
+        missing = list(path_python.get("missing") or [])
+        if missing:
+            python = str(path_python["python"])
+            raise SubmitError(
+                f"The cluster cannot run segcal: its `python` ({python}, Python "
+                f"{path_python.get('version')}) cannot import {', '.join(missing)}. "
+                f"Fix: {_install_hint(python, missing)}, or put the environment that has them "
+                "first on the PATH of `ray start`. Nothing was submitted."
+            )
+        return "python"
+    tail = "\n".join(logs.strip().splitlines()[-20:])
+    raise SubmitError(
+        "The probe job found no Python on the cluster that it could run (neither `python` on "
+        f"the PATH nor Ray's worker interpreter). Its output:\n{tail}\nNothing was submitted; "
+        "--skip-check submits without this check."
+    )
+
+
+def probe_cluster(
+    client: JobSubmissionClient,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = PROBE_TIMEOUT_S,
+) -> str:
+    """Run the probe job (no upload: it needs no files) and return the interpreter to use.
+
+    Raises:
+        SubmitError: see :func:`choose_python`; also when the probe job is rejected or does
+            not end within ``timeout_s``.
+    """
+    try:
+        probe_id = client.submit_job(
+            entrypoint=probe_entrypoint(),
+            runtime_env=runtime_env(env),
+            metadata={"segcal": "dependency probe"},
+        )
+    except RuntimeError as err:
+        raise SubmitError(f"The Ray cluster rejected the dependency probe job: {err}") from None
+    deadline = time.monotonic() + timeout_s
+    while not client.get_job_status(probe_id).is_terminal():
+        if time.monotonic() > deadline:
+            with _quietly():
+                client.stop_job(probe_id)
+            raise SubmitError(
+                f"The dependency probe job {probe_id} did not finish in {timeout_s:g}s: is the "
+                "cluster busy or its head unhealthy? Nothing was submitted; --skip-check "
+                "submits without this check."
+            )
+        time.sleep(PROBE_POLL_S)
+    logs = client.get_job_logs(probe_id)
+    with _quietly():
+        client.delete_job(probe_id)  # keep the job list to real jobs
+    python = choose_python(parse_probe(logs), logs)
+    if python != "python":
+        logger.info("The job runs on Ray's interpreter at the cluster: %s", python)
+    return python
+
+
+@contextmanager
+def _quietly() -> Iterator[None]:
+    try:
+        yield
+    except Exception as err:  # housekeeping only: the outcome does not depend on it
+        logger.debug("ignored: %s", err)
+
+
+# --- submitting ---------------------------------------------------------------------------------
+
+
 def submit(
     address: str,
     stage: str,
@@ -159,6 +551,9 @@ def submit(
     *,
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    require_env: Sequence[str] = (),
+    cfg: JobConfig | None = None,
+    check: bool = True,
     follow: bool = False,
     out: TextIO = sys.stdout,
     root: Path = PROJECT_ROOT,
@@ -170,10 +565,18 @@ def submit(
         stage: one of :data:`JOBS`.
         config: the run config (see :func:`config_argument` for configs outside the project).
         args: extra arguments for the job script (``--set k=v``, ``--registry DIR``, ...).
-        env: environment variables for the job.
+        env: environment variables for the job. Their values are stored in the job's info,
+            readable by anyone with access to the dashboard: no secrets here.
+        require_env: variables the job must find in the cluster's own environment (secrets
+            passed by reference: their values never leave the cluster).
+        cfg: the parsed config; the files it names inside ``root`` are uploaded with it
+            (see :func:`package_files`).
+        check: first run a probe job that checks the cluster can import segcal's
+            dependencies, and run the job on the interpreter Ray's workers use
+            (:func:`probe_cluster`).
         follow: stream the job's logs to ``out`` until it ends.
         out: where the job id (and followed logs) go.
-        root: the project folder uploaded as ``working_dir``.
+        root: the project folder.
 
     Returns:
         The submission id, and the exit status: 0 when submitted (not following) or when the
@@ -181,15 +584,23 @@ def submit(
         stopped job without one.
 
     Raises:
-        ValueError: a malformed address or unknown stage.
-        SubmitError: the cluster cannot be reached or rejects the submission.
+        ValueError: a malformed address, unknown stage or bad ``require_env`` name.
+        SubmitError: the cluster cannot be reached, lacks segcal's dependencies, or rejects
+            the submission.
     """
-    command = entrypoint(stage, config_argument(config, root), args)
+    config_arg = config_argument(config, root)
+    entrypoint(stage, config_arg, args, require_env=require_env)  # bad input: fail first
     client = connect(address)
-    try:
-        job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env(env, root))
-    except RuntimeError as err:
-        raise SubmitError(f"The Ray cluster at {address} rejected the job: {err}") from None
+    python = probe_cluster(client, env) if check else "python"
+    command = entrypoint(stage, config_arg, args, python=python, require_env=require_env)
+    named = named_paths(cfg, root) if cfg is not None else {}
+    with staged_package(config, named, root) as working_dir:
+        try:
+            job_id = client.submit_job(
+                entrypoint=command, runtime_env=runtime_env(env, working_dir)
+            )
+        except RuntimeError as err:
+            raise SubmitError(f"The Ray cluster at {address} rejected the job: {err}") from None
     print(job_id, file=out, flush=True)
     if not follow:
         return job_id, 0

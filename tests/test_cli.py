@@ -345,8 +345,9 @@ def test_submit_unreachable_exits_3(config, capsys):
 def test_submit_passes_overrides_and_job_args(config, monkeypatch, capsys):
     seen = {}
 
-    def fake_submit(address, stage, cfg, *, args, env, follow):
+    def fake_submit(address, stage, config, *, args, env, follow, require_env, cfg, check):
         seen.update(address=address, stage=stage, args=args, env=env, follow=follow)
+        seen.update(require_env=require_env, check=check, epochs=cfg.fit.epochs)
         return "raysubmit_1", 7
 
     monkeypatch.setattr("pipeline.submit.submit", fake_submit)
@@ -359,6 +360,9 @@ def test_submit_passes_overrides_and_job_args(config, monkeypatch, capsys):
         "--follow",
         "--env",
         "A=1=2",
+        "--env-from-cluster",
+        "DB_PASSWORD",
+        "--skip-check",
         "--set",
         "fit.epochs=2",
         "--",
@@ -373,7 +377,32 @@ def test_submit_passes_overrides_and_job_args(config, monkeypatch, capsys):
         "args": ["--set", "fit.epochs=2", "--registry", "/r"],
         "env": {"A": "1=2"},
         "follow": True,
+        "require_env": ["DB_PASSWORD"],
+        "check": False,
+        "epochs": 2,
     }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["--env", "NOEQUALS"], "Expected `--env` to be KEY=VALUE", id="env"),
+        pytest.param(["--env-from-cluster", "A B"], "to be a variable name", id="bad-name"),
+        pytest.param(["--env", "T=1", "--env-from-cluster", "T"], "both --env", id="both"),
+    ],
+)
+def test_submit_env_usage_errors(config, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr("pipeline.submit.submit", lambda *a, **k: pytest.fail("submitted"))
+    code, _, err = segcal("submit", config, "--address", "http://h:8265", *argv, capsys=capsys)
+    assert code == cli.USAGE
+    assert message in err
+
+
+def test_submit_warns_about_secrets_in_env(config, monkeypatch, caplog, capsys):
+    monkeypatch.setattr("pipeline.submit.submit", lambda *a, **k: ("raysubmit_1", 0))
+    segcal("submit", config, "--address", "http://h:8265", "--env", "API_TOKEN=x", capsys=capsys)
+    assert "--env API_TOKEN: values passed with --env are stored in the job's info" in caplog.text
+    assert "--env-from-cluster API_TOKEN" in caplog.text
 
 
 def test_submit_warns_about_output_inside_project(config, monkeypatch, caplog, capsys):
