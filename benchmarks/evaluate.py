@@ -15,6 +15,19 @@ Each size runs in a fresh process on a synthetic run folder (random float16 logi
 
 The goal is a memory ratio (500 / 50 images) within 1.2x: evaluation must not hold per-image
 data beyond the image being processed.
+
+    .venv/bin/python benchmarks/evaluate.py --profile            # CPU, three shapes
+    .venv/bin/python benchmarks/evaluate.py --profile --device cuda --images 64
+
+``--profile`` runs the evaluator in this process (no Ray) on synthetic shards of three shapes,
+CamVid-size (11 x 360 x 480), Cityscapes at stride 4 (19 x 256 x 512) and ADE20K-size
+(150 x 128 x 128) labels, logits stored at ``--stride``, with ``uncalibrated``, temperature,
+selective (published: hard gate, T_mis = 1e10) and LTS, and prints the cost per image x
+calibrator of each stage: Parquet read + decode, float16 -> float32, upsampling (shared by an
+image's calibrators, so divided among them), then per calibrator its forward, softmax,
+statistics and row building. Beside it: the statistics kernel alone
+(:func:`pipeline.metrics.image_stats` on the same probabilities) and evaluations per second.
+Goal on the CPU: a pointwise calibrator's whole cost <= 2x the kernel alone.
 """
 
 from __future__ import annotations
@@ -53,8 +66,8 @@ def build_run(root: Path, n: int, h: int, w: int, c: int, stride: int, seed: int
     cfg = parse_config({
         "output": str(root / "run"),
         "model": {"kind": "torchscript", "path": str(weights), "num_classes": c},
-        "datasets": [{"name": "bench", "role": "test", "domain": "day", "images": str(root),
-                      "labels": str(root)}],
+        "datasets": [{"name": "bench", "role": "test", "domain": "day",
+                      "images": str(root / "data"), "labels": str(root / "data")}],
         "extract": {"store_stride": stride},
         "evaluate": {"bootstrap": 1000},
     })
@@ -88,6 +101,115 @@ def build_run(root: Path, n: int, h: int, w: int, c: int, stride: int, seed: int
     )
     save(ts, paths.artifact_dir("temperature"), class_names=cfg.model.names(), ignore_index=255)
     return cfg
+
+
+PROFILE_SHAPES = {
+    "camvid": (11, 360, 480),
+    "cityscapes/4": (19, 256, 512),
+    "ade20k": (150, 128, 128),
+}
+PROFILE_CALIBRATORS = {
+    "temperature": ("temperature", {}),
+    "selective": ("selective", {"t_mis": 1e10, "t_cor": 1.0, "gate": "hard",
+                                "features": "logprobs", "epochs": 1}),
+    "lts": ("lts", {"epochs": 1}),
+}
+
+
+def _fit_profile_calibrators(run_dir: Path, c: int, seed: int) -> dict[str, str]:
+    """Fit the profiled calibrators on small synthetic maps; label -> artifact folder."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, c, 24, 32, generator=g) * 4
+    labels = torch.where(torch.rand(4, 24, 32, generator=g) < 0.7, logits.argmax(1),
+                         torch.randint(0, c, (4, 24, 32), generator=g))
+    images = torch.rand(4, 3, 24, 32, generator=g)
+    artifacts = {}
+    for label, (name, options) in PROFILE_CALIBRATORS.items():
+        cal = build_calibrator(name, c, **options)
+        kind = type(cal)
+        if kind.spatial:
+            cal.fit(logits, labels, images=images)
+        else:
+            cal.fit(logits.permute(0, 2, 3, 1).reshape(-1, c), labels.reshape(-1))
+        folder = run_dir / "artifacts" / label
+        save(cal, folder, class_names=None, ignore_index=255)
+        artifacts[label] = str(folder)
+    return artifacts
+
+
+def profile(args: argparse.Namespace) -> None:
+    """Per image x calibrator cost of each evaluation stage, in this process."""
+    import pyarrow as pa
+
+    from pipeline import evaluate
+
+    device = evaluate.resolve_device("true" if args.device == "cuda" else "false")
+    print(f"== evaluate --profile on {device}: {args.images} images per shape, logits at "
+          f"stride {args.stride}; torch threads {torch.get_num_threads()}; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for shape_name, (c, h, w) in PROFILE_SHAPES.items():
+        with tempfile.TemporaryDirectory(prefix="segcal-profile-") as tmp:
+            cfg = build_run(Path(tmp), args.images, h, w, c, args.stride, args.seed)
+            paths = RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
+            artifacts = _fit_profile_calibrators(Path(tmp), c, args.seed)
+            targets = evaluate.plan_targets(cfg, paths)
+            items = evaluate._work_items(targets)
+            timer = evaluate.StageTimer(sync=device.type == "cuda")
+            evaluator = evaluate.ShardEvaluator(
+                artifacts, n_bins=15, boundary_width=2, threads=1,
+                use_gpu="true" if device.type == "cuda" else "false", timer=timer,
+            )
+            # Warm-up on one shard (numba caches, CUDA context), then the timed pass.
+            evaluator(pa.Table.from_pylist(items[:1]))
+            timer.seconds.clear()
+            start = time.perf_counter()
+            for item in items:
+                evaluator(pa.Table.from_pylist([item]))
+            wall = time.perf_counter() - start
+            # The statistics kernel alone, on the uncalibrated probabilities of a few images.
+            kernel = _kernel_alone(items[0], c, h, w, min(args.images, 8))
+        labels = ["uncalibrated", *artifacts]
+        n_evals = args.images * len(labels)
+        shared = {k: v for k, v in timer.seconds.items() if "|" not in k}
+        print(f"\n{shape_name}: {c} x {h} x {w} labels, {args.images} images x {len(labels)} "
+              f"calibrations = {n_evals / wall:.1f} image x calibrator evaluations/s "
+              f"({wall:.2f} s)")
+        print(f"  {'ms per image x calibrator':<28}" + "".join(f"{x:>14}" for x in labels))
+        for stage, seconds in shared.items():
+            cost = seconds / n_evals * 1e3
+            print(f"  {stage + ' (shared)':<28}" + "".join(f"{cost:>14.2f}" for _ in labels))
+        totals = dict.fromkeys(labels, sum(shared.values()) / n_evals * 1e3)
+        for stage in ("calibrator forward", "softmax", "statistics", "row building"):
+            cells = []
+            for label in labels:
+                ms = timer.seconds.get(f"{stage}|{label}", 0.0) / args.images * 1e3
+                totals[label] += ms
+                cells.append(f"{ms:>14.2f}")
+            print(f"  {stage:<28}" + "".join(cells))
+        print(f"  {'total':<28}" + "".join(f"{totals[x]:>14.2f}" for x in labels))
+        print(f"  statistics kernel alone (image_stats): {kernel * 1e3:.2f} ms; temperature's "
+              f"total / kernel = {totals['temperature'] / (kernel * 1e3):.2f}x (goal <= 2x on "
+              "the CPU)")
+
+
+def _kernel_alone(item: dict, c: int, h: int, w: int, n: int) -> float:
+    """Mean seconds of ``image_stats`` on upsampled uncalibrated probabilities."""
+    from pipeline.evaluate import _iter_shard
+    from pipeline.metrics import first_argmax, image_stats
+    from pipeline.shards import upsample_logits
+
+    times = []
+    for i, record in enumerate(_iter_shard(Path(item["path"]), item["sha256"], item["rows"])):
+        if i == n:
+            break
+        logits = upsample_logits(record.logits, (h, w))
+        probs = torch.softmax(logits, 0)
+        labels = torch.from_numpy(record.labels.astype(np.int64))
+        preds = first_argmax(logits)
+        t0 = time.perf_counter()
+        image_stats(probs, labels, validate_args=False, preds=preds)
+        times.append(time.perf_counter() - t0)
+    return float(np.mean(times))
 
 
 def _tree_rss(root_pid: int) -> int:
@@ -174,7 +296,15 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="ray.init num_cpus")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true",
+                        help="per image x calibrator cost of each stage, in this process")
+    parser.add_argument("--images", type=int, default=16, help="images per shape (--profile)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where --profile scores")
     args = parser.parse_args()
+    if args.profile:
+        profile(args)
+        return
     if args.child is not None:
         print(json.dumps(measure(args, args.child)))
         return

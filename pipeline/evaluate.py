@@ -28,8 +28,10 @@ import logging
 import math
 import os
 import shutil
+import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,10 @@ import torch.nn.functional as F  # noqa: N812
 from pipeline.calibrators import Calibrator, load
 from pipeline.calibrators.artifacts import CARD, read_card
 from pipeline.config import DatasetConfig, JobConfig, config_hash
-from pipeline.metrics import ImageStats, first_argmax, image_stats
+from pipeline.metrics import N_SCORE_BINS, ImageStats, first_argmax
+from pipeline.metrics import functional as MF
+from pipeline.metrics.stats import stats_from_image_sums
+from pipeline.metrics.torch_stats import image_stats_torch, prepare_targets
 from pipeline.paths import RunPaths, atomic_write_text, scratch_dir
 from pipeline.shards import (
     MANIFEST_NAME,
@@ -122,6 +127,37 @@ def _image_tensor(record: ImageRecord) -> torch.Tensor | None:
     return image.clamp_(0.0, 1.0)
 
 
+class StageTimer:
+    """Wall time per evaluation stage (``benchmarks/evaluate.py --profile``).
+
+    ``timer(stage)`` is a context manager that adds the time spent inside it to
+    ``seconds[stage]``; on CUDA it synchronises first, so that each stage is charged for its
+    own kernels. Stages of one calibrator are named ``"<stage>|<calibrator>"``; the others
+    are shared by an image's calibrators.
+    """
+
+    def __init__(self, sync: bool = False) -> None:
+        self.seconds: dict[str, float] = {}
+        self.sync = sync
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        """Time the body as ``stage``."""
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _no_timer(stage: str) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
 def image_rows(
     record: ImageRecord,
     calibrators: Mapping[str, Calibrator | None],
@@ -130,50 +166,90 @@ def image_rows(
     n_bins: int,
     boundary_width: int,
     ignore_index: int | None,
+    device: torch.device | str = "cpu",
+    timer: Callable[[str], AbstractContextManager[None]] = _no_timer,
 ) -> list[dict[str, Any]]:
     """One image's statistics rows, one per calibrator.
 
     The stored logits are upsampled to label resolution, each calibrator is applied (spatial
     ones also get the image, upsampled alike) and the image is reduced to an ImageStats row.
+    The labels are checked, and their valid and boundary pixels found, once per image. On the
+    CPU the statistics come from the numba kernel; on another device from its torch twin
+    (:mod:`pipeline.metrics.torch_stats`), where the logits already are.
 
     Args:
         record: the image's stored logits (C, h, w), labels (H, W) and optional image.
-        calibrators: label -> fitted calibrator; None means ``uncalibrated`` (identity).
+        calibrators: label -> fitted calibrator (on ``device``); None means ``uncalibrated``.
         meta: ``dataset``, ``domain``, ``reference``, ``role`` for the rows.
         n_bins: confidence bins.
         boundary_width: boundary width in pixels.
         ignore_index: label value left out of every metric.
+        device: where to calibrate and score.
+        timer: ``timer(stage)`` context manager charging each stage (see :class:`StageTimer`).
 
     Returns:
         Rows with the keys of :data:`ROW_SCHEMA`.
     """
-    logits = upsample_logits(record.logits, (record.height, record.width))[None]
-    labels = torch.from_numpy(record.labels.astype(np.int64, copy=False))
-    image = None
-    if any(c is not None and type(c).spatial for c in calibrators.values()):
-        image = _image_tensor(record)
+    device = torch.device(device)
+    size = (record.height, record.width)
+    c = record.logits.shape[0]
+    with timer("float16 -> float32"):
+        # A copy: shard arrays are read-only views of Arrow buffers.
+        logits = torch.from_numpy(np.array(record.logits, dtype=np.float32)).to(device)
+    with timer("upsampling"):
+        logits = upsample_logits(logits, size)[None]
+        image = None
+        if any(cal is not None and type(cal).spatial for cal in calibrators.values()):
+            image = _image_tensor(record)
+            image = None if image is None else image.to(device)
+    with timer("statistics"):
+        if device.type == "cpu":
+            labels2d = record.labels
+            if labels2d.dtype != np.int64:
+                labels2d = labels2d.astype(np.int64)
+            labels = labels2d.reshape(-1)
+            valid = MF.valid_mask(labels, c, ignore_index)
+            boundary = MF.boundary_mask(labels2d, boundary_width).reshape(-1)
+        else:
+            targets = prepare_targets(record.labels, c, ignore_index=ignore_index,
+                                      boundary_width=boundary_width, device=device)
     rows = []
     with torch.inference_mode():
         for label, calibrator in calibrators.items():
             score = None
             calibrated = logits
             if calibrator is not None:
-                cal_image = image if type(calibrator).spatial else None
-                calibrated, score = calibrator.calibrate_with_score(logits, cal_image)
+                with timer(f"calibrator forward|{label}"):
+                    cal_image = image if type(calibrator).spatial else None
+                    calibrated, score = calibrator.calibrate_with_score(logits, cal_image)
+            with timer(f"softmax|{label}"):
+                probs = torch.softmax(calibrated[0], dim=0)
             # Predictions from the logits, not the probabilities: a huge temperature (selective
             # scaling's T_mis = 1e10) leaves logits that differ by ~1e-9, which a float32
             # softmax rounds to exact ties, while dividing by it never reorders the logits.
-            stats = image_stats(
-                torch.softmax(calibrated[0], dim=0), labels, n_bins=n_bins,
-                ignore_index=ignore_index, boundary_width=boundary_width,
-                mis_score=None if score is None else score.reshape(labels.shape),
-                validate_args=False,  # straight from a softmax
-                preds=first_argmax(calibrated[0]),  # torch's argmax(0) is ~20x slower
-            )
-            rows.append({
-                **meta, "image_id": record.image_id, "calibrator": label,
-                "img_ece": stats.image_ece_mean(), **stats.to_row(),
-            })
+            with timer(f"statistics|{label}"):
+                if device.type == "cpu":
+                    preds = first_argmax(calibrated[0]).reshape(-1)  # torch's is ~20x slower
+                    flat_score = None
+                    if score is not None:
+                        flat_score = MF.as_scores(score.reshape(-1).double().numpy(),
+                                                  labels.shape)
+                    sums = MF.image_sums(
+                        probs.numpy().reshape(c, -1), labels, valid, boundary, flat_score,
+                        n_bins, N_SCORE_BINS, check=False, preds=preds,
+                    )
+                    stats = stats_from_image_sums(sums, n_bins, c)
+                else:
+                    stats = image_stats_torch(
+                        probs, n_bins=n_bins, validate_args=False, targets=targets,
+                        preds=calibrated[0].argmax(0),  # the first maximum, as on the CPU
+                        mis_score=None if score is None else score.reshape(size),
+                    )
+            with timer(f"row building|{label}"):
+                rows.append({
+                    **meta, "image_id": record.image_id, "calibrator": label,
+                    "img_ece": stats.image_ece_mean(), **stats.to_row(),
+                })
     return rows
 
 
@@ -195,17 +271,47 @@ def _iter_shard(path: Path, sha256: str, rows: int) -> Iterator[ImageRecord]:
         yield from decode_table(pa.Table.from_batches([batch]))
 
 
+def resolve_device(use_gpu: object) -> torch.device:
+    """The device an evaluator scores on: ``"auto"`` takes CUDA when this process sees a GPU.
+
+    Args:
+        use_gpu: ``"auto"``, True or False (the strings ``"true"``/``"false"`` too).
+
+    Raises:
+        ValueError: On another value.
+        RuntimeError: With True when no CUDA device is visible.
+    """
+    value = str(use_gpu).lower()
+    if value not in ("auto", "true", "false"):
+        raise ValueError(
+            f"Expected `evaluate.use_gpu` to be auto, true or false, but got {use_gpu!r}"
+        )
+    if value == "false":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if value == "true":
+        raise RuntimeError(
+            "Expected a CUDA device for `evaluate.use_gpu`=true, but torch sees none"
+        )
+    return torch.device("cpu")
+
+
 class ShardEvaluator:
     """Ray Data UDF (a callable class, so each actor loads the calibrators once).
 
     Each input row names one shard file and the image ids to evaluate in it; each output row
-    holds one image x calibrator's statistics (:data:`ROW_SCHEMA`).
+    holds one image x calibrator's statistics (:data:`ROW_SCHEMA`). Each shard is read once,
+    image by image, and every calibrator is applied to an image before the next is decoded.
 
     Args:
         artifacts: calibrator label -> artifact folder.
         n_bins: confidence bins.
         boundary_width: boundary width in pixels.
         threads: torch intra-op threads for this actor (None leaves torch's default).
+        use_gpu: ``"auto"`` (CUDA when this actor sees a GPU), True or False; on a GPU the
+            calibrators and the statistics run there and only the sums come back.
+        timer: optional :class:`StageTimer` charging each stage (profiling).
     """
 
     def __init__(
@@ -215,27 +321,41 @@ class ShardEvaluator:
         n_bins: int,
         boundary_width: int,
         threads: int | None = None,
+        use_gpu: object = "auto",
+        timer: StageTimer | None = None,
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
+        self.device = resolve_device(use_gpu)
         self.calibrators: dict[str, Calibrator | None] = {UNCALIBRATED: None}
-        self.calibrators.update({label: load(path) for label, path in artifacts.items()})
+        self.calibrators.update(
+            {label: load(path).to(self.device) for label, path in artifacts.items()}
+        )
         self.n_bins = n_bins
         self.boundary_width = boundary_width
+        self.timer = timer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Evaluate the shards named in ``batch`` (columns of :func:`_work_items`)."""
+        timer = self.timer or _no_timer
         rows: list[dict[str, Any]] = []
         for item in batch.to_pylist():
             keep = set(item["image_ids"])
             meta = {k: item[k] for k in ("dataset", "domain", "reference", "role")}
-            for record in _iter_shard(Path(item["path"]), item["sha256"], item["rows"]):
+            records = _iter_shard(Path(item["path"]), item["sha256"], item["rows"])
+            while True:
+                with timer("Parquet read + decode"):
+                    record = next(records, None)
+                if record is None:
+                    break
                 if record.image_id in keep:
                     rows.extend(image_rows(
                         record, self.calibrators, meta=meta, n_bins=self.n_bins,
                         boundary_width=self.boundary_width, ignore_index=item["ignore_index"],
+                        device=self.device, timer=timer,
                     ))
-        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+        with timer("row building"):
+            return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,18 +737,40 @@ def _work_items(targets: Sequence[Target]) -> list[dict[str, Any]]:
 # Execution: Ray Data (run) or in-process (tests, debugging)
 
 
-def _pool(requested: int | None, n_items: int) -> tuple[int, float, int]:
-    """Actor pool size, CPUs per actor and torch threads per actor.
+def _pool(
+    requested: int | None, n_items: int, use_gpu: object = "auto"
+) -> tuple[int, float, int, int]:
+    """Actor pool size, CPUs, GPUs and torch threads per actor.
 
-    One single-threaded actor per free CPU: the per-image work (a calibrator forward and one
-    numba pass) is mostly serial, so actors scale better than threads. Ray Data hangs when an
-    actor pool holds every CPU (ray-project/ray#44687): the read tasks never get scheduled, so
-    the actors share all but one CPU (half of a lone CPU) by asking for fractional CPUs.
+    With GPUs free (and ``use_gpu`` auto or true): one actor per GPU, each scoring on its GPU
+    with one CPU for reading and decoding its shards. Otherwise one single-threaded actor per
+    free CPU: the per-image work (a calibrator forward and one numba pass) is mostly serial,
+    so actors scale better than threads. Ray Data hangs when an actor pool holds every CPU
+    (ray-project/ray#44687): the read tasks never get scheduled, so the actors share all but
+    one CPU (half of a lone CPU) by asking for fractional CPUs.
+
+    Raises:
+        RuntimeError: ``use_gpu`` true on a cluster without a free GPU.
     """
     import ray
 
-    free = float(ray.available_resources().get("CPU", 1.0))
+    free_resources = ray.available_resources()
+    free = float(free_resources.get("CPU", 1.0))
+    gpus = int(free_resources.get("GPU", 0.0))
+    mode = str(use_gpu).lower()
+    if mode == "true" and gpus < 1:
+        raise RuntimeError(
+            "Expected a free GPU in the Ray cluster for `evaluate.use_gpu`=true, but got none"
+        )
     reserve = 1.0 if free >= 2 else free / 2
+    if gpus >= 1 and mode != "false":
+        size = max(1, min(requested or gpus, gpus, n_items))
+        if requested is not None and size < min(requested, n_items):
+            warnings.warn(
+                f"`evaluate.num_actors`={requested} exceeds the {gpus} free GPUs; using {size}",
+                stacklevel=3,
+            )
+        return size, max(0.01, min(1.0, (free - reserve) / size)), 1, 1
     limit = max(1, int(free))
     size = max(1, min(requested or limit, limit, n_items))
     if requested is not None and size < min(requested, n_items):
@@ -637,7 +779,7 @@ def _pool(requested: int | None, n_items: int) -> tuple[int, float, int]:
             stacklevel=3,
         )
     num_cpus = max(0.01, min(1.0, (free - reserve) / size))
-    return size, num_cpus, 1
+    return size, num_cpus, 0, 1
 
 
 def _batches_ray(
@@ -648,17 +790,20 @@ def _batches_ray(
     from pipeline.runtime import init_ray
 
     init_ray()
-    size, num_cpus, threads = _pool(num_actors, len(items))
+    use_gpu = evaluator_kwargs.get("use_gpu", "auto")
+    size, num_cpus, num_gpus, threads = _pool(num_actors, len(items), use_gpu)
     # [1] one block per shard file, so that the shards spread over the actors
     shards = ray.data.from_items(items, override_num_blocks=len(items))
-    # [2] an actor pool of evaluators, each holding the loaded calibrators
+    # [2] an actor pool of evaluators, each holding the loaded calibrators (on its GPU if any)
     rows = shards.map_batches(
         ShardEvaluator,
-        fn_constructor_kwargs={**evaluator_kwargs, "threads": threads},
+        fn_constructor_kwargs={**evaluator_kwargs, "threads": threads,
+                               "use_gpu": "true" if num_gpus else "false"},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=size),
         num_cpus=num_cpus,
+        num_gpus=num_gpus,
     )
     # [3] stream the small rows back to the driver as they are produced
     yield from rows.iter_batches(batch_size=None, batch_format="pyarrow")
@@ -713,7 +858,9 @@ def run(cfg: JobConfig, *, local: bool = False) -> Path:
     artifacts = check_artifacts(cfg, paths, targets)
     items = _work_items(targets)
     kwargs = {"artifacts": artifacts, "n_bins": cfg.evaluate.n_bins,
-              "boundary_width": cfg.evaluate.boundary_width}
+              "boundary_width": cfg.evaluate.boundary_width,
+              # TODO(config owner): `evaluate.use_gpu: auto|true|false` in EvalConfig.
+              "use_gpu": getattr(cfg.evaluate, "use_gpu", "auto")}
     logger.info("evaluating %d calibrators + uncalibrated on %d datasets (%d shards)",
                 len(artifacts), len(targets), len(items))
 

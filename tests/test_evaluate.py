@@ -91,8 +91,8 @@ def make_run(root: Path, datasets=DATASETS, *, evaluate_options=None, calibrator
         "output": str(root / "run"),
         "model": {"kind": "torchscript", "path": str(weights), "num_classes": NUM_CLASSES},
         "datasets": [
-            {"name": n, "role": role, "domain": dom, "reference": ref, "images": str(root),
-             "labels": str(root)}
+            {"name": n, "role": role, "domain": dom, "reference": ref,
+             "images": str(root / "data"), "labels": str(root / "data")}
             for n, role, dom, ref, *_ in datasets
         ],
         "calibrators": calibrators or [{"name": "temperature"}],
@@ -582,8 +582,8 @@ def test_actor_pool_leaves_a_cpu_for_read_tasks(monkeypatch, cpus, requested, it
     import ray
 
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": cpus})
-    got_size, got_cpus, threads = evaluate._pool(requested, items)
-    assert (got_size, threads) == (size, 1)
+    got_size, got_cpus, gpus, threads = evaluate._pool(requested, items)
+    assert (got_size, gpus, threads) == (size, 0, 1)
     assert got_cpus == pytest.approx(num_cpus)
     # the actors and one read task fit at once (ray-project/ray#44687)
     assert got_size * got_cpus + min(1.0, cpus / 2) <= cpus
@@ -595,3 +595,37 @@ def test_actor_pool_clamps_requests_with_a_warning(monkeypatch):
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0})
     with pytest.warns(UserWarning, match=r"`evaluate.num_actors`=4 exceeds the 2 free CPUs"):
         assert evaluate._pool(4, 10)[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("resources", "use_gpu", "size", "gpus"),
+    [
+        pytest.param({"CPU": 16.0, "GPU": 2.0}, "auto", 2, 1, id="auto-gpus"),
+        pytest.param({"CPU": 16.0, "GPU": 1.0}, "true", 1, 1, id="true-gpu"),
+        pytest.param({"CPU": 16.0, "GPU": 2.0}, "false", 10, 0, id="false-cpus"),
+        pytest.param({"CPU": 4.0}, "auto", 4, 0, id="auto-no-gpu"),
+    ],
+)
+def test_actor_pool_takes_a_gpu_per_actor_when_the_cluster_has_them(
+    monkeypatch, resources, use_gpu, size, gpus
+):
+    import ray
+
+    monkeypatch.setattr(ray, "available_resources", lambda: resources)
+    got_size, num_cpus, got_gpus, _ = evaluate._pool(None, 10, use_gpu)
+    assert (got_size, got_gpus) == (size, gpus)
+    assert got_size * num_cpus + 1.0 <= resources["CPU"]
+
+
+def test_use_gpu_true_without_a_gpu_fails_early(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 4.0})
+    with pytest.raises(RuntimeError, match=r"free GPU .* `evaluate.use_gpu`=true"):
+        evaluate._pool(None, 10, "true")
+    with pytest.raises(ValueError, match=r"`evaluate.use_gpu` to be auto, true or false"):
+        evaluate.resolve_device("sometimes")
+    if not torch.cuda.is_available():
+        assert evaluate.resolve_device("auto").type == "cpu"
+        with pytest.raises(RuntimeError, match=r"CUDA device"):
+            evaluate.resolve_device(True)

@@ -411,12 +411,20 @@ def image_stats(
         F.boundary_mask(lab2d, width).reshape(-1), score, n_bins, n_score_bins,
         check=validate_args, preds=pred,
     )
+    return stats_from_image_sums(sums, n_bins, c)
+
+
+def stats_from_image_sums(sums: F.ImageSums, n_bins: int, num_classes: int) -> ImageStats:
+    """One image's :class:`ImageStats` from :func:`pipeline.metrics.functional.image_sums`.
+
+    Adds ACE (a sort of the image's confidences) to the kernel's sums.
+    """
     n_valid = sums.conf_cor.size + sums.conf_inc.size
     ace = math.nan
     if n_valid:
         ace = F.ece_from_bins(*F.adaptive_bins(sums.conf_cor, sums.conf_inc, n_bins))
     return stats_from_sums(
-        n_bins=n_bins, num_classes=c, n_valid=n_valid, top_count=sums.top_count,
+        n_bins=n_bins, num_classes=num_classes, n_valid=n_valid, top_count=sums.top_count,
         top_sum=sums.top_sum, cls_count=sums.cls_count, cls_sum=sums.cls_sum,
         cls_correct=sums.cls_correct, confusion=sums.confusion, msp_hist=sums.msp_hist,
         mis_hist=sums.mis_hist, nll_sum=sums.nll_sum, brier_sum=sums.brier_sum, ace=ace,
