@@ -168,6 +168,7 @@ def image_rows(
     ignore_index: int | None,
     device: torch.device | str = "cpu",
     timer: Callable[[str], AbstractContextManager[None]] = _no_timer,
+    stats_backend: str = "auto",
 ) -> list[dict[str, Any]]:
     """One image's statistics rows, one per calibrator.
 
@@ -186,11 +187,20 @@ def image_rows(
         ignore_index: label value left out of every metric.
         device: where to calibrate and score.
         timer: ``timer(stage)`` context manager charging each stage (see :class:`StageTimer`).
+        stats_backend: ``"auto"`` (numba on the CPU, torch elsewhere), ``"numba"`` or
+            ``"torch"`` (tests run the GPU path's code on the CPU with it).
 
     Returns:
         Rows with the keys of :data:`ROW_SCHEMA`.
     """
     device = torch.device(device)
+    if stats_backend not in ("auto", "numba", "torch"):
+        raise ValueError(
+            f"Expected `stats_backend` to be auto, numba or torch, but got {stats_backend!r}"
+        )
+    if stats_backend == "numba" and device.type != "cpu":
+        raise ValueError(f"Expected the CPU for `stats_backend`='numba', but got {device}")
+    use_numba = stats_backend == "numba" or (stats_backend == "auto" and device.type == "cpu")
     size = (record.height, record.width)
     c = record.logits.shape[0]
     with timer("float16 -> float32"):
@@ -203,7 +213,7 @@ def image_rows(
             image = _image_tensor(record)
             image = None if image is None else image.to(device)
     with timer("statistics"):
-        if device.type == "cpu":
+        if use_numba:
             labels2d = record.labels
             if labels2d.dtype != np.int64:
                 labels2d = labels2d.astype(np.int64)
@@ -228,7 +238,7 @@ def image_rows(
             # scaling's T_mis = 1e10) leaves logits that differ by ~1e-9, which a float32
             # softmax rounds to exact ties, while dividing by it never reorders the logits.
             with timer(f"statistics|{label}"):
-                if device.type == "cpu":
+                if use_numba:
                     preds = first_argmax(calibrated[0]).reshape(-1)  # torch's is ~20x slower
                     flat_score = None
                     if score is not None:
