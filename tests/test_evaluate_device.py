@@ -64,9 +64,8 @@ def test_torch_statistics_path_equals_numba_path_on_cpu(calibrators, seed):
     assert [r["calibrator"] for r in got] == list(calibrators)
     for g, w in zip(got, want, strict=True):
         for key, value in w.items():
-            if isinstance(value, str) or value is None:
-                assert g[key] == value, key
-            elif isinstance(value, int) or (isinstance(value, list) and isinstance(value[0], int)):
+            exact = isinstance(value, str | int) or value is None
+            if exact or (isinstance(value, list) and isinstance(value[0], int)):
                 assert g[key] == value, key
             else:
                 np.testing.assert_allclose(g[key], value, rtol=1e-9, atol=1e-15 * H * W,
