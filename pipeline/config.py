@@ -211,6 +211,9 @@ class ExtractConfig(_Strict):
     store_image: Bool = True
     # Autocast dtype of the model's forward pass on the device; logits are stored as float16.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Custom Ray resources each model actor asks for, e.g. {"gpu_node": 1}: pins the actors to
+    # the nodes that declare them (`ray start --resources='{"gpu_node": 4}'`).
+    actor_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
 
     _check_stride = field_validator("store_stride", mode="before")(_exact_int)
 

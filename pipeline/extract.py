@@ -315,7 +315,9 @@ def write_shards(
     return {"meta": np.array(meta, dtype=object)}
 
 
-def _pool_resources(requested: int | None, blocks: int) -> dict[str, Any]:
+def _pool_resources(
+    requested: int | None, blocks: int, actor_resources: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Actor pool size and per-actor resources, from what the cluster has free now.
 
     GPU clusters get one actor per GPU, each with one CPU for its host-side work; decode and
@@ -324,7 +326,11 @@ def _pool_resources(requested: int | None, blocks: int) -> dict[str, Any]:
     for half a logical CPU each so that, while the model runs, the cores it leaves idle still
     decode and write. At least one logical CPU always stays outside the pool: Ray Data hangs
     when an actor pool holds every CPU (ray-project/ray#44687). Never more actors than input
-    blocks, since extra ones would only start up to sit idle.
+    blocks, since extra ones would only start up to sit idle, nor than the free amount of
+    each custom resource in ``actor_resources`` allows.
+
+    Raises:
+        ValueError: the cluster offers none of a resource in ``actor_resources``.
     """
     free = ray.available_resources()
     cpus, gpus = float(free.get("CPU", 0.0)), int(free.get("GPU", 0.0))
@@ -334,6 +340,15 @@ def _pool_resources(requested: int | None, blocks: int) -> dict[str, Any]:
     else:
         limit = max(1, int(cpus - reserve))
         size = min(requested or max(1, int(cpus) // 2), limit)
+    for key, amount in (actor_resources or {}).items():
+        fit = int(float(free.get(key, 0.0)) // amount)
+        if fit < 1:
+            raise ValueError(
+                f"Expected the cluster to have {amount:g} of resource {key!r} free for each "
+                f"model actor (`extract.actor_resources`), but it has "
+                f"{float(free.get(key, 0.0)):g}: declare it with `ray start --resources`"
+            )
+        size = min(size if requested or gpus else fit, fit)
     size = max(1, min(size, blocks))
     if requested is not None and size < min(requested, blocks):
         warnings.warn(
@@ -459,7 +474,7 @@ def _stream(
     # [1] one input block per model batch: decode tasks spread over every free CPU and run
     #     ahead of inference; actors beyond the block count would only sit idle.
     blocks = max(1, math.ceil(len(items) / batch_size))
-    pool = _pool_resources(cfg.extract.num_actors, blocks)
+    pool = _pool_resources(cfg.extract.num_actors, blocks, cfg.extract.actor_resources)
     # A task CPU unlike the actors' keeps Ray Data from fusing decode into the actor stage,
     # where it would run serially with the model.
     task_cpus = pool["task_cpus"] if pool["task_cpus"] != pool["num_cpus"] else 0.5
@@ -479,6 +494,7 @@ def _stream(
             compute=ray.data.ActorPoolStrategy(size=pool["size"]),
             num_cpus=pool["num_cpus"],
             num_gpus=pool["num_gpus"],
+            resources=cfg.extract.actor_resources or None,
         )
         # [3] shards written by CPU workers where the logits are; only metadata comes back
         .map_batches(
