@@ -10,7 +10,11 @@ Inputs may be torch tensors or NumPy arrays; the kernels run on NumPy views of t
 for contiguous CPU tensors). The per-image pass is one numba-compiled loop over blocks of
 pixels: every statistic needs only a few operations per probability, and a fused loop does
 them in one read of the image instead of the dozen full passes (and temporaries) that the
-same work takes as torch or NumPy array operations.
+same work takes as torch or NumPy array operations. The public :func:`ece` and
+:func:`image_ece` have their own, smaller compiled pass (:func:`_top_label_bins`): first
+argmax, confidence, correctness and bin only, about as fast as reading the probabilities once
+(``probs.amax(1)``). :mod:`pipeline.metrics.torch_stats` is the per-image pass in torch, for
+GPUs.
 
 Bin rule (top-label, classwise and score bins alike): with ``n`` equal-width bins, bin ``b``
 holds values in ``(b/n, (b+1)/n]``; bin 0 also holds 0 and a value of exactly 1.0 lands in the
