@@ -214,6 +214,9 @@ class ExtractConfig(_Strict):
     # Custom Ray resources each model actor asks for, e.g. {"gpu_node": 1}: pins the actors to
     # the nodes that declare them (`ray start --resources='{"gpu_node": 4}'`).
     actor_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    # How a rerun notices source files changed in place: size + mtime, or a sha256 of both
+    # files (reads every file on every run). Switching kinds re-extracts every image once.
+    verify_sources: Literal["stat", "hash"] = "stat"
 
     _check_stride = field_validator("store_stride", mode="before")(_exact_int)
 

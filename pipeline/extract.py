@@ -37,7 +37,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import DatasetConfig, ExtractConfig, JobConfig, ModelConfig, config_hash
-from pipeline.data import DataError, Sample, label_dtype, list_samples, load_sample
+from pipeline.data import (
+    DataError,
+    Sample,
+    label_dtype,
+    list_all_samples,
+    load_sample,
+    select_samples,
+    source_fingerprint,
+)
 from pipeline.models import load_model, model_fingerprint
 from pipeline.paths import RunPaths
 from pipeline.shards import (
@@ -60,6 +68,7 @@ from pipeline.shards import (
     ShardInfo,
     describe_shard,
     read_manifest,
+    read_shard,
     write_manifest,
     write_shard,
 )
@@ -131,6 +140,7 @@ def decode_batch(
     return {
         "image_id": batch["image_id"],
         "uri": batch["uri"],
+        "source": batch["source"] if "source" in batch else np.full(len(rows), "", object),
         "image": _column([r["image"] for r in rows]),
         "labels": _column([r["labels"] for r in rows]),
         "error": np.array([r["error"] for r in rows], dtype=object),
@@ -252,6 +262,7 @@ class LogitPredictor:
         out = {
             "image_id": batch["image_id"],
             "uri": batch["uri"],
+            "source": batch["source"] if "source" in batch else np.full(n, "", object),
             "error": np.array(errors, dtype=object),
             "labels": _column(labels),
             "logits": _column(logits),
@@ -306,6 +317,7 @@ def write_shards(
             dataset=dataset, domain=domain, role=role, image_id=str(batch["image_id"][i]),
             uri=uri, height=int(labels.shape[0]), width=int(labels.shape[1]),
             model_fingerprint=fingerprint, labels=labels, logits=logits, image=image,
+            source=str(batch["source"][i]) if "source" in batch else "",
         )
         key = (logits.shape, labels.shape, labels.dtype.str)
         groups.setdefault(key, []).append(record)
@@ -423,14 +435,28 @@ def _extract_dataset(
     directory.mkdir(parents=True, exist_ok=True)
     content = content_hash(ds, cfg.extract)
     kept = _existing_shards(directory, ds, fingerprint, content)
+    every = list_all_samples(ds)
+    samples = select_samples(ds, every)
+    sources = {s.image_id: source_fingerprint(s, cfg.extract.verify_sources) for s in samples}
+    stored = _stored_sources(kept)
+    changed = {i for i, src in sources.items() if stored.get(i) and stored[i] != src}
+    removed = set(stored) - {s.image_id for s in every}
+    # Shards holding stale rows are rewritten without them; the old files go once the new
+    # manifest no longer names them, so a failure before that leaves the old state intact.
+    kept, obsolete = _without(directory, kept, changed | removed, sources)
     done = {i for s in kept for i in s.image_ids}
-    todo = [s for s in list_samples(ds) if s.image_id not in done]
+    todo = [s for s in samples if s.image_id not in done]
+    changes = {"added": len([s for s in todo if s.image_id not in stored]),
+               "changed": len(changed), "removed": len(removed)}
     written: list[ShardInfo] = []
     skipped: list[dict[str, str]] = []
     start = time.perf_counter()
+    if changed or removed:
+        logger.info("%s: %d images changed at the source, %d removed", ds.name, len(changed),
+                    len(removed))
     if todo:
         logger.info("%s: %d images to extract (%d already stored)", ds.name, len(todo), len(done))
-        for meta in _stream(cfg, ds, todo, directory, fingerprint):
+        for meta in _stream(cfg, ds, todo, sources, directory, fingerprint):
             if "shard" in meta:
                 written.append(ShardInfo(**meta["shard"]))
                 continue
@@ -448,6 +474,7 @@ def _extract_dataset(
         skipped=sorted(skipped, key=lambda s: s["uri"]),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         content_hash=content,
+        changes=changes,
     )
     if manifest.n_images == 0:
         raise DataError(
@@ -455,6 +482,8 @@ def _extract_dataset(
             f"{len(skipped)} were skipped; first reason: {skipped[0]['reason']}"
         )
     write_manifest(directory, manifest)
+    for name in obsolete:
+        (directory / name).unlink(missing_ok=True)
     rate = n_new / elapsed if elapsed > 0 else 0.0
     logger.info(
         "%s: %d new images (%d skipped, %d stored) in %.1f s, %.2f images/s -> %s",
@@ -463,12 +492,49 @@ def _extract_dataset(
     return directory
 
 
+def _stored_sources(shards: list[ShardInfo]) -> dict[str, str]:
+    """Image id -> the source fingerprint its stored row was made from ("" when unknown)."""
+    out: dict[str, str] = {}
+    for shard in shards:
+        sources = shard.sources if len(shard.sources) == shard.rows else [""] * shard.rows
+        out.update(zip(shard.image_ids, sources, strict=True))
+    return out
+
+
+def _without(
+    directory: Path, shards: list[ShardInfo], stale: set[str], sources: dict[str, str]
+) -> tuple[list[ShardInfo], list[str]]:
+    """Shards without the ``stale`` rows, and the files that then become obsolete.
+
+    A shard holding stale rows is rewritten with the rest under a new name (the old file is
+    deleted by the caller after the manifest is written); one holding only stale rows goes.
+    Rows whose fingerprint is unknown (shards from before fingerprints) get today's.
+    """
+    kept: list[ShardInfo] = []
+    obsolete: list[str] = []
+    for shard in shards:
+        if stale.isdisjoint(shard.image_ids):
+            if len(shard.sources) != shard.rows:
+                shard = replace(shard, sources=[sources.get(i, "") for i in shard.image_ids])
+            kept.append(shard)
+            continue
+        obsolete.append(shard.file)
+        rest = [r for r in read_shard(directory / shard.file) if r.image_id not in stale]
+        if rest:
+            for r in rest:
+                r.source = r.source or sources.get(r.image_id, "")
+            path = directory / shard_name([r.image_id for r in rest])
+            kept.append(write_shard(path, rest))
+    return kept, obsolete
+
+
 def _stream(
-    cfg: JobConfig, ds: DatasetConfig, todo: list[Sample], directory: Path, fingerprint: str
+    cfg: JobConfig, ds: DatasetConfig, todo: list[Sample], sources: dict[str, str],
+    directory: Path, fingerprint: str,
 ) -> Iterator[dict[str, Any]]:
     """Run decode, inference and shard writes on Ray Data; yield the writers' metadata."""
-    items = [{"image_id": s.image_id, "uri": s.uri, "label_uri": s.label_uri or ""}
-             for s in todo]
+    items = [{"image_id": s.image_id, "uri": s.uri, "label_uri": s.label_uri or "",
+              "source": sources[s.image_id]} for s in todo]
     num_classes = cfg.model.num_classes
     batch_size = cfg.extract.batch_size
     # [1] one input block per model batch: decode tasks spread over every free CPU and run

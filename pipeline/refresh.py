@@ -44,6 +44,25 @@ CHAMPION_EVAL = "champion_eval"
 EVAL_TABLES = ("per_image.parquet", "summary.csv", "domain_shift.csv", "best.csv")
 
 
+def _source_changes(cfg: JobConfig) -> dict[str, dict[str, int]]:
+    """Per dataset, what the last extraction did: images added, changed at the source, removed."""
+    from pipeline.models import model_fingerprint
+    from pipeline.paths import RunPaths
+    from pipeline.shards import read_manifest
+
+    try:
+        paths = RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
+    except (OSError, ValueError):  # a stubbed stage in tests, with no model file
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for ds in cfg.datasets:
+        try:
+            out[ds.name] = read_manifest(paths.dataset_dir(ds.name)).changes
+        except (FileNotFoundError, ValueError):  # a stubbed stage in tests wrote no manifest
+            out[ds.name] = {}
+    return out
+
+
 def call_stage(cfg: JobConfig, stage: str) -> Any:
     """Run one stage of ``cfg`` in this process (imported lazily: stages pull in Ray and torch).
 
@@ -282,6 +301,7 @@ def refresh(
         try:
             ran = run_stages(cfg, call=call)
             entry["stages_ran"] = [s for s, r in ran.items() if r]
+            entry["sources"] = _source_changes(cfg)
             # The same artifacts as a stored run (nothing new since) are not stored twice.
             challenger = registry.find_run(root, registry.artifact_digest(cfg.output))
             entry["challenger"] = challenger

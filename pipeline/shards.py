@@ -53,6 +53,7 @@ from pipeline.paths import atomic_write_bytes, atomic_write_json
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "part-*.parquet"
 _STRING_COLUMNS = ("dataset", "domain", "role", "image_id", "uri", "model_fingerprint")
+_OPTIONAL_STRING_COLUMNS = ("source",)  # absent from shards written before fingerprints
 _LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 _TENSOR_KEY = b"segcal.tensor"
 # Parquet options: zstd for everything; dictionaries only pay off for the repeated string
@@ -79,6 +80,8 @@ class ImageRecord:
         labels: (H, W) uint8 or uint16 labels, already remapped.
         logits: (C, h, w) float16 logits at the stored resolution.
         image: (h, w, 3) uint8 RGB at the logits' resolution, or None.
+        source: fingerprint of the image and label files the row was made from (see
+            :func:`pipeline.data.source_fingerprint`); "" when unknown.
     """
 
     dataset: str
@@ -92,16 +95,22 @@ class ImageRecord:
     labels: np.ndarray
     logits: np.ndarray
     image: np.ndarray | None = None
+    source: str = ""
 
 
 @dataclass
 class ShardInfo:
-    """A written shard: its file name (relative to the dataset folder), rows, sha256, ids."""
+    """A written shard: its file name (relative to the dataset folder), rows, sha256, ids.
+
+    ``sources`` holds each image's source fingerprint, parallel to ``image_ids`` (empty for
+    shards written before fingerprints were recorded).
+    """
 
     file: str
     rows: int
     sha256: str
     image_ids: list[str]
+    sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -110,7 +119,8 @@ class Manifest:
 
     ``content_hash`` identifies the dataset and extract options that change the stored rows
     (labels, corruption, stride, ...), so a rerun with different options is refused instead of
-    mixing incompatible shards.
+    mixing incompatible shards. ``changes`` counts what the run that wrote it did: images
+    ``added``, ``changed`` (source files rewritten since) and ``removed`` (sources gone).
     """
 
     dataset: str
@@ -126,6 +136,7 @@ class Manifest:
     skipped: list[dict[str, str]] = field(default_factory=list)
     created: str = ""
     content_hash: str = ""
+    changes: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_images(self) -> int:
@@ -199,9 +210,9 @@ def encode_records(records: Sequence[ImageRecord]) -> pa.Table:
     with_image = [r.image is not None for r in records]
     if any(with_image) and not all(with_image):
         raise ValueError("Expected either every record or none to carry an `image`")
-    fields = [pa.field(name, pa.string()) for name in _STRING_COLUMNS]
-    columns = [pa.array([getattr(r, name) for r in records], pa.string())
-               for name in _STRING_COLUMNS]
+    strings = (*_STRING_COLUMNS, *_OPTIONAL_STRING_COLUMNS)
+    fields = [pa.field(name, pa.string()) for name in strings]
+    columns = [pa.array([getattr(r, name) for r in records], pa.string()) for name in strings]
     fields += [pa.field("height", pa.int32()), pa.field("width", pa.int32())]
     columns += [pa.array([r.height for r in records], pa.int32()),
                 pa.array([r.width for r in records], pa.int32())]
@@ -259,7 +270,8 @@ def decode_table(table: pa.Table) -> list[ImageRecord]:
     labels = _tensor_values(table, "labels")
     logits = _tensor_values(table, "logits")
     images = _tensor_values(table, "image") if "image" in table.column_names else None
-    meta = table.select([*_STRING_COLUMNS, "height", "width"]).to_pylist()
+    optional = [c for c in _OPTIONAL_STRING_COLUMNS if c in table.column_names]
+    meta = table.select([*_STRING_COLUMNS, *optional, "height", "width"]).to_pylist()
     return [
         ImageRecord(
             labels=labels[i],
@@ -291,6 +303,7 @@ def write_shard(path: str | Path, records: Sequence[ImageRecord]) -> ShardInfo:
         rows=len(records),
         sha256=hashlib.sha256(data).hexdigest(),
         image_ids=[r.image_id for r in records],
+        sources=[r.source for r in records],
     )
 
 
@@ -425,7 +438,12 @@ def describe_shard(path: str | Path) -> ShardInfo:
     if not path.is_file():
         raise FileNotFoundError(f"Expected shard {path} to exist, but it is missing")
     try:
-        ids = pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=["image_id", *(["source"] if "source" in names
+                                                         else [])])
+        ids = table.column("image_id").to_pylist()
     except (pa.ArrowInvalid, OSError, KeyError) as err:
         raise ValueError(f"Expected {path} to be a readable Parquet shard, but got: {err}") from err
-    return ShardInfo(file=path.name, rows=len(ids), sha256=file_sha256(path), image_ids=ids)
+    sources = table.column("source").to_pylist() if "source" in table.column_names else []
+    return ShardInfo(file=path.name, rows=len(ids), sha256=file_sha256(path), image_ids=ids,
+                     sources=sources)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ from pipeline.shards import (
     ImageRecord,
     Manifest,
     iter_dataset,
-    read_shard,
     read_manifest,
+    read_shard,
     upsample_logits,
     write_manifest,
     write_shard,
@@ -377,3 +378,65 @@ def test_existing_shards_keeps_manifest_shards_and_adopts_orphans(tmp_path):
     with pytest.raises(ValueError, match=r"same label/corruption/storage options \(content "
                                          r"hash other\)"):
         extract._existing_shards(d, ds, fp, "other")
+
+
+def _touch_later(path, seconds=10):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+@pytest.mark.ray
+def test_rerun_follows_sources_changed_or_removed_and_fails_safe_on_a_broken_one(ray_local,
+                                                                                   tmp_path):
+    add_images(tmp_path, ["f0", "f1", "f2", "f3"])
+    cfg = make_cfg(tmp_path)
+    directory = RunPaths(tmp_path / "out", model_fingerprint(cfg.model)).dataset_dir("toy")
+    extract.run(cfg)
+    assert read_manifest(directory).changes == {"added": 4, "changed": 0, "removed": 0}
+
+    # A corrected label file (same name) and a deleted image: the label's row is re-extracted,
+    # the deleted image's row dropped; shards holding neither stay as they were.
+    before = {s.file: set(s.image_ids) for s in read_manifest(directory).shards}
+    lab = np.asarray(Image.open(tmp_path / "lab" / "f1.png")).copy()
+    lab[:] = 2
+    Image.fromarray(lab).save(tmp_path / "lab" / "f1.png")
+    _touch_later(tmp_path / "lab" / "f1.png")
+    (tmp_path / "img" / "f3.png").unlink()
+    (tmp_path / "lab" / "f3.png").unlink()
+    extract.run(cfg)
+    manifest = read_manifest(directory)
+    assert manifest.changes == {"added": 0, "changed": 1, "removed": 1}
+    records = {r.image_id: r for r in iter_dataset(directory)}
+    assert sorted(records) == ["f0", "f1", "f2"]
+    assert (records["f1"].labels[1:] == 2).all()
+    untouched = [f for f, ids in before.items() if ids.isdisjoint({"f1", "f3"})]
+    assert set(untouched) <= {s.file for s in manifest.shards}
+    assert sorted(p.name for p in directory.glob("part-*.parquet")) == \
+        sorted(s.file for s in manifest.shards)
+
+    # An image overwritten with a truncated file: the run fails naming it, and the manifest,
+    # its shards and the old logits stay as they were.
+    good = read_manifest(directory)
+    (tmp_path / "img" / "f0.png").write_bytes((tmp_path / "img" / "f2.png").read_bytes()[:60])
+    with pytest.raises(DataError, match=r"f0\.png"):
+        extract.run(cfg)
+    assert read_manifest(directory).shards == good.shards
+    assert sorted(r.image_id for r in iter_dataset(directory)) == ["f0", "f1", "f2"]
+
+
+@pytest.mark.ray
+def test_hash_mode_sees_a_rewrite_that_keeps_size_and_mtime(ray_local, tmp_path):
+    add_images(tmp_path, ["a", "b"])
+    cfg = make_cfg(tmp_path, verify_sources="hash")
+    directory = RunPaths(tmp_path / "out", model_fingerprint(cfg.model)).dataset_dir("toy")
+    extract.run(cfg)
+    path = tmp_path / "lab" / "a.png"
+    st = path.stat()
+    lab = np.asarray(Image.open(path)).copy()
+    lab[1:] = (lab[1:] + 1) % NUM_CLASSES
+    Image.fromarray(lab).save(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    extract.run(cfg)
+    assert read_manifest(directory).changes["changed"] == 1
+    (record,) = [r for r in iter_dataset(directory) if r.image_id == "a"]
+    np.testing.assert_array_equal(record.labels, lab)

@@ -17,7 +17,14 @@ from pipeline.data.decode import (
     load_sample,
     prepare_labels,
 )
-from pipeline.data.readers import DataError, Sample, list_samples
+from pipeline.data.readers import (
+    DataError,
+    Sample,
+    list_all_samples,
+    list_samples,
+    select_samples,
+    source_fingerprint,
+)
 
 __all__ = [
     "CITYSCAPES_TRAIN_IDS",
@@ -26,9 +33,12 @@ __all__ = [
     "Sample",
     "corrupt",
     "label_dtype",
+    "list_all_samples",
     "list_samples",
     "load_image",
     "load_label",
     "load_sample",
     "prepare_labels",
+    "select_samples",
+    "source_fingerprint",
 ]

@@ -19,6 +19,7 @@ Ray read tasks.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,30 +148,34 @@ _LISTINGS = {"folder": _listing_folder, "cityscapes": _listing_cityscapes,
              "manifest": _listing_manifest}
 
 
-def list_samples(cfg: DatasetConfig) -> list[Sample]:
-    """List a dataset's images and their labels, filtered by ``include`` and ``limit``.
-
-    Args:
-        cfg: the dataset's config.
-
-    Returns:
-        Samples sorted by ``image_id``. With ``limit``, the ``limit`` images of lowest seeded
-        hash rank: a uniform sample without replacement that only grows with ``limit`` and keeps
-        its images when new files arrive, so incremental reruns extract only the newcomers.
+def list_all_samples(cfg: DatasetConfig) -> list[Sample]:
+    """Every image of a dataset's source, before ``include`` and ``limit`` choose among them.
 
     Raises:
-        DataError: a missing folder or unreadable manifest, duplicate image ids, or no image
-            left to extract.
+        DataError: a missing folder or unreadable manifest, or duplicate image ids.
     """
     samples = _LISTINGS[cfg.format](cfg)
     ids = [s.image_id for s in samples]
     if len(set(ids)) != len(ids):
         dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise DataError(f"Expected unique image ids in dataset {cfg.name!r}, but got {dupes}")
+    return samples
+
+
+def select_samples(cfg: DatasetConfig, samples: list[Sample]) -> list[Sample]:
+    """The samples ``include`` and ``limit`` choose, sorted by ``image_id``.
+
+    With ``limit``, the ``limit`` images of lowest seeded hash rank: a uniform sample without
+    replacement that only grows with ``limit`` and keeps its images when new files arrive, so
+    incremental reruns extract only the newcomers.
+
+    Raises:
+        DataError: no image left.
+    """
     if cfg.include:
         prefixes = tuple(cfg.include)
         samples = [s for s in samples if posixpath.basename(s.uri).startswith(prefixes)]
-    samples.sort(key=lambda s: s.image_id)
+    samples = sorted(samples, key=lambda s: s.image_id)
     if cfg.limit is not None and cfg.limit < len(samples):
         keep = sorted(samples, key=lambda s: _sample_rank(cfg.sample_seed, s.image_id))
         samples = sorted(keep[: cfg.limit], key=lambda s: s.image_id)
@@ -181,3 +186,58 @@ def list_samples(cfg: DatasetConfig) -> list[Sample]:
             f"source {source}, glob {cfg.glob!r}, include {cfg.include}), but found none"
         )
     return samples
+
+
+def list_samples(cfg: DatasetConfig) -> list[Sample]:
+    """List a dataset's images and their labels, filtered by ``include`` and ``limit``.
+
+    Args:
+        cfg: the dataset's config.
+
+    Returns:
+        Samples sorted by ``image_id`` (see :func:`select_samples`).
+
+    Raises:
+        DataError: a missing folder or unreadable manifest, duplicate image ids, or no image
+            left to extract.
+    """
+    return select_samples(cfg, list_all_samples(cfg))
+
+
+def _file_fingerprint(uri: str, mode: str) -> str:
+    if mode == "hash":
+        digest = hashlib.sha256()
+        try:
+            with fsspec.open(uri, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            return "missing"
+        return f"sha256:{digest.hexdigest()}"
+    try:
+        if "://" not in uri:  # local: one stat call, no fsspec overhead
+            st = os.stat(uri)
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        fs, path = fsspec.core.url_to_fs(uri)
+        info = fs.info(path)
+    except FileNotFoundError:
+        return "missing"
+    stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated",
+                                    "ETag", "etag", "md5Hash") if info.get(k)), "")
+    return f"{info.get('size')}:{stamp}"
+
+
+def source_fingerprint(sample: Sample, mode: str = "stat") -> str:
+    """What identifies the current content of a sample's image and label files.
+
+    ``stat`` (the default) uses size and modification time (``mtime_ns`` locally; the object
+    store's modification time or ETag otherwise): cheap, and catches files rewritten in place.
+    ``hash`` reads both files for a sha256 each: also catches a rewrite that keeps size and
+    mtime, at the price of reading every file on every run. The two kinds never compare equal.
+
+    Example:
+        >>> source_fingerprint(Sample("a", "/nonexistent/a.png", None))
+        'missing|-'
+    """
+    label = "-" if sample.label_uri is None else _file_fingerprint(sample.label_uri, mode)
+    return f"{_file_fingerprint(sample.uri, mode)}|{label}"
