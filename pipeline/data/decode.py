@@ -57,13 +57,32 @@ def _open_image(uri: str, what: str) -> Image.Image:
     return img
 
 
+_GREY16 = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 def load_image(uri: str) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB (grey, palette and RGBA images are converted).
+    """Read an image as (H, W, 3) uint8 RGB.
+
+    Grey, palette and RGBA images are converted by Pillow (alpha dropped). 16-bit grey images
+    are scaled to 8 bits over their full range, ``round(v * 255 / 65535)`` (so 65535 -> 255,
+    257 -> 1), then repeated to three channels: Pillow alone would clip every value above 255
+    to white. 32-bit integer and float images have no agreed range and are refused.
 
     Raises:
-        DataError: missing, unreadable or corrupt file.
+        DataError: missing, unreadable or corrupt file, or a 32-bit image.
     """
-    return np.array(_open_image(uri, "image").convert("RGB"), dtype=np.uint8)
+    img = _open_image(uri, "image")
+    if img.mode in _GREY16:
+        values = np.asarray(img).astype(np.uint32)
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode in ("I", "F"):
+        kind = "integer" if img.mode == "I" else "float"
+        raise DataError(
+            f"Expected image {uri} to have 8 or 16 bits per channel, but got 32-bit {kind} "
+            f"values (mode {img.mode}): convert it to 8- or 16-bit first"
+        )
+    return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
 def load_label(uri: str) -> np.ndarray:

@@ -144,3 +144,34 @@ def test_error_label_value_outside_classes(pair, tmp_path):
         prepare_labels(lab.astype(np.int64), cfg(ignore_index=11), 11, uri="x.png")
     with pytest.raises(DataError, match=r"non-negative label values in x.png, but got -1"):
         prepare_labels(np.array([[0, -1]]), cfg(), C, uri="x.png")
+
+
+def test_load_image_decodes_each_pixel_format(tmp_path, rng):
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    rgba = np.concatenate([rgb, np.full((5, 7, 1), 7, np.uint8)], axis=2)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "p.png")
+    wide = np.array([[0, 257, 771, 32767, 65535]], np.uint16)
+    Image.fromarray(wide).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+
+    np.testing.assert_array_equal(load_image(str(tmp_path / "rgb.png")), rgb)
+    np.testing.assert_array_equal(load_image(str(tmp_path / "grey.png")),
+                                  np.repeat(grey[..., None], 3, axis=2))
+    np.testing.assert_array_equal(load_image(str(tmp_path / "rgba.png")), rgb)
+    palette = Image.open(tmp_path / "p.png")
+    np.testing.assert_array_equal(load_image(str(tmp_path / "p.png")),
+                                  np.asarray(palette.convert("RGB")))
+    # 16 bits over the full range: round(v * 255 / 65535), not clipped to white.
+    np.testing.assert_array_equal(load_image(str(tmp_path / "grey16.png"))[..., 0],
+                                  [[0, 1, 3, 127, 255]])
+
+
+def test_load_image_refuses_32_bit_images(tmp_path):
+    Image.fromarray(np.zeros((3, 4), np.int32)).save(tmp_path / "deep.tif")
+    with pytest.raises(DataError, match=r"deep\.tif to have 8 or 16 bits per channel, but got "
+                                        r"32-bit integer"):
+        load_image(str(tmp_path / "deep.tif"))
