@@ -19,18 +19,29 @@ replaces a loopback node address with the network one.
 
 Set ``SEGCAL_RAY_BIND=all`` to get Ray's own behaviour back (a local runtime reachable from
 other machines, e.g. to attach workers by hand).
+
+A driver killed with SIGKILL cannot shut Ray down. Ray's GCS, raylet and dashboard die with it
+(the kernel's parent-death signal), but the raylet's DashboardAgent and RuntimeEnvAgent notice
+the dead raylet and then spend 60 s trying to report it to the dead GCS (a fixed timeout in
+``ray._private.utils.publish_error_to_driver``) before they exit, still listening. So a local
+runtime started here gets a small watcher process (stdlib only, :data:`_WATCHER`) that notes
+the raylet's children; when this driver's end of a pipe closes (or the raylet dies), it waits
+:data:`WATCH_GRACE_S` for Ray's own cleanup, then ends those still running: the agents and any
+worker left.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
 
 BIND_ENV = "SEGCAL_RAY_BIND"
+WATCH_GRACE_S = 3.0
 BIND_CHOICES = ("loopback", "all")
 LOOPBACK = "127.0.0.1"
 # Ray's switch for its single-machine mode (ray/_private/ray_constants.py, ENABLE_RAY_CLUSTER).
@@ -68,6 +79,76 @@ def _keep_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+# Run as `python -S -c _WATCHER RAYLET_PID GRACE_S` with the driver holding the other end of
+# its stdin. It notes the raylet's children (agents, workers) every second, and when the driver
+# is gone (EOF: exited or killed) or the raylet is, ends those still running after GRACE_S.
+# Processes are told apart by their start time, so a reused pid is never signalled.
+_WATCHER = """
+import os, select, signal, sys, time
+raylet, grace = sys.argv[1], float(sys.argv[2])
+
+def stat(pid):
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # [0] is field 3 (state): ppid [1], start [19]
+
+def children():
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fields = stat(pid)
+        if fields and fields[1] == raylet:
+            found[pid] = fields[19]
+    return found
+
+first = stat(raylet)
+born = first[19] if first else None
+seen = {}
+while born is not None:
+    seen.update(children())
+    if select.select([0], [], [], 1.0)[0] and not os.read(0, 65536):
+        break  # the driver is gone
+    now = stat(raylet)
+    if not now or now[19] != born:
+        break  # the raylet is gone
+time.sleep(grace)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for pid, start in seen.items():
+        fields = stat(pid)
+        if fields and fields[19] == start and fields[0] != "Z":
+            try:
+                os.kill(int(pid), sig)
+            except OSError:
+                pass
+    time.sleep(1)
+"""
+_watchers: list[subprocess.Popen] = []  # their stdin must stay open as long as this process
+
+
+def _watch_node() -> None:
+    """Start the watcher that ends the Ray processes a killed driver leaves (see module doc)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        from ray._private import worker
+
+        raylet = worker._global_node.all_processes["raylet"][0].process.pid
+    except (AttributeError, KeyError, IndexError, TypeError) as err:  # Ray internals moved
+        logger.debug("No watcher for Ray's agents: %s", err)
+        return
+    _watchers.append(
+        subprocess.Popen(
+            [sys.executable, "-S", "-c", _WATCHER, str(raylet), str(WATCH_GRACE_S)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C meant for the driver must not end it
+        )
+    )
+
+
 def init_ray() -> None:
     """Join the Ray runtime at ``RAY_ADDRESS``, or start a local one on loopback.
 
@@ -90,6 +171,8 @@ def init_ray() -> None:
     if bind_mode() == "all":
         logger.warning("%s=all: the local Ray runtime listens on every network interface", BIND_ENV)
         ray.init(address="local")
+        _watch_node()
         return
     _keep_on_loopback()
     ray.init(address="local", dashboard_host=LOOPBACK)
+    _watch_node()

@@ -37,6 +37,7 @@ def fake_ray(monkeypatch):
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(runtime, "_watch_node", lambda: calls.append("watch"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv(runtime.BIND_ENV, raising=False)
     monkeypatch.delenv(runtime.RAY_SINGLE_MACHINE_ENV, raising=False)
@@ -50,7 +51,7 @@ def test_local_start_is_on_loopback(fake_ray):
     from ray._private import ray_constants, services
 
     runtime.init_ray()
-    assert fake_ray == [{"address": "local", "dashboard_host": "127.0.0.1"}]
+    assert fake_ray == [{"address": "local", "dashboard_host": "127.0.0.1"}, "watch"]
     assert os.environ[runtime.RAY_SINGLE_MACHINE_ENV] == "0"
     assert ray_constants.ENABLE_RAY_CLUSTER is False
     # What Ray then makes of the node's address (the one every Ray process binds to).
@@ -68,13 +69,13 @@ def test_ray_address_is_joined(fake_ray, monkeypatch, address):
 def test_ray_address_local_starts_on_loopback(fake_ray, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "local")
     runtime.init_ray()
-    assert fake_ray == [{"address": "local", "dashboard_host": "127.0.0.1"}]
+    assert fake_ray == [{"address": "local", "dashboard_host": "127.0.0.1"}, "watch"]
 
 
 def test_bind_all_opts_out(fake_ray, monkeypatch, caplog):
     monkeypatch.setenv(runtime.BIND_ENV, "all")
     runtime.init_ray()
-    assert fake_ray == [{"address": "local"}]
+    assert fake_ray == [{"address": "local"}, "watch"]
     assert runtime.RAY_SINGLE_MACHINE_ENV not in os.environ
     assert "every network interface" in caplog.text
 
@@ -199,3 +200,63 @@ def test_plain_segcal_run_listens_on_loopback_only(tmp_path):
     assert {"gcs_server", "raylet"} <= names, seen
     exposed = sorted(s for s in seen if not _is_loopback(s[1]))
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+_DRIVER = """
+import sys, time, ray
+from pipeline.runtime import init_ray
+init_ray()
+ray.get(ray.remote(lambda: 1).remote())
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_killed_driver_leaves_no_ray_process(tmp_path):
+    # Without the watcher, Ray's DashboardAgent and RuntimeEnvAgent outlive a SIGKILLed driver
+    # by about 60 s (see pipeline/runtime.py); with it they are gone within a few seconds.
+    import psutil
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SEGCAL_RAY"))}
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        deadline = time.monotonic() + 60
+        names: set[str] = set()
+        while (
+            time.monotonic() < deadline
+            and not {
+                "ray::DashboardAgent",
+                "ray::RuntimeEnvAgent",
+            }
+            <= names
+        ):
+            time.sleep(0.5)
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            names = {p.name() for p in tree if p.is_running()}
+        assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, names
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + runtime.WATCH_GRACE_S + 20
+        while time.monotonic() < deadline:
+            alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            if not alive:
+                break
+            time.sleep(0.5)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
