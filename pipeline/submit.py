@@ -297,6 +297,8 @@ def package_files(
         inputs["config"] = Path(config)
     for key, path in inputs.items():
         path = Path(path).absolute()
+        if not path.exists():
+            continue  # nothing to upload: a hub id, or a path that exists only on the cluster
         if path.is_relative_to(root) or path.resolve().is_relative_to(root):
             if not path.is_relative_to(root):  # a link from outside into the project
                 path = path.resolve()

@@ -135,6 +135,7 @@ def _named(root: Path) -> dict[str, Path]:
         "model.module": root / "tests" / "helpers.py",
         "datasets.0.images": root / "data",  # a folder: not uploaded
         "datasets.0.manifest": root / ".aws" / "credentials",  # refused even when named
+        "datasets.1.images": root / "nvidia" / "mit-b0",  # absent here: skipped silently
     }
 
 
@@ -164,6 +165,7 @@ def test_package_is_an_allow_list(tmp_path, caplog):
     assert "Not uploading .aws/credentials (datasets.0.manifest)" in caplog.text
     assert "Not uploading data (datasets.0.images): not a file" in caplog.text
     assert "Not uploading pipeline/stray.parquet (package)" in caplog.text
+    assert "mit-b0" not in caplog.text
 
 
 def test_package_refuses_links_out_of_the_project(tmp_path):
