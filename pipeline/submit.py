@@ -194,7 +194,10 @@ def _inside(path: Path, root: Path) -> PurePosixPath | None:
 
 def _tree_files(root: Path, tree: str) -> Iterator[PurePosixPath]:
     top = root / tree
-    if not top.is_dir() or top.is_symlink():
+    if top.is_symlink():
+        logger.warning("Not uploading %s: a link (the package must lie in the project)", tree)
+        return
+    if not top.is_dir():
         return
     for folder, dirs, files in os.walk(top):  # links to folders are not followed
         dirs[:] = sorted(d for d in dirs if not any(fnmatch.fnmatch(d, p) for p in SKIP_NAMES))
@@ -263,7 +266,7 @@ def package_files(
 
     def add(path: Path, why: str, limit: int) -> None:
         rel = _inside(path, root)
-        own = PurePosixPath(path.absolute().relative_to(root).as_posix())
+        own = PurePosixPath(Path(os.path.abspath(path)).relative_to(root).as_posix())
         reason = refused(own) or (refused(rel) if rel is not None else "it links outside")
         if reason or rel is None:
             logger.warning("Not uploading %s (%s): %s", own, why, reason)
@@ -296,7 +299,7 @@ def package_files(
     if config is not None:
         inputs["config"] = Path(config)
     for key, path in inputs.items():
-        path = Path(path).absolute()
+        path = Path(os.path.abspath(path))  # absolute, "a/../b" made "b" (links kept)
         if not path.exists():
             continue  # nothing to upload: a hub id, or a path that exists only on the cluster
         if path.is_relative_to(root) or path.resolve().is_relative_to(root):

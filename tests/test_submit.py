@@ -146,7 +146,8 @@ def test_package_is_an_allow_list(tmp_path, caplog):
 
     root = tmp_path / "project"
     _tree(root, {**CODE, **SECRETS})
-    with sub.staged_package(root / "configs" / "a.yaml", _named(root), root) as staged:
+    config = root / "configs" / ".." / "configs" / "a.yaml"
+    with sub.staged_package(config, _named(root), root) as staged:
         renv = sub.runtime_env({"A": "1"}, staged)
         assert renv == {"working_dir": str(staged), "env_vars": {"A": "1"}}
         create_package(str(staged), tmp_path / "pkg.zip", include_gitignore=True)
