@@ -297,20 +297,33 @@ def _image_kernel(
         above[:m] = 0
         # Dense and vectorised: per pixel the sum, sum of squares, first argmax, min and the
         # number of values above the first classwise edge; per class the sum.
-        for k in range(c):
-            row = x[k, j0 : j0 + m]
-            row_sum = 0.0
-            for i in range(m):
-                v = row[i]
-                psum[i] += v
-                sq[i] += v * v
-                new_max = v > best[i]
-                arg[i] = k if new_max else arg[i]
-                best[i] = v if new_max else best[i]
-                low[i] = v if v < low[i] else low[i]
-                above[i] += v > edge
-                row_sum += v
-            total[k] += row_sum
+        if preds.size and not check:
+            # Given predictions and no value checks (evaluation): the sum, argmax and min are
+            # not needed. The same operations on sq, above and the row sums as below.
+            for k in range(c):
+                row = x[k, j0 : j0 + m]
+                row_sum = 0.0
+                for i in range(m):
+                    v = row[i]
+                    sq[i] += v * v
+                    above[i] += v > edge
+                    row_sum += v
+                total[k] += row_sum
+        else:
+            for k in range(c):
+                row = x[k, j0 : j0 + m]
+                row_sum = 0.0
+                for i in range(m):
+                    v = row[i]
+                    psum[i] += v
+                    sq[i] += v * v
+                    new_max = v > best[i]
+                    arg[i] = k if new_max else arg[i]
+                    best[i] = v if new_max else best[i]
+                    low[i] = v if v < low[i] else low[i]
+                    above[i] += v > edge
+                    row_sum += v
+                total[k] += row_sum
         if check:
             for i in range(m):
                 if not (abs(psum[i] - 1.0) <= SUM_TOLERANCE and low[i] >= 0):

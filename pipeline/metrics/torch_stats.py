@@ -106,7 +106,12 @@ def prepare_targets(
     """
     ignore_index = F.check_ignore_index(ignore_index)
     width = _check_width(boundary_width)
-    lab = labels if isinstance(labels, Tensor) else torch.from_numpy(np.asarray(labels))
+    if isinstance(labels, Tensor):
+        lab = labels
+    else:
+        array = np.asarray(labels)
+        # Shard arrays are read-only views of Arrow buffers, which torch warns about.
+        lab = torch.from_numpy(array if array.flags.writeable else array.copy())
     if lab.dtype.is_floating_point or lab.dtype.is_complex or lab.dtype == torch.bool:
         raise TypeError(f"Expected `labels` to be an integer tensor, but got dtype {lab.dtype}")
     if lab.ndim != 2:
