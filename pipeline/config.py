@@ -217,6 +217,10 @@ class ExtractConfig(_Strict):
     # How a rerun notices source files changed in place: size + mtime, or a sha256 of both
     # files (reads every file on every run). Switching kinds re-extracts every image once.
     verify_sources: Literal["stat", "hash"] = "stat"
+    # With on_error: skip, the stage still fails when more than this share of the images it
+    # extracts in one run had to be skipped (a broken mount, a wrong model), keeping the
+    # previous manifest.
+    max_skipped_fraction: Float = Field(default=0.5, ge=0.0, le=1.0)
 
     _check_stride = field_validator("store_stride", mode="before")(_exact_int)
 

@@ -122,10 +122,11 @@ def decode_row(row: dict[str, Any], cfg: DatasetConfig, num_classes: int) -> dic
     try:
         image, labels = load_sample(sample, cfg, num_classes)
         error = ""
-    except DataError as err:
+    except Exception as err:  # every per-image failure is the image's, for on_error: skip
         image = np.zeros((0, 0, 3), np.uint8)
         labels = np.zeros((0, 0), label_dtype(num_classes, cfg.ignore_index))
-        error = str(err)
+        error = str(err) if isinstance(err, DataError) else (
+            f"Expected image {row['uri']} to decode, but got {type(err).__name__}: {err}")
     return {**row, "image": image, "labels": labels, "error": error}
 
 
@@ -464,6 +465,13 @@ def _extract_dataset(
                 raise DataError(f"Dataset {ds.name!r}: {meta['skipped']['reason']}")
             logger.warning("%s: skipping: %s", ds.name, meta["skipped"]["reason"])
             skipped.append(meta["skipped"])
+    cap, total = cfg.extract.max_skipped_fraction, len(done) + len(todo)
+    if len(skipped) > cap * total:
+        raise DataError(
+            f"Expected dataset {ds.name!r} to skip at most {cap:.0%} of its {total} images "
+            f"(`extract.max_skipped_fraction`), but {len(skipped)} were skipped; first "
+            f"reasons: {[s['reason'] for s in skipped[:3]]}"
+        )
     elapsed = time.perf_counter() - start
     n_new = sum(s.rows for s in written)
     manifest = Manifest(

@@ -440,3 +440,21 @@ def test_hash_mode_sees_a_rewrite_that_keeps_size_and_mtime(ray_local, tmp_path)
     assert read_manifest(directory).changes["changed"] == 1
     (record,) = [r for r in iter_dataset(directory) if r.image_id == "a"]
     np.testing.assert_array_equal(record.labels, lab)
+
+
+@pytest.mark.ray
+def test_skip_covers_model_failures_up_to_the_cap(ray_local, tmp_path):
+    add_images(tmp_path, ["a", "b", "c", "d"], bright=("b",))
+    directory = RunPaths(tmp_path / "out", model_fingerprint(
+        make_cfg(tmp_path, factory="raise_on_bright").model)).dataset_dir("toy")
+    # One image of four fails in the model: over a 20% cap the stage fails, nothing recorded.
+    with pytest.raises(DataError, match=r"at most 20% of its 4 images .* 1 were skipped"):
+        extract.run(make_cfg(tmp_path, factory="raise_on_bright", on_error="skip",
+                             max_skipped_fraction=0.2))
+    assert not (directory / "manifest.json").exists()
+    extract.run(make_cfg(tmp_path, factory="raise_on_bright", on_error="skip"))
+    manifest = read_manifest(directory)
+    assert manifest.image_ids() == {"a", "c", "d"}
+    (skip,) = manifest.skipped
+    assert skip["uri"].endswith("b.png")
+    assert "RuntimeError: cannot segment a bright image" in skip["reason"]

@@ -48,6 +48,11 @@ def _open_image(uri: str, what: str) -> Image.Image:
         img.load()  # decode now: truncated files only fail here
     except FileNotFoundError as err:
         raise DataError(f"Expected {what} {uri} to exist, but it is missing") from err
+    except Image.DecompressionBombError as err:
+        raise DataError(
+            f"Expected {what} {uri} to be at most {Image.MAX_IMAGE_PIXELS} pixels (Pillow's "
+            f"decompression-bomb limit), but got: {err}"
+        ) from err
     except UnidentifiedImageError as err:
         raise DataError(
             f"Expected {what} {uri} to be a readable image, but its format is not recognised"

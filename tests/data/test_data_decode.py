@@ -175,3 +175,11 @@ def test_load_image_refuses_32_bit_images(tmp_path):
     with pytest.raises(DataError, match=r"deep\.tif to have 8 or 16 bits per channel, but got "
                                         r"32-bit integer"):
         load_image(str(tmp_path / "deep.tif"))
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "big.png")
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS; a low limit stands in for 20000^2.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(DataError, match=r"big\.png to be at most 500 pixels"):
+        load_image(str(tmp_path / "big.png"))
