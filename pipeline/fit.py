@@ -9,17 +9,17 @@ previous artifacts untouched.
 
 Two modes (``fit.mode``):
 
-- ``local``: ``calibrator.fit(..., heldout=...)`` in-process, the calibrator's own algorithm.
-- ``ray``: a ``ray.train.torch.TorchTrainer`` whose workers read their part of the sampled
-  pixels (or maps) with ``ray.train.get_dataset_shard("train")`` and minimise the calibrator's
-  own ``loss`` through the DDP-wrapped `pipeline.calibrators.LossModule`. Calibrators without
-  a neural selector use full-batch L-BFGS with the loss normalised by the global valid-pixel
-  count and gradients all-reduced, which gives the local optimum exactly (temperature scaling
-  matches the local fit to 1e-3); selectors and spatial calibrators use AdamW epochs with
-  held-out early stopping. Steps that need held-out data or no gradient run in the driver:
-  a selective calibrator's ``base`` is fitted before the workers start and its temperatures
-  (``fit_temperatures``) after they finish. ``meta_cal`` has no gradient-trained state beyond
-  one temperature and is fitted in the driver.
+- ``local``: ``calibrator.fit(..., heldout=...)`` in-process.
+- ``ray``: one ``ray.train.torch.TorchTrainer`` run per group of calibrators that fit on the
+  same datasets. Each worker reads its shard of the sampled pixels (or maps) with
+  ``ray.train.get_dataset_shard`` and runs the very same ``calibrator.fit``, with a
+  `pipeline.calibrators.base.DistributedReduce` hook that all-reduces the sums, counts, loss
+  values and gradients the loop computes over fit rows (the identity in-process). So the
+  calibrator's own optimiser, defaults, warm starts, grids, refits and early stopping run
+  unchanged: deterministic fits agree with the local ones up to float summation order, the
+  mini-batch ones up to their sampling. Held-out data is whole on every worker. This module
+  knows no calibrator by name or type: the classes' ``spatial`` and ``distributed`` flags
+  say which rows they need and whether they can run sharded.
 
 Corrupted calibration data (issue 8): a calibration dataset with a ``corruption`` is used only
 by calibrators whose spec options say ``use_corrupted: true`` (or list
@@ -37,12 +37,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import math
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,16 +51,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from pipeline.calibrators import (
-    CALIBRATORS,
-    Calibrator,
-    FitData,
-    LossModule,
-    build_calibrator,
-    optimise,
-    save,
-)
-from pipeline.calibrators.selective import SelectiveScaling, balanced_order
+from pipeline.calibrators import CALIBRATORS, Calibrator, FitData, build_calibrator, save
+from pipeline.calibrators.base import DistributedReduce
 from pipeline.config import CalibratorSpec, DatasetConfig, JobConfig
 from pipeline.metrics import ece
 from pipeline.models import model_fingerprint
@@ -72,6 +63,7 @@ __all__ = [
     "FIT_OPTIONS",
     "data_fingerprint",
     "fit_spec",
+    "fit_specs",
     "heldout_metrics",
     "record_map",
     "run",
@@ -85,8 +77,8 @@ logger = logging.getLogger(__name__)
 
 # Spec options read by this stage, never passed to the calibrator.
 FIT_OPTIONS = ("use_corrupted", "augment_corruptions")
-# Fitted in the driver in ``ray`` mode: the entropy threshold is not a gradient-trained value.
-_DRIVER_ONLY = frozenset({"meta_cal"})
+# The Ray dataset of each layout: sampled pixels (pointwise calibrators) or maps (spatial ones).
+_LAYOUTS = {False: "pixels", True: "maps"}
 # Rows per Arrow block of the Ray dataset: enough blocks to balance workers, few enough to be cheap.
 _BLOCK_ROWS = 65536
 
@@ -559,258 +551,27 @@ def _n_valid(data: FitData) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Ray Train: the worker loop and the driver side.
+# Ray Train: every worker runs the calibrators' own `fit` on its shard, with the reduce hook.
 
 
-def _ray_method(calibrator: Calibrator) -> str:
-    """AdamW epochs for neural selectors and spatial nets; full-batch L-BFGS otherwise."""
-    return "adamw" if isinstance(calibrator, SelectiveScaling) or calibrator.spatial else "lbfgs"
+def _rows(data: FitData) -> dict[str, Tensor]:
+    """The Ray dataset columns of fit data: one row per pixel (pointwise) or per map."""
+    rows = {"logits": data.logits, "label": data.labels}
+    if data.images is not None:
+        rows["image"] = data.images
+    return rows
 
 
-def _candidates(options: dict[str, Any], with_heldout: bool) -> list[dict[str, Any]]:
-    """Option sets tried in ``ray`` mode: one per value of an ``<x>_grid`` option.
+def _padded(rows: dict[str, Tensor], multiple: int) -> dict[str, Tensor]:
+    """Pad rows to a multiple of the worker count, marking the copies in a ``pad`` column.
 
-    E.g. matrix / dirichlet ``odir_grid``: each value becomes ``odir`` of a candidate, and the
-    held-out NLL picks one, as their in-process fit does.
+    ``streaming_split(equal=True)`` drops the rows that do not divide evenly; the workers drop
+    the ``pad`` rows, so every fit row is used exactly once.
     """
-    for key, grid in options.items():
-        stem = key.removesuffix("_grid")
-        if key.endswith("_grid") and stem in options and grid and with_heldout:
-            return [{**options, stem: value, key: None} for value in grid]
-    return [options]
-
-
-def _shard_tensors(shard: Any, device: torch.device) -> dict[str, Tensor]:
-    """Materialise this worker's shard (full-batch L-BFGS and reshuffled epochs need it)."""
-    columns: dict[str, list[np.ndarray]] = {}
-    for batch in shard.iter_batches(batch_size=_BLOCK_ROWS, batch_format="numpy"):
-        for key, value in batch.items():
-            columns.setdefault(key, []).append(value)
-    return {k: torch.from_numpy(np.concatenate(v)).to(device) for k, v in columns.items()}
-
-
-def _worker_calibrator(config: dict[str, Any], options: dict[str, Any]) -> Calibrator:
-    calibrator = build_calibrator(config["name"], config["num_classes"], **options)
-    if config["init_state"] is not None:
-        calibrator.load_state_dict(config["init_state"])
-    for name, param in calibrator.named_parameters():
-        if any(name.startswith(prefix) for prefix in config["frozen"]):
-            param.requires_grad_(False)
-    return calibrator
-
-
-def _broadcast(value: float, rank: int, device: torch.device) -> float:
-    """Rank 0's value on every rank, so that all ranks take the same decisions."""
-    import torch.distributed as dist
-
-    tensor = torch.tensor([value if rank == 0 else 0.0], dtype=torch.float64, device=device)
-    dist.broadcast(tensor, src=0)
-    return float(tensor)
-
-
-def _report(metrics: dict[str, Any], calibrator: Calibrator | None) -> None:
-    """``ray.train.report`` on every rank; rank 0 (``calibrator`` given) attaches a checkpoint."""
-    import ray.train
-    import safetensors.torch
-
-    if calibrator is None:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        state = {k: v.detach().cpu().contiguous().clone()
-                 for k, v in calibrator.state_dict().items()}
-        safetensors.torch.save_file(state, str(Path(tmp) / "state.safetensors"))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _timings(config: dict[str, Any], start: float) -> dict[str, float]:
-    """Seconds this worker spent reading its shard and training (Ray's start excluded)."""
-    return {"load_seconds": config["load_seconds"], "train_seconds": time.perf_counter() - start}
-
-
-def _heldout_nll(calibrator: Calibrator, heldout: FitData) -> float:
-    calibrator.fitted.fill_(True)
-    calibrator.eval()
-    return heldout_metrics(calibrator, heldout)["nll"]
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker: minimise the calibrator's ``loss`` on this worker's data shard.
-
-    Runs inside a ``TorchTrainer`` worker (see `run`). ``config`` holds the registry ``name``,
-    ``num_classes``, ``candidates`` (option sets, see `_candidates`), ``init_state`` (a state
-    dict or None), ``frozen`` (parameter-name prefixes not trained), ``method``
-    (``"lbfgs"`` / ``"adamw"``), ``ignore_index``, ``seed``, ``heldout`` (an object ref of a
-    `FitData` or None), and for AdamW ``epochs``, ``batch_size``, ``lr``, ``weight_decay``
-    and ``patience``.
-
-    L-BFGS: each rank's loss is its mean weighted by its share of the global valid-pixel count
-    and scaled by the world size, so DDP's gradient average is the gradient of the global mean;
-    the loss value handed to the line search is all-reduced, so every rank takes the same
-    steps. With several candidates rank 0 scores each by held-out NLL.
-    AdamW: mini-batches drawn from the shard each epoch, held-out loss on rank 0 after each
-    epoch (keep the best state; stop after ``patience`` epochs without improvement), a
-    checkpoint per epoch. The final report carries the chosen state.
-    """
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(config["seed"])
-    start = time.perf_counter()
-    data = _shard_tensors(ray.train.get_dataset_shard("train"), device)
-    config = {**config, "load_seconds": time.perf_counter() - start}
-    heldout = None
-    if config["heldout"] is not None and rank == 0:
-        held = ray.get(config["heldout"])
-        heldout = FitData(
-            held.logits.to(device), held.labels.to(device),
-            None if held.images is None else held.images.to(device), held.ignore_index,
-        )
-    if config["method"] == "lbfgs":
-        _train_lbfgs(config, data, heldout, rank, world, device)
-    else:
-        _train_adamw(config, data, heldout, rank, world, device)
-
-
-def _train_lbfgs(
-    config: dict[str, Any], data: dict[str, Tensor], heldout: FitData | None, rank: int,
-    world: int, device: torch.device,
-) -> None:
-    import ray.train.torch
-    import torch.distributed as dist
-
-    # Padding rows (label -1) only make the row count divisible by the worker count.
-    keep = data["label"] >= 0
-    n_local = int(keep.sum())
-    n_global = torch.tensor([n_local], dtype=torch.float64, device=device)
-    dist.all_reduce(n_global)
-    if n_local:
-        logits, labels, share = data["logits"][keep].float(), data["label"][keep], n_local / float(
-            n_global
-        )
-    else:  # still take part in every collective, with a zero-weight row
-        logits, labels, share = data["logits"][:1].float(), torch.zeros_like(data["label"][:1]), 0.0
-
-    start = time.perf_counter()
-    best: tuple[float, Calibrator | None, float] = (math.inf, None, math.nan)
-    scores = []
-    for options in config["candidates"]:
-        calibrator = _worker_calibrator(config, options).to(device)
-        module = ray.train.torch.prepare_model(LossModule(calibrator))
-
-        def loss_fn(module: Any = module) -> Tensor:
-            local = module(logits, labels) * share
-            total = local.detach().clone()
-            dist.all_reduce(total)
-            # Value: the global mean (for the line search); gradient: world * local share,
-            # which DDP averages into the gradient of the global mean.
-            return local * world + (total - local * world).detach()
-
-        calibrator.train()
-        train_loss = optimise(loss_fn, calibrator.parameters(), max_iter=config["max_iter"])
-        score = train_loss
-        if len(config["candidates"]) > 1:
-            score = _broadcast(
-                _heldout_nll(calibrator, heldout) if rank == 0 else 0.0, rank, device
-            )
-        scores.append(score)
-        if score < best[0]:
-            best = (score, calibrator, train_loss)
-    metrics = {"train_loss": best[2], "candidate_scores": scores, **_timings(config, start)}
-    _report(metrics, best[1] if rank == 0 else None)
-
-
-def _train_adamw(
-    config: dict[str, Any], data: dict[str, Tensor], heldout: FitData | None, rank: int,
-    world: int, device: torch.device,
-) -> None:
-    import copy
-
-    import ray.train.torch
-
-    calibrator = _worker_calibrator(config, config["candidates"][0]).to(device)
-    module = ray.train.torch.prepare_model(LossModule(calibrator, config["ignore_index"]))
-    logits, labels, images = data["logits"].float(), data["label"], data.get("image")
-    n = len(labels)
-    size = max(min(config["batch_size"] // world, n), min(2, n))
-    steps = n // size
-    generator = torch.Generator().manual_seed(config["seed"] * 1009 + rank)
-
-    def batches() -> Iterator[Tensor]:
-        while True:
-            yield from torch.randperm(n, generator=generator)[: steps * size].to(device).split(size)
-
-    draw = batches()
-
-    def batch_loss() -> Tensor:
-        index = next(draw)
-        return module(logits[index], labels[index], None if images is None else images[index])
-
-    state: dict[str, Any] = {"best": math.inf, "kept": None, "stale": 0, "epoch": 0}
-
-    def heldout_loss() -> float:
-        if rank != 0 or heldout is None:
-            return 0.0
-        calibrator.eval()
-        with torch.no_grad():
-            value = float(LossModule(calibrator, heldout.ignore_index)(
-                heldout.logits, heldout.labels, heldout.images
-            ))
-        calibrator.train()
-        return value
-
-    def end_of_epoch(step: int, loss: float) -> bool:
-        if (step + 1) % steps:
-            return False
-        state["epoch"] += 1
-        metrics: dict[str, Any] = {"epoch": state["epoch"], "train_loss": loss}
-        stop = False
-        if config["heldout"] is not None:
-            value = _broadcast(heldout_loss(), rank, device)
-            metrics["heldout_loss"] = value
-            if value < state["best"]:
-                state.update(best=value, stale=0)
-                if rank == 0:
-                    state["kept"] = copy.deepcopy(calibrator.state_dict())
-            else:
-                state["stale"] += 1
-                stop = state["stale"] >= config["patience"]
-        _report(metrics, calibrator if rank == 0 else None)
-        return stop
-
-    calibrator.train()
-    start = time.perf_counter()
-    optimise(
-        batch_loss, calibrator.parameters(), method="adamw", max_iter=config["epochs"] * steps,
-        lr=config["lr"], weight_decay=config["weight_decay"], callback=end_of_epoch,
-    )
-    final: dict[str, Any] = {"epoch": state["epoch"], "final": True, **_timings(config, start)}
-    if state["kept"] is not None:
-        calibrator.load_state_dict(state["kept"])
-        final["heldout_loss"] = state["best"]
-    _report(final, calibrator if rank == 0 else None)
-
-
-def _padded(rows: dict[str, Tensor], multiple: int, pad_label: int | None) -> dict[str, Tensor]:
-    """Pad rows to a multiple of the worker count (``streaming_split(equal=True)`` drops rows).
-
-    ``pad_label`` set: padding rows carry that label (ignored by the L-BFGS loop); None:
-    the first rows are repeated (harmless for stochastic epochs).
-    """
-    n = len(next(iter(rows.values())))
+    n = len(rows["label"])
     extra = (-n) % multiple
-    if extra == 0:
-        return rows
-    out = {}
-    for key, value in rows.items():
-        pad = value[:extra].repeat(-(-extra // n), *([1] * (value.dim() - 1)))[:extra]
-        if key == "label" and pad_label is not None:
-            pad = torch.full_like(pad, pad_label)
-        out[key] = torch.cat([value, pad])
+    out = {k: torch.cat([v, v[:1].expand(extra, *v.shape[1:])]) for k, v in rows.items()}
+    out["pad"] = torch.arange(n + extra) >= n
     return out
 
 
@@ -835,66 +596,99 @@ def _ray_dataset(rows: dict[str, Tensor]) -> Any:
     )
 
 
-def _train_rows(calibrator: Calibrator, fit: FitData, seed: int) -> dict[str, Tensor]:
-    """The rows the workers train on (selectors: mispredicted pixels duplicated to balance)."""
-    if calibrator.spatial:
-        rows = {"logits": fit.logits, "label": fit.labels}
-        if fit.images is not None:
-            rows["image"] = fit.images
-        return rows
-    if isinstance(calibrator, SelectiveScaling) and calibrator.options["oversample"]:
-        with torch.no_grad():
-            base = fit.logits if calibrator.base is None else calibrator.base(fit.logits)
-        targets = (base.argmax(1) != fit.labels).long()
-        if 0 < int(targets.sum()) < len(targets):
-            order = balanced_order(targets, torch.Generator().manual_seed(seed))
-            return {"logits": fit.logits[order], "label": fit.labels[order]}
-    return {"logits": fit.logits, "label": fit.labels}
+def _shard_tensors(shard: Any) -> dict[str, Tensor]:
+    """Materialise this worker's shard without its ``pad`` rows (full-batch fits need it)."""
+    columns: dict[str, list[np.ndarray]] = {}
+    for batch in shard.iter_batches(batch_size=_BLOCK_ROWS, batch_format="numpy"):
+        for key, value in batch.items():
+            columns.setdefault(key, []).append(value)
+    tensors = {k: torch.from_numpy(np.concatenate(v)) for k, v in columns.items()}
+    keep = ~tensors.pop("pad")
+    return {k: v[keep] for k, v in tensors.items()}
+
+
+def _report(metrics: dict[str, Any], states: dict[str, dict[str, Tensor]] | None) -> None:
+    """``ray.train.report`` on every rank; rank 0 (``states`` given) attaches a checkpoint."""
+    import ray.train
+    import safetensors.torch
+
+    if states is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, state in enumerate(states.values()):
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+            safetensors.torch.save_file(tensors, str(Path(tmp) / f"{i}.safetensors"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker: each calibrator's own ``fit`` on this worker's shard.
+
+    Runs inside a ``TorchTrainer`` worker (see `fit_specs`). ``config`` holds ``jobs`` (one
+    ``{"label", "name", "options", "layout"}`` per calibrator, fitted in order),
+    ``num_classes``, ``seed``, and per layout (``"pixels"`` / ``"maps"``) its ``ignore_index``
+    and ``heldout`` (an object ref of the held-out `FitData`, or None). The fit rows of a layout
+    come from ``ray.train.get_dataset_shard(layout)``; held-out data is whole on every worker.
+
+    Every rank calls ``fit(..., reduce=DistributedReduce())``, so sums, counts, loss values and
+    gradients over the fit rows are all-reduced and every rank takes the same steps; the
+    calibrator's optimiser, defaults, warm starts, grids, refits and early stopping are the
+    in-process ones. Rank 0 reports the fitted states as one checkpoint.
+    """
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    reduce = DistributedReduce()
+    start = time.perf_counter()
+    # Sorted: every worker must read the split datasets in the same order (a set's order
+    # depends on the process's hash seed), or each waits for the others forever.
+    layouts = sorted({job["layout"] for job in config["jobs"]})
+    shards = {layout: _shard_tensors(ray.train.get_dataset_shard(layout)) for layout in layouts}
+    heldout = {layout: None if config["heldout"][layout] is None
+               else ray.get(config["heldout"][layout]) for layout in layouts}
+    metrics: dict[str, Any] = {"load_seconds": time.perf_counter() - start, "fit_seconds": {},
+                               "rows": {k: len(v["label"]) for k, v in shards.items()}}
+    states = {}
+    for job in config["jobs"]:
+        rows, layout = shards[job["layout"]], job["layout"]
+        calibrator = build_calibrator(job["name"], config["num_classes"], **job["options"])
+        start = time.perf_counter()
+        calibrator.to(device).fit(
+            rows["logits"], rows["label"], ignore_index=config["ignore_index"][layout],
+            images=rows.get("image"), heldout=heldout[layout], seed=config["seed"],
+            reduce=reduce,
+        )
+        metrics["fit_seconds"][job["label"]] = time.perf_counter() - start
+        states[job["label"]] = calibrator.state_dict()
+    _report(metrics, states if rank == 0 else None)
 
 
 def _fit_ray(
-    cfg: JobConfig, spec: CalibratorSpec, options: dict[str, Any], calibrator: Calibrator,
-    fit: FitData, heldout: FitData | None, storage: Path,
-) -> dict[str, Any]:
-    """Fit ``calibrator`` with a TorchTrainer; returns the final report's metrics."""
+    cfg: JobConfig, jobs: list[dict[str, Any]], data: dict[str, tuple[FitData, FitData | None]],
+) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
+    """Fit ``jobs`` in one TorchTrainer run; returns their states and the run's timings."""
     import ray
     import ray.train
     import safetensors.torch
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    seed = cfg.fit.seed
-    frozen: list[str] = []
-    if isinstance(calibrator, SelectiveScaling) and calibrator.base is not None:
-        # The selector trains on base-calibrated logits, so the base is fitted first.
-        calibrator.base.fit(
-            fit.logits, fit.labels, ignore_index=fit.ignore_index, images=fit.images,
-            heldout=heldout, seed=seed,
-        )
-        frozen.append("base.")
-    method = _ray_method(calibrator)
     workers = cfg.fit.num_workers
-    rows = _padded(_train_rows(calibrator, fit, seed), workers,
-                   -1 if method == "lbfgs" else None)
+    layouts = sorted({job["layout"] for job in jobs})
     config = {
-        "name": spec.name,
+        "jobs": jobs,
         "num_classes": cfg.model.num_classes,
-        "candidates": _candidates(options, heldout is not None),
-        "init_state": {k: v.clone() for k, v in calibrator.state_dict().items()},
-        "frozen": frozen,
-        "method": method,
-        "ignore_index": fit.ignore_index,
-        "seed": seed,
-        "heldout": None if heldout is None else ray.put(heldout),
-        "max_iter": max(int(options.get("max_iter", 100)), 100),
-        "epochs": int(options.get("epochs", cfg.fit.epochs)),
-        "batch_size": int(options.get("batch_size", 8 if calibrator.spatial else 4096)),
-        "lr": float(options.get("lr", 1e-3)),
-        "weight_decay": float(options.get("weight_decay", 0.0)),
-        "patience": int(options.get("patience", 3)),
+        "seed": cfg.fit.seed,
+        "ignore_index": {k: data[k][0].ignore_index for k in layouts},
+        "heldout": {k: None if data[k][1] is None else ray.put(data[k][1]) for k in layouts},
     }
     resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.fit.use_gpu else {})}
-    name = f"fit-{spec.key}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    storage = Path(cfg.output).resolve() / "ray_train"
+    name = f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -905,32 +699,106 @@ def _fit_ray(
             name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
-        datasets={"train": _ray_dataset(rows)},
+        datasets={k: _ray_dataset(_padded(_rows(data[k][0]), workers)) for k in layouts},
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"],
-            execution_options=ExecutionOptions(verbose_progress=False),
+            datasets_to_split=layouts, execution_options=ExecutionOptions(verbose_progress=False),
         ),
     )
+    start = time.perf_counter()
     result = trainer.fit()
+    wall = time.perf_counter() - start
     if result.checkpoint is None:
-        raise RuntimeError(f"Expected a checkpoint from the Ray Train fit of {spec.key!r}, "
-                           "but the run reported none")
+        raise RuntimeError(f"Expected a checkpoint from the Ray Train fit of "
+                           f"{[job['label'] for job in jobs]}, but the run reported none")
     with result.checkpoint.as_directory() as directory:
-        state = safetensors.torch.load_file(str(Path(directory) / "state.safetensors"))
-    calibrator.load_state_dict(state)
-    calibrator.fitted.fill_(True)
-    calibrator.eval()
-    if isinstance(calibrator, SelectiveScaling):
-        if heldout is None:
-            logger.warning("No held-out data: fitting %r's temperatures on its fit pixels",
-                           spec.key)
-        calibrator.fit_temperatures(heldout if heldout is not None else fit)
+        states = [safetensors.torch.load_file(str(Path(directory) / f"{i}.safetensors"))
+                  for i in range(len(jobs))]
     shutil.rmtree(storage / name, ignore_errors=True)
-    return dict(result.metrics or {})
+    metrics = dict(result.metrics or {})
+    fit_seconds = metrics.get("fit_seconds", {})
+    timings = {
+        "workers": workers,
+        "calibrators_in_run": len(jobs),
+        "trainer_seconds": wall,
+        "load_seconds": metrics.get("load_seconds"),
+        # Worker group and process group start, dataset split and reporting: what a local fit
+        # does not pay.
+        "startup_seconds": wall - metrics.get("load_seconds", 0.0) - sum(fit_seconds.values()),
+        "fit_seconds": fit_seconds,
+    }
+    return states, timings
 
 
 # --------------------------------------------------------------------------------------------
 # The stage.
+
+
+def fit_specs(
+    cfg: JobConfig,
+    specs: Sequence[CalibratorSpec],
+    data: dict[bool, tuple[FitData, FitData | None]],
+    *,
+    indices: Sequence[int] | None = None,
+) -> list[tuple[Calibrator, dict[str, Any]]]:
+    """Fit calibrator specs on in-memory data, in ``cfg.fit.mode`` (what `run` does).
+
+    ``local``: each calibrator's ``fit`` in this process. ``ray``: one TorchTrainer run of
+    ``cfg.fit.num_workers`` workers fits all of them, each worker running the same ``fit`` on
+    its shard of the rows (see `train_loop_per_worker`); a calibrator without the
+    ``distributed`` capability is fitted here instead, with a warning.
+
+    Args:
+        cfg: The run config (``model.num_classes``, ``fit``, and ``output`` for Ray Train's
+            storage under ``OUTPUT/ray_train``).
+        specs: The calibrator specs; the fit-stage options (`FIT_OPTIONS`) are dropped.
+        data: ``{spatial: (fit, heldout)}``: pointwise (P, C) / (P,) valid pixels under False,
+            maps under True, for the layouts the specs need.
+        indices: The specs' positions in ``cfg.calibrators`` (for error messages).
+
+    Returns:
+        Per spec, the fitted calibrator and ``{"mode", "seconds"[, "ray"]}``: ``seconds`` is
+        the fit itself; ``ray`` holds the run's timings, Ray Train's start-up apart.
+    """
+    indices = list(range(len(specs))) if indices is None else list(indices)
+    calibrators, options = [], []
+    for spec, index in zip(specs, indices, strict=True):
+        options.append(_spec_options(cfg, spec, index)[0])
+        calibrators.append(build_calibrator(spec.name, cfg.model.num_classes, **options[-1]))
+    extras: list[dict[str, Any]] = [{"mode": "local"} for _ in specs]
+    remote = []
+    if cfg.fit.mode == "ray":
+        for i, calibrator in enumerate(calibrators):
+            if type(calibrator).distributed:
+                remote.append(i)
+            else:
+                logger.warning("%r has no distributed fit; fitting it in the driver",
+                               specs[i].key)
+    if remote:
+        jobs = [
+            {"label": specs[i].key, "name": specs[i].name, "options": options[i],
+             "layout": _LAYOUTS[type(calibrators[i]).spatial]}
+            for i in remote
+        ]
+        states, timings = _fit_ray(
+            cfg, jobs, {_LAYOUTS[s]: part for s, part in data.items()
+                        if any(job["layout"] == _LAYOUTS[s] for job in jobs)},
+        )
+        for i, state in zip(remote, states, strict=True):
+            calibrators[i].load_state_dict(state)
+            calibrators[i].eval()
+            extras[i] = {"mode": "ray", "seconds": timings["fit_seconds"].get(specs[i].key),
+                         "ray": timings}
+    for i, calibrator in enumerate(calibrators):
+        if i in remote:
+            continue
+        fit, heldout = data[type(calibrator).spatial]
+        start = time.perf_counter()
+        calibrator.fit(
+            fit.logits, fit.labels, ignore_index=fit.ignore_index, images=fit.images,
+            heldout=heldout, seed=cfg.fit.seed,
+        )
+        extras[i]["seconds"] = time.perf_counter() - start
+    return list(zip(calibrators, extras, strict=True))
 
 
 def fit_spec(
@@ -941,38 +809,9 @@ def fit_spec(
     *,
     index: int = 0,
 ) -> tuple[Calibrator, dict[str, Any]]:
-    """Fit one calibrator spec on in-memory data, in ``cfg.fit.mode`` (what `run` does per spec).
-
-    Args:
-        cfg: The run config (``model.num_classes``, ``fit``, and ``output`` for Ray Train's
-            storage under ``OUTPUT/ray_train``).
-        spec: The calibrator spec; the fit-stage options (`FIT_OPTIONS`) are dropped.
-        fit: Fit data: pointwise (P, C) / (P,) valid pixels, or maps for spatial calibrators.
-        heldout: Held-out data of the same layout, or None.
-        index: The spec's position in ``cfg.calibrators`` (for error messages).
-
-    Returns:
-        The fitted calibrator and ``{"mode", "seconds"[, "ray"]}`` (``ray``: the last metrics
-        the Train workers reported).
-    """
-    options = _spec_options(cfg, spec, index)[0]
-    calibrator = build_calibrator(spec.name, cfg.model.num_classes, **options)
-    mode = cfg.fit.mode
-    if mode == "ray" and spec.name in _DRIVER_ONLY:
-        logger.warning("%r has no distributed fit; fitting it in the driver", spec.key)
-        mode = "local"
-    start = time.perf_counter()
-    extra: dict[str, Any] = {}
-    if mode == "ray":
-        storage = Path(cfg.output).resolve() / "ray_train"
-        extra = {"ray": _fit_ray(cfg, spec, options, calibrator, fit, heldout, storage)}
-    else:
-        calibrator.fit(
-            fit.logits, fit.labels, ignore_index=fit.ignore_index, images=fit.images,
-            heldout=heldout, seed=cfg.fit.seed,
-        )
-    extra.update(mode=mode, seconds=time.perf_counter() - start)
-    return calibrator, extra
+    """Fit one calibrator spec on in-memory data of its layout (see `fit_specs`)."""
+    return fit_specs(cfg, [spec], {False: (fit, heldout), True: (fit, heldout)},
+                     indices=[index])[0]
 
 
 def run(cfg: JobConfig) -> dict[str, Path]:
@@ -1019,16 +858,26 @@ def run(cfg: JobConfig) -> dict[str, Path]:
         logger.warning("The held-out images hold no valid pixel; metrics are on fit data")
     scored = {spatial: parts(clean, spatial, split == "heldout")
               for spatial in {job.spatial for job in jobs}}
+    # Calibrators that fit on the same datasets share one fit (one Ray Train run).
+    groups: dict[tuple[str, ...], list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.datasets, []).append(job)
+    results: dict[int, tuple[Calibrator, dict[str, Any]]] = {}
+    for datasets, group in groups.items():
+        data = {spatial: (parts(datasets, spatial, False), parts(datasets, spatial, True))
+                for spatial in {job.spatial for job in group}}
+        fitted_group = fit_specs(cfg, [job.spec for job in group], data,
+                                 indices=[job.index for job in group])
+        results.update({job.index: out for job, out in zip(group, fitted_group, strict=True)})
     fitted = []
     for job in jobs:
-        fit, held = parts(job.datasets, job.spatial, False), parts(job.datasets, job.spatial, True)
-        calibrator, extra = fit_spec(cfg, job.spec, fit, held, index=job.index)
+        calibrator, extra = results[job.index]
         n_bins = cfg.evaluate.n_bins
         metrics = {
             "split": split,
             split: heldout_metrics(calibrator, scored[job.spatial], n_bins=n_bins),
             "uncalibrated": heldout_metrics(None, scored[job.spatial], n_bins=n_bins),
-            "fit_pixels": _n_valid(fit),
+            "fit_pixels": _n_valid(parts(job.datasets, job.spatial, False)),
             "datasets": list(job.datasets),
             **extra,
         }

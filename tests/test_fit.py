@@ -270,7 +270,7 @@ def no_fit(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a fit started before validation finished")
 
-    monkeypatch.setattr(fit, "fit_spec", boom)
+    monkeypatch.setattr(fit, "fit_specs", boom)
 
 
 def test_error_without_calibration_dataset(tmp_path, no_fit):

@@ -1,14 +1,20 @@
-"""The `Calibrator` base class, input checks, fit data and the shared optimisation loop.
+"""The `Calibrator` base class, input checks, fit data, the reduce hook and the optimisation loop.
 
 Every calibrator is a small ``nn.Module``: ``forward(logits, image=None)`` maps logits to
-calibrated logits of the same shape and is TorchScript-compilable, ``fit`` fits it in-process,
-and ``loss`` is its training objective, which the Ray Train stage optimises under DDP through
-`LossModule` and `optimise`, so local and distributed fits share one code path.
+calibrated logits of the same shape and is TorchScript-compilable, and ``fit`` runs its one
+training loop. That loop is also the distributed one: ``fit(..., reduce=...)`` takes a `Reduce`,
+the identity in-process and `DistributedReduce` (``torch.distributed`` all-reduce) inside each
+Ray Train worker, where ``logits`` / ``labels`` are that worker's shard of the fit data. Every
+sum, count, loss value and gradient over fit data goes through the hook, so the same steps
+(warm starts, grids, refits, early stopping) run with global quantities on every worker
+(nanoGPT's DDP wrapping of its own loop, without DDP's module wrapper).
 
 Writing a calibrator: subclass `Calibrator`, set ``name`` (and ``spatial = True`` when it needs
 whole (N, C, H, W) maps), check options in ``__init__`` with the ``check_*`` helpers and pass
 them on to ``super().__init__(num_classes, **options)``, then implement ``_calibrate`` (no input
 checks; scriptable) and ``_fit``; override ``loss``, ``summary`` and ``mis_score`` as needed.
+A ``_fit(data, heldout, reduce)`` that reduces what it computes over ``data`` sets
+``distributed = True``; held-out data is whole on every worker and needs no reduction.
 """
 
 from __future__ import annotations
@@ -30,9 +36,12 @@ except ImportError:  # pragma: no cover - Python 3.10
     from typing_extensions import Self
 
 __all__ = [
+    "LOCAL",
     "Calibrator",
+    "DistributedReduce",
     "FitData",
     "LossModule",
+    "Reduce",
     "check_bool",
     "check_choice",
     "check_float",
@@ -226,6 +235,150 @@ def check_labels(
 
 
 # --------------------------------------------------------------------------------------------
+# The reduce hook: how a fit loop sees the other workers' shards of its fit data.
+
+
+class Reduce:
+    """Sums across the workers that each hold a shard of the fit data: here, one process.
+
+    The identity: ``fit`` without a ``reduce`` argument runs with `LOCAL`, and every method
+    returns its input unchanged, so the in-process fit is the plain loop.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def sum(self, value: Tensor) -> Tensor:
+        """The sum of ``value`` over workers (same shape on every worker)."""
+        return value
+
+    def sum_floats(self, *values: float) -> tuple[float, ...]:
+        """Float64 sums of python numbers over workers."""
+        return values
+
+    def gather(self, value: Tensor) -> Tensor:
+        """Every worker's ``value`` concatenated along dim 0 (rank order)."""
+        return value
+
+    def agree(self, value: float) -> float:
+        """Rank 0's ``value`` on every worker, so that all take the same decision."""
+        return value
+
+    def grads(self, params: Sequence[Tensor]) -> None:
+        """Sum the gradients of ``params`` over workers, in place."""
+
+    def sync(self, module: nn.Module) -> None:
+        """Average ``module``'s floating buffers (e.g. BatchNorm statistics) over workers."""
+
+    def share(self, count: int) -> float:
+        """This worker's share of a global count: ``count / sum(count)``; 1.0 here."""
+        (total,) = self.sum_floats(float(count))
+        return count / total if total else 0.0
+
+
+LOCAL = Reduce()
+
+
+class DistributedReduce(Reduce):
+    """`Reduce` over a ``torch.distributed`` process group (a Ray Train worker group).
+
+    Every method is a collective: all workers must call it, in the same order.
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "Expected an initialised torch.distributed process group for "
+                "DistributedReduce, but got none; run it inside a Ray Train worker"
+            )
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def sum(self, value: Tensor) -> Tensor:
+        """The sum of ``value`` over workers."""
+        out = value.detach().clone()
+        self._dist.all_reduce(out)
+        return out
+
+    def sum_floats(self, *values: float) -> tuple[float, ...]:
+        """Float64 sums of python numbers over workers."""
+        return tuple(self.sum(torch.tensor(values, dtype=torch.float64)).tolist())
+
+    def gather(self, value: Tensor) -> Tensor:
+        """Every worker's ``value`` concatenated along dim 0 (rank order)."""
+        sizes = [torch.zeros((), dtype=torch.int64) for _ in range(self.world_size)]
+        self._dist.all_gather(sizes, torch.tensor(len(value)))
+        longest = int(max(sizes))
+        padded = torch.zeros((longest, *value.shape[1:]), dtype=value.dtype)
+        padded[: len(value)] = value.detach().cpu()
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, padded)
+        out = torch.cat([part[: int(size)] for part, size in zip(parts, sizes, strict=True)])
+        return out.to(value.device)
+
+    def agree(self, value: float) -> float:
+        """Rank 0's ``value`` on every worker."""
+        out = torch.tensor([value], dtype=torch.float64)
+        self._dist.broadcast(out, src=0)
+        return float(out)
+
+    def grads(self, params: Sequence[Tensor]) -> None:
+        """Sum gradients over workers in one flat all-reduce (absent gradients count as 0)."""
+        if not params:
+            return
+        flat = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
+        ])
+        self._dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            part = flat[offset : offset + p.numel()].view_as(p)
+            if p.grad is None:
+                p.grad = part.clone()
+            else:
+                p.grad.copy_(part)
+            offset += p.numel()
+
+    def sync(self, module: nn.Module) -> None:
+        """Average floating buffers over workers (integer ones, e.g. step counts, agree)."""
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(self.sum(buffer) / self.world_size)
+
+
+def batch_plan(
+    n_local: int, batch_size: int, reduce: Reduce, *, min_size: int = 1
+) -> tuple[int, int, float]:
+    """Mini-batches of a loop over ``n`` global rows: (local batch size, steps per epoch, weight).
+
+    In-process: ``size = min(batch_size, n)`` rows per step and ``n // size`` steps per epoch.
+    Across workers every worker takes the same number of steps, each on its share of the
+    global batch, and weights its batch-mean loss by that share, so that the summed gradient is
+    the gradient of the global batch's mean.
+
+    Args:
+        n_local: Rows (pixels or maps) this worker holds.
+        batch_size: Rows per step, over all workers.
+        reduce: The reduce hook.
+        min_size: Smallest local batch (BatchNorm needs 2 pixels).
+
+    Returns:
+        ``(size, steps, weight)``; ``weight`` is 1.0 in-process.
+    """
+    (n,) = reduce.sum_floats(float(n_local))
+    size = min(batch_size, int(n))
+    steps = int(n) // size
+    if reduce.world_size == 1:
+        return size, steps, 1.0
+    local = min(n_local, max(min_size, round(size * n_local / n)))
+    (total,) = reduce.sum_floats(float(local))
+    return local, steps, local / total
+
+
+# --------------------------------------------------------------------------------------------
 # Shape helpers for pointwise calibrators (scriptable).
 
 
@@ -297,6 +450,8 @@ class Calibrator(nn.Module, ABC):
 
     name: ClassVar[str]
     spatial: ClassVar[bool] = False
+    # True when ``_fit(data, heldout, reduce)`` reduces over fit-data shards (Ray Train mode).
+    distributed: ClassVar[bool] = False
 
     def __init__(self, num_classes: int, **options: Any) -> None:
         super().__init__()
@@ -378,8 +533,9 @@ class Calibrator(nn.Module, ABC):
         images: Tensor | None = None,
         heldout: FitData | tuple[Tensor, ...] | None = None,
         seed: int = 0,
+        reduce: Reduce = LOCAL,
     ) -> Self:
-        """Fit in-process on logits and labels; pixels labelled ``ignore_index`` are excluded.
+        """Fit on logits and labels; pixels labelled ``ignore_index`` are excluded.
 
         Args:
             logits: (N, C, H, W) or (P, C) float logits.
@@ -389,12 +545,16 @@ class Calibrator(nn.Module, ABC):
             heldout: Optional held-out data, a `FitData` or (logits, labels[, images]) tuple,
                 used to pick hyper-parameters or early-stop.
             seed: Seed for any randomness in the fit (torch's global RNG is restored after).
+            reduce: `LOCAL` (default): ``logits`` / ``labels`` are all the fit data. A
+                `DistributedReduce`: they are this worker's shard, and every worker calls
+                ``fit`` with the same ``heldout`` and ``seed`` (needs ``distributed``).
 
         Returns:
             ``self``, fitted and in eval mode.
 
         Raises:
             TypeError, ValueError: On malformed inputs, or no pixel left after ignoring.
+            RuntimeError: A sharded fit of a calibrator that is not ``distributed``.
         """
         check_int("seed", seed)
         if ignore_index is not None:
@@ -403,16 +563,29 @@ class Calibrator(nn.Module, ABC):
         held = None
         if heldout is not None:
             held = self._prepare(_as_fit_data(heldout, ignore_index), "heldout.")
+        if reduce is not LOCAL and not self.distributed:
+            raise RuntimeError(
+                f"Expected a calibrator with `distributed = True` for a sharded fit, but "
+                f"{type(self).__name__} fits in one process only"
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.train()
-            self._fit(data, held)
+            if reduce is LOCAL:
+                self._fit(data, held)
+            else:
+                self._fit(data, held, reduce)
         self.fitted.fill_(True)
         return self.eval()
 
     @abstractmethod
-    def _fit(self, data: FitData, heldout: FitData | None) -> None:
-        """Fit the parameters on checked data (see `FitData` for the layouts)."""
+    def _fit(self, data: FitData, heldout: FitData | None, *args: Any) -> None:
+        """Fit the parameters on checked data (see `FitData` for the layouts).
+
+        A ``distributed`` calibrator's ``_fit`` takes a third argument, the `Reduce` hook
+        (default `LOCAL`; passed only for a sharded fit): ``data`` is then this worker's shard,
+        and every sum, count or gradient over it must go through the hook.
+        """
 
     def _prepare(self, data: FitData, prefix: str) -> FitData:
         """Check data; move it to the module's device; flatten to valid pixels if pointwise."""
@@ -497,14 +670,16 @@ def optimise(
     weight_decay: float = 0.0,
     tol: float = 1e-7,
     callback: Callable[[int, float], bool] | None = None,
+    reduce: Reduce = LOCAL,
 ) -> float:
     """Minimise ``loss_fn()`` over ``params``.
 
     ``lbfgs`` runs full-batch L-BFGS with a strong-Wolfe line search (``lr`` default 1.0);
     ``adamw`` runs ``max_iter`` AdamW steps (``lr`` default 1e-3), where ``loss_fn`` may draw
     a new mini-batch on each call and ``callback(step, loss)`` returning True stops early.
-    Under DDP, ``loss_fn`` calls the DDP-wrapped `LossModule`; for L-BFGS it should return a
-    loss whose value is the global mean, since the line search compares loss values.
+    With a `DistributedReduce`, ``loss_fn`` returns this worker's share of the global loss
+    (e.g. its mean times `Reduce.share` of its rows): loss values and gradients are summed over
+    workers, so every worker takes the same steps on the global objective.
 
     Args:
         loss_fn: Computes the scalar loss (gradients are zeroed and backpropagated here).
@@ -515,9 +690,10 @@ def optimise(
         weight_decay: AdamW weight decay.
         tol: L-BFGS gradient and change tolerance.
         callback: AdamW only: called after each step with (step, loss); True stops.
+        reduce: The reduce hook (`LOCAL`: the identity).
 
     Returns:
-        The last loss value.
+        The last (global) loss value.
 
     Raises:
         ValueError: On an unknown method or a non-finite loss.
@@ -528,11 +704,16 @@ def optimise(
 
     def closure() -> Tensor:
         optimiser.zero_grad()
-        loss = loss_fn()
-        if not bool(torch.isfinite(loss)):
-            raise ValueError(f"Expected a finite training loss, but got {float(loss.detach())}")
+        loss = reduced = loss_fn()
+        if reduce is not LOCAL:
+            reduced = reduce.sum(loss)
+        if not bool(torch.isfinite(reduced)):
+            raise ValueError(
+                f"Expected a finite training loss, but got {float(reduced.detach())}"
+            )
         loss.backward()
-        return loss
+        reduce.grads(params)
+        return reduced
 
     if method == "lbfgs":
         optimiser = torch.optim.LBFGS(
@@ -541,7 +722,7 @@ def optimise(
         )
         optimiser.step(closure)
         with torch.no_grad():
-            return float(loss_fn())
+            return float(reduce.sum(loss_fn()))
     optimiser = torch.optim.AdamW(
         params, lr=1e-3 if lr is None else lr, weight_decay=weight_decay
     )

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import Calibrator, FitData, check_int, optimise
+from pipeline.calibrators.base import LOCAL, Calibrator, FitData, Reduce, check_int, optimise
 from pipeline.calibrators.temperature import fit_temperature
 
 __all__ = ["EnsembleTemperatureScaling"]
@@ -19,8 +19,7 @@ class EnsembleTemperatureScaling(Calibrator):
 
     The weights w = softmax(``weight_logits``) lie on the simplex with w0, w1 > 0, so the class
     ranking, and the argmax, never change. The in-process fit follows the paper: T by
-    temperature scaling, then w by L-BFGS on the NLL with T fixed. ``loss`` (the Ray Train
-    objective) is the NLL of the mixture in both T and w.
+    temperature scaling, then w by L-BFGS on the NLL with T fixed.
 
     Args:
         num_classes: The class count C.
@@ -32,6 +31,7 @@ class EnsembleTemperatureScaling(Calibrator):
     """
 
     name = "ets"
+    distributed = True
 
     def __init__(self, num_classes: int, *, max_iter: int = 100) -> None:
         check_int("max_iter", max_iter, ge=1)
@@ -47,16 +47,17 @@ class EnsembleTemperatureScaling(Calibrator):
         mixed = torch.logaddexp(tempered + log_w[0], raw + log_w[1])
         return torch.logaddexp(mixed, log_w[2] - math.log(self.num_classes))
 
-    def _fit(self, data: FitData, heldout: FitData | None) -> None:
-        t = fit_temperature(data.logits, data.labels)
+    def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
+        t = fit_temperature(data.logits, data.labels, reduce=reduce)
+        share = reduce.share(len(data.labels))
         with torch.no_grad():
             self.log_temperature.fill_(math.log(t))
             self.weight_logits.zero_()
         self.log_temperature.requires_grad_(False)
         try:
             optimise(
-                lambda: self.loss(data.logits, data.labels), [self.weight_logits],
-                max_iter=self.options["max_iter"],
+                lambda: self.loss(data.logits, data.labels) * share, [self.weight_logits],
+                max_iter=self.options["max_iter"], reduce=reduce,
             )
         finally:
             self.log_temperature.requires_grad_(True)

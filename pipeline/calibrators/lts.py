@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import Calibrator, FitData, check_bool, check_float, check_int
+from pipeline.calibrators.base import (
+    LOCAL,
+    Calibrator,
+    FitData,
+    Reduce,
+    batch_plan,
+    check_bool,
+    check_float,
+    check_int,
+)
 from pipeline.calibrators.selective import (
     _chunked_mean,
     _map_batches,
@@ -103,6 +112,7 @@ class LocalTemperatureScaling(Calibrator):
 
     name = "lts"
     spatial = True
+    distributed = True
     _per_image = False
 
     def __init__(
@@ -166,7 +176,7 @@ class LocalTemperatureScaling(Calibrator):
     def _calibrate(self, logits: Tensor, image: Tensor | None) -> Tensor:
         return logits / self._temperature(logits, image)
 
-    def _fit(self, data: FitData, heldout: FitData | None) -> None:
+    def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
         opts = self.options
         _require_images(data, heldout, self.use_image)
         data = _with_valid_pixels(data)
@@ -176,12 +186,15 @@ class LocalTemperatureScaling(Calibrator):
             valid = slice(None) if data.ignore_index is None else labels != data.ignore_index
             points = data.logits.movedim(1, -1).reshape(-1, self.num_classes)
             # The net's output always exceeds t_min, so it cannot start at or below it.
-            t_init = max(fit_temperature(points[valid], labels[valid]), 2 * opts["t_min"])
+            t_init = max(
+                fit_temperature(points[valid], labels[valid], reduce=reduce), 2 * opts["t_min"]
+            )
         self.t_init.fill_(t_init)
         # A fresh net under the fit's seed (see `SelectiveScaling._fit`).
         self.net = self._build_net(t_init).to(self.t_init.device)
-        size = min(opts["batch_size"], len(data.labels))
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        size, steps, weight = batch_plan(len(data.labels), opts["batch_size"], reduce)
+        # Each worker shuffles its own shard: the same seed, offset by rank (0 in-process).
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())) + reduce.rank)
         batches = _map_batches(len(data.labels), size, generator, data.labels.device)
 
         def batch_loss() -> Tensor:
@@ -197,9 +210,9 @@ class LocalTemperatureScaling(Calibrator):
 
         # Adam: AdamW without weight decay.
         train_with_early_stopping(
-            self.net, batch_loss, steps_per_epoch=len(data.labels) // size,
-            epochs=opts["epochs"], lr=opts["lr"], weight_decay=0.0, heldout_loss=heldout_loss,
-            patience=opts["patience"],
+            self.net, batch_loss, steps_per_epoch=steps, epochs=opts["epochs"], lr=opts["lr"],
+            weight_decay=0.0, heldout_loss=heldout_loss, patience=opts["patience"],
+            weight=weight, reduce=reduce,
         )
 
     def summary(self) -> dict[str, Any]:

@@ -11,8 +11,10 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from pipeline.calibrators.base import (
+    LOCAL,
     Calibrator,
     FitData,
+    Reduce,
     check_float,
     check_int,
     optimise,
@@ -29,6 +31,8 @@ class _LinearScaling(Calibrator):
     ODIR (Kull et al. 2019): lambda * (sum of squared off-diagonal weights / (C (C - 1)) +
     sum of squared biases / C), added to the mean NLL. Starts at the identity map.
     """
+
+    distributed = True
 
     def __init__(
         self,
@@ -84,13 +88,15 @@ class _LinearScaling(Calibrator):
         nll = super().loss(logits, labels, image, ignore_index=ignore_index)
         return nll + self._odir_penalty()
 
-    def _fit(self, data: FitData, heldout: FitData | None) -> None:
+    def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
         """L-BFGS on the mean NLL + ODIR; with held-out data, along the grid from strong to weak.
 
         The features are computed once (the closure only runs the linear map). Each strength
         starts from the previous one's solution (a continuation path from the strongest
         penalty, where the problem is best conditioned), which reaches a lower held-out NLL in
-        fewer iterations than restarting every strength from the identity.
+        fewer iterations than restarting every strength from the identity. Across workers
+        each one's loss is weighted by its share of the fit pixels (so the summed loss is the
+        global objective); the held-out pick runs on the held-out data every worker holds.
         """
         grid = self.options["odir_grid"]
         with_grid = heldout is not None and grid is not None
@@ -101,14 +107,16 @@ class _LinearScaling(Calibrator):
             self.weight.copy_(torch.eye(self.num_classes))
             self.bias.zero_()
 
+        share = reduce.share(len(data.labels))
+
         def loss() -> Tensor:
             nll = F.cross_entropy(features @ self.weight.t() + self.bias, data.labels)
-            return nll + self._odir_penalty()
+            return (nll + self._odir_penalty()) * share
 
         best_nll, best_state = float("inf"), None
         for lam in lambdas:
             self.odir_lambda.fill_(lam)
-            optimise(loss, self.parameters(), max_iter=self.options["max_iter"])
+            optimise(loss, self.parameters(), max_iter=self.options["max_iter"], reduce=reduce)
             if not with_grid:
                 return
             with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import Calibrator, FitData, check_float
+from pipeline.calibrators.base import LOCAL, Calibrator, FitData, Reduce, check_float
 from pipeline.calibrators.temperature import fit_temperature
 
 __all__ = ["MetaCalScaling"]
@@ -35,8 +35,8 @@ class MetaCalScaling(Calibrator):
 
     The in-process fit: T by temperature scaling, then the threshold as the ``quantile`` of the
     fit pixels' entropies; with held-out data the quantile is picked from ``quantile_grid`` by
-    held-out NLL (1.0 means "never gate", i.e. plain temperature scaling). ``loss`` trains T
-    only; the threshold is not differentiable and is set by ``fit``.
+    held-out NLL (1.0 means "never gate", i.e. plain temperature scaling). Across workers T
+    comes from all-reduced statistics and the quantile from every worker's entropies gathered.
 
     Args:
         num_classes: The class count C.
@@ -52,6 +52,7 @@ class MetaCalScaling(Calibrator):
     """
 
     name = "meta_cal"
+    distributed = True
 
     def __init__(
         self,
@@ -85,11 +86,12 @@ class MetaCalScaling(Calibrator):
         gated = _entropy(torch.log_softmax(tempered, dim=1)) > self.threshold
         return torch.where(gated.unsqueeze(1), logits / self.gate_temperature, tempered)
 
-    def _fit(self, data: FitData, heldout: FitData | None) -> None:
-        t = fit_temperature(data.logits, data.labels)
+    def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
+        t = fit_temperature(data.logits, data.labels, reduce=reduce)
         with torch.no_grad():
             self.log_temperature.fill_(math.log(t))
-            entropy = _entropy(torch.log_softmax(data.logits / t, dim=1))
+            # The quantile is an order statistic of all fit pixels: gather them (4 bytes each).
+            entropy = reduce.gather(_entropy(torch.log_softmax(data.logits / t, dim=1)))
         grid = self.options["quantile_grid"]
         if heldout is None or grid is None:
             quantile = self.options["quantile"]

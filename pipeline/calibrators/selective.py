@@ -48,8 +48,11 @@ except ImportError:  # pragma: no cover - Python 3.10
     from typing_extensions import Self
 
 from pipeline.calibrators.base import (
+    LOCAL,
     Calibrator,
     FitData,
+    Reduce,
+    batch_plan,
     check_bool,
     check_choice,
     check_float,
@@ -148,6 +151,7 @@ def fit_group_temperatures(
     per_class_t_cor: bool = False,
     t_min: float = 0.05,
     max_iter: int = 100,
+    reduce: Reduce = LOCAL,
 ) -> tuple[Tensor, float]:
     """Fit T_cor and/or T_mis by the NLL of ``logits / (gate * T_mis + (1 - gate) * T_cor[k])``.
 
@@ -167,6 +171,7 @@ def fit_group_temperatures(
         per_class_t_cor: Fit one T_cor per predicted class (needs ``t_cor=None``).
         t_min: Floor of the fitted temperatures.
         max_iter: L-BFGS iterations.
+        reduce: The reduce hook: the pixels are this worker's shard.
 
     Returns:
         ``(t_cor, t_mis)``: a (C,) float32 tensor of per-class T_cor (all equal unless
@@ -195,7 +200,8 @@ def fit_group_temperatures(
     start_cor = start_mis = 1.0
     if per_class_t_cor:
         shared, start_mis = fit_group_temperatures(
-            logits, labels, gate, t_cor=None, t_mis=t_mis, t_min=t_min, max_iter=max_iter
+            logits, labels, gate, t_cor=None, t_mis=t_mis, t_min=t_min, max_iter=max_iter,
+            reduce=reduce,
         )
         start_cor = float(shared[0])
 
@@ -209,8 +215,9 @@ def fit_group_temperatures(
     predicted = logits.argmax(1)
     gate = gate.to(logits.dtype)
     # Classes with little T_cor weight keep the shared value instead of over-fitting a few pixels.
-    support = torch.zeros(num_classes, device=device).index_add_(0, predicted, 1 - gate)
+    support = reduce.sum(torch.zeros(num_classes, device=device).index_add_(0, predicted, 1 - gate))
     own = (support >= _MIN_CLASS_PIXELS)[predicted]
+    share = reduce.share(len(labels))
 
     def nll() -> Tensor:
         cor = t_cor if a_cor is None else t_min + a_cor.exp()
@@ -218,9 +225,9 @@ def fit_group_temperatures(
             cor = torch.where(own, cor[predicted], start_cor)
         mis = t_mis if a_mis is None else t_min + a_mis.exp()
         temperature = gate * mis + (1 - gate) * cor
-        return F.cross_entropy(logits / temperature.unsqueeze(1), labels)
+        return F.cross_entropy(logits / temperature.unsqueeze(1), labels) * share
 
-    optimise(nll, [a for a in (a_cor, a_mis) if a is not None], max_iter=max_iter)
+    optimise(nll, [a for a in (a_cor, a_mis) if a is not None], max_iter=max_iter, reduce=reduce)
     # Fixed values are returned as given, not through a float32 round trip.
     fitted_cor = torch.tensor([t_cor]) if a_cor is None else t_min + a_cor.detach().exp().cpu()
     if per_class_t_cor:
@@ -239,12 +246,17 @@ def train_with_early_stopping(
     weight_decay: float,
     heldout_loss: Callable[[], float] | None,
     patience: int,
+    weight: float = 1.0,
+    reduce: Reduce = LOCAL,
 ) -> None:
     """AdamW mini-batch epochs on ``module``; keep the state with the lowest held-out loss.
 
     ``heldout_loss`` runs with ``module`` in eval mode and without gradients before training
     (so an initialisation that is already good, e.g. at the TS solution, can win) and after
-    each epoch; training stops after ``patience`` epochs without improvement.
+    each epoch; training stops after ``patience`` epochs without improvement. Across workers
+    each worker's batch loss counts with ``weight`` (its share of the global batch, see
+    `batch_plan`), gradients are summed, buffers (BatchNorm statistics) are averaged before
+    each held-out evaluation, and rank 0's held-out value decides, so all stop together.
 
     Args:
         module: The network whose parameters are trained and whose state is kept.
@@ -255,15 +267,18 @@ def train_with_early_stopping(
         weight_decay: AdamW weight decay.
         heldout_loss: The held-out model-pick loss, or None to train all epochs.
         patience: Epochs without improvement before stopping.
+        weight: This worker's weight of its batch loss (1.0 in-process).
+        reduce: The reduce hook.
     """
     best: dict[str, Any] = {"loss": math.inf, "state": None, "stale": 0}
 
     def evaluate() -> bool:
         if heldout_loss is None:
             return False
+        reduce.sync(module)
         module.eval()
         with torch.no_grad():
-            value = heldout_loss()
+            value = reduce.agree(heldout_loss())
         module.train()
         if value < best["loss"]:
             best.update(loss=value, state=copy.deepcopy(module.state_dict()), stale=0)
@@ -273,36 +288,50 @@ def train_with_early_stopping(
 
     evaluate()
     optimise(
-        batch_loss, module.parameters(), method="adamw", max_iter=epochs * steps_per_epoch,
-        lr=lr, weight_decay=weight_decay,
+        batch_loss if weight == 1.0 else lambda: batch_loss() * weight, module.parameters(),
+        method="adamw", max_iter=epochs * steps_per_epoch, lr=lr, weight_decay=weight_decay,
         callback=lambda step, _: (step + 1) % steps_per_epoch == 0 and evaluate(),
+        reduce=reduce,
     )
     if best["state"] is not None:
         module.load_state_dict(best["state"])
+    else:
+        reduce.sync(module)
     module.eval()
 
 
 def _batches(
-    targets: Tensor, batch_size: int, balance: bool, generator: torch.Generator
-) -> tuple[Iterator[Tensor], int]:
+    targets: Tensor, batch_size: int, balance: bool, generator: torch.Generator,
+    reduce: Reduce = LOCAL,
+) -> tuple[Iterator[Tensor], int, float]:
     """Endless mini-batches of pixel indices, reshuffled (and rebalanced) every epoch.
 
-    Returns the iterator and the number of batches per epoch; a short last batch is dropped,
-    since BatchNorm cannot train on a single pixel.
+    Returns the iterator, the number of batches per epoch (of the global epoch, see
+    `batch_plan`) and this worker's loss weight; a short last batch is dropped, since
+    BatchNorm cannot train on a single pixel. A worker balances its own shard.
     """
     n_wrong = int(targets.sum())
-    epoch_len = 2 * max(n_wrong, len(targets) - n_wrong) if balance else len(targets)
-    size = min(batch_size, epoch_len)
+    n_right = len(targets) - n_wrong
+    balance_here = balance and n_wrong > 0 and n_right > 0
+    epoch_len = 2 * max(n_wrong, n_right) if balance_here else len(targets)
+    global_len = epoch_len
+    if reduce is not LOCAL and balance:
+        # Steps per epoch follow the global balanced epoch, as in one process.
+        wrong, right = reduce.sum_floats(float(n_wrong), float(n_right))
+        global_len = 2 * int(max(wrong, right))
+    size, steps, weight = batch_plan(epoch_len, batch_size, reduce, min_size=2)
+    if global_len != epoch_len:
+        steps = global_len // min(batch_size, global_len)
 
     def draw() -> Iterator[Tensor]:
         while True:
-            if balance:
+            if balance_here:
                 order = balanced_order(targets, generator)
             else:
                 order = torch.randperm(len(targets), generator=generator).to(targets.device)
             yield from order[: epoch_len // size * size].split(size)
 
-    return draw(), epoch_len // size
+    return draw(), steps, weight
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,6 +450,7 @@ class SelectiveScaling(Calibrator):
     """
 
     name = "selective"
+    distributed = True
     # Rows per chunk when scoring held-out data.
     _chunk = 65536
 
@@ -660,27 +690,32 @@ class SelectiveScaling(Calibrator):
             targets[labels == ignore_index] = -100
         return F.cross_entropy(self._selector_logits(logits, image), targets, weight=weight)
 
-    def _fit(self, data: FitData, heldout: FitData | None) -> None:
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+    def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
+        # Each worker shuffles its own shard: the same seed, offset by rank (0 in-process).
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())) + reduce.rank)
         if self.base is not None:
             self.base.fit(
                 data.logits, data.labels, ignore_index=data.ignore_index, images=data.images,
-                heldout=heldout, seed=int(torch.randint(2**62, ())),
+                heldout=heldout, seed=int(torch.randint(2**62, ())), reduce=reduce,
             )
         # A fresh selector under the fit's seed: the fit must not depend on the global RNG
         # state when the module was built.
         self.selector = self._build_selector().to(self.t_cor.device)
-        self._train_selector(data, heldout, generator)
+        self._train_selector(data, heldout, generator, reduce)
         if heldout is None and "fit" in (self.options["t_cor"], self.options["t_mis"]):
             warnings.warn(
                 "No held-out data: fitting selective scaling's temperatures on the selector's "
                 "own training pixels, where it is over-confident; pass `heldout`",
                 stacklevel=3,
             )
-        self.fit_temperatures(data if heldout is None else heldout)
+        # Held-out data is whole on every worker; fit data is a shard and needs the hook.
+        refit = (lambda: self.fit_temperatures(data, reduce)) if heldout is None else (
+            lambda: self.fit_temperatures(heldout)
+        )
+        refit()
         if self.options["refine"]:
-            self._refine(data, heldout, generator)
-            self.fit_temperatures(data if heldout is None else heldout)
+            self._refine(data, heldout, generator, reduce)
+            refit()
 
     def _nll(
         self, logits: Tensor, labels: Tensor, image: Tensor | None, ignore_index: int | None
@@ -691,16 +726,20 @@ class SelectiveScaling(Calibrator):
             ignore_index=-100 if ignore_index is None else ignore_index,
         )
 
-    def _refine(self, data: FitData, heldout: FitData | None, generator: torch.Generator) -> None:
+    def _refine(
+        self, data: FitData, heldout: FitData | None, generator: torch.Generator,
+        reduce: Reduce = LOCAL,
+    ) -> None:
         """Fine-tune the selector on the calibrated NLL, temperatures fixed (see ``refine``)."""
         opts = self.options
         data = _with_valid_pixels(data) if self.spatial else data
         if self.spatial:
-            size = min(opts["batch_size"], len(data.labels))
+            size, steps, weight = batch_plan(len(data.labels), opts["batch_size"], reduce)
             batches = _map_batches(len(data.labels), size, generator, data.labels.device)
-            steps = len(data.labels) // size
         else:
-            batches, steps = _batches(data.labels, opts["batch_size"], False, generator)
+            batches, steps, weight = _batches(
+                data.labels, opts["batch_size"], False, generator, reduce
+            )
 
         def batch_loss() -> Tensor:
             index = next(batches)
@@ -713,19 +752,22 @@ class SelectiveScaling(Calibrator):
         train_with_early_stopping(
             self.selector, batch_loss, steps_per_epoch=steps, epochs=opts["epochs"],
             lr=opts["lr"], weight_decay=opts["weight_decay"], heldout_loss=heldout_loss,
-            patience=opts["patience"],
+            patience=opts["patience"], weight=weight, reduce=reduce,
         )
 
     def _train_selector(
-        self, data: FitData, heldout: FitData | None, generator: torch.Generator
+        self, data: FitData, heldout: FitData | None, generator: torch.Generator,
+        reduce: Reduce = LOCAL,
     ) -> None:
         opts = self.options
         with torch.no_grad():
             logits = self._base_logits(data.logits, None)
             features = selector_features(logits, self.rich)
             targets = (logits.argmax(1) != data.labels).long()
-        weight = self._class_weight(targets)
-        batches, steps = _batches(targets, opts["batch_size"], opts["oversample"], generator)
+        weight = self._class_weight(targets, reduce)
+        batches, steps, share = _batches(
+            targets, opts["batch_size"], opts["oversample"], generator, reduce
+        )
 
         def batch_loss() -> Tensor:
             index = next(batches)
@@ -735,6 +777,7 @@ class SelectiveScaling(Calibrator):
             self.selector, batch_loss, steps_per_epoch=steps, epochs=opts["epochs"],
             lr=opts["lr"], weight_decay=opts["weight_decay"],
             heldout_loss=self._heldout_loss(heldout, weight), patience=opts["patience"],
+            weight=share, reduce=reduce,
         )
 
     def _heldout_loss(
@@ -748,34 +791,37 @@ class SelectiveScaling(Calibrator):
             lambda z, y, im: self._selector_loss(z, y, im, heldout.ignore_index, weight),
         )
 
-    def _class_weight(self, targets: Tensor) -> Tensor | None:
+    def _class_weight(self, targets: Tensor, reduce: Reduce = LOCAL) -> Tensor | None:
         """Weights that balance the groups in a loss (None without ``oversample``).
+
+        Counts are global (summed over workers' shards).
 
         Raises:
             ValueError: When all valid pixels are correct or all are wrong.
         """
         valid = targets[targets >= 0]
-        n_wrong = int(valid.sum())
-        if n_wrong == 0 or n_wrong == len(valid):
+        n_wrong, n_valid = (int(v) for v in reduce.sum_floats(float(valid.sum()), len(valid)))
+        if n_wrong == 0 or n_wrong == n_valid:
             kind = "correctly" if n_wrong == 0 else "wrongly"
             raise ValueError(
                 "Expected both correctly and wrongly predicted pixels to train the selector, "
-                f"but all {len(valid)} valid pixels are predicted {kind}"
+                f"but all {n_valid} valid pixels are predicted {kind}"
             )
         if not self.options["oversample"]:
             return None
-        counts = torch.tensor([len(valid) - n_wrong, n_wrong], dtype=torch.float32)
+        counts = torch.tensor([n_valid - n_wrong, n_wrong], dtype=torch.float32)
         return (counts.sum() / (2 * counts)).to(targets.device)
 
-    def fit_temperatures(self, data: FitData) -> Self:
+    def fit_temperatures(self, data: FitData, reduce: Reduce = LOCAL) -> Self:
         """Fit the temperatures marked ``"fit"`` by NLL on ``data`` with the trained selector.
 
-        ``fit`` calls it on the held-out data; a distributed fit calls it after optimising
-        ``loss``. Nothing changes when both temperatures are fixed.
+        ``fit`` calls it on the held-out data (on the fit data when there is none). Nothing
+        changes when both temperatures are fixed.
 
         Args:
             data: Pointwise: (P, C) float32 logits and (P,) int64 labels of valid pixels;
                 spatial: whole maps, images and ``ignore_index`` (see `FitData`).
+            reduce: The reduce hook, when ``data`` is this worker's shard.
 
         Returns:
             ``self``, in eval mode.
@@ -801,6 +847,7 @@ class SelectiveScaling(Calibrator):
             t_cor=None if fit_cor else float(self.t_cor[0]),
             t_mis=None if fit_mis else float(self.t_mis),
             per_class_t_cor=self.options["per_class_t_cor"], t_min=self.options["t_min"],
+            reduce=reduce,
         )
         self.t_cor.copy_(t_cor)
         self.t_mis.fill_(t_mis)
@@ -905,12 +952,13 @@ class SpatialSelectiveScaling(SelectiveScaling):
         )
         return self.selector(features)
 
-    def _fit(self, data: FitData, heldout: FitData | None) -> None:
+    def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
         _require_images(data, heldout, self.use_image)
-        super()._fit(data, heldout)
+        super()._fit(data, heldout, reduce)
 
     def _train_selector(
-        self, data: FitData, heldout: FitData | None, generator: torch.Generator
+        self, data: FitData, heldout: FitData | None, generator: torch.Generator,
+        reduce: Reduce = LOCAL,
     ) -> None:
         opts = self.options
         data = _with_valid_pixels(data)
@@ -919,8 +967,8 @@ class SpatialSelectiveScaling(SelectiveScaling):
             targets = (logits.argmax(1) != data.labels).long()
             if data.ignore_index is not None:
                 targets[data.labels == data.ignore_index] = -100
-        weight = self._class_weight(targets)
-        size = min(opts["batch_size"], len(targets))
+        weight = self._class_weight(targets, reduce)
+        size, steps, share = batch_plan(len(targets), opts["batch_size"], reduce)
         batches = _map_batches(len(targets), size, generator, targets.device)
 
         def batch_loss() -> Tensor:
@@ -930,9 +978,10 @@ class SpatialSelectiveScaling(SelectiveScaling):
             return F.cross_entropy(scores, targets[index], weight=weight)
 
         train_with_early_stopping(
-            self.selector, batch_loss, steps_per_epoch=len(targets) // size,
-            epochs=opts["epochs"], lr=opts["lr"], weight_decay=opts["weight_decay"],
+            self.selector, batch_loss, steps_per_epoch=steps, epochs=opts["epochs"],
+            lr=opts["lr"], weight_decay=opts["weight_decay"],
             heldout_loss=self._heldout_loss(heldout, weight), patience=opts["patience"],
+            weight=share, reduce=reduce,
         )
 
 

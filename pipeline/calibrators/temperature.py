@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import Calibrator, FitData, check_float, check_int
+from pipeline.calibrators.base import (
+    LOCAL,
+    Calibrator,
+    FitData,
+    Reduce,
+    check_float,
+    check_int,
+)
 
 __all__ = ["TemperatureScaling", "fit_temperature"]
 
@@ -33,14 +40,17 @@ def _nll_derivatives(
 
 def _newton(
     shifted: Tensor, target_sum: float, beta: float, *, lo: float, hi: float, tol: float,
-    max_iter: int,
+    max_iter: int, reduce: Reduce = LOCAL,
 ) -> float:
-    """Safeguarded Newton on the inverse temperature beta (the NLL is convex in beta)."""
-    n = shifted.shape[0]
+    """Safeguarded Newton on the inverse temperature beta (the NLL is convex in beta).
+
+    ``target_sum`` is already global; the row sums of each step are reduced over workers.
+    """
+    (n,) = reduce.sum_floats(float(shifted.shape[0]))
     work = torch.empty_like(shifted)
     ones = torch.ones(shifted.shape[1], dtype=shifted.dtype, device=shifted.device)
     for _ in range(max_iter):
-        mean_sum, var_sum = _nll_derivatives(shifted, beta, work, ones)
+        mean_sum, var_sum = reduce.sum_floats(*_nll_derivatives(shifted, beta, work, ones))
         grad, hess = (mean_sum - target_sum) / n, var_sum / n
         if grad > 0:
             hi = beta
@@ -64,6 +74,7 @@ def fit_temperature(
     t_max: float = 1e3,
     tol: float = 1e-4,
     max_iter: int = 50,
+    reduce: Reduce = LOCAL,
 ) -> float:
     """The temperature T in [t_min, t_max] that minimises the mean NLL of softmax(logits / T).
 
@@ -72,6 +83,8 @@ def fit_temperature(
     and mean(Var_p[d]). A safeguarded Newton iteration therefore needs one exp pass per step:
     it first converges on strided subsamples of rows, then polishes on all rows (usually 2
     steps). No autograd, no repeated log-softmax: one exp and three multiply-adds per step.
+    Across workers the sufficient statistics of each step (row count, the three sums) are
+    all-reduced, so every worker takes the same steps as one process on all rows.
 
     Args:
         logits: (P, C) float logits of valid pixels.
@@ -81,6 +94,7 @@ def fit_temperature(
         tol: Relative Newton step on beta at which the iteration stops; that last step is
             still taken, and Newton converges quadratically, so the error is far below it.
         max_iter: Newton steps per phase.
+        reduce: The reduce hook: ``logits`` / ``labels`` are this worker's rows.
 
     Returns:
         The fitted temperature.
@@ -97,16 +111,18 @@ def fit_temperature(
     target = shifted.gather(1, labels.reshape(-1, 1)).squeeze(1)
     lo, hi = 1.0 / t_max, 1.0 / t_min
     beta = 1.0
+    (n,) = reduce.sum_floats(float(shifted.shape[0]))
     for rows, rough_tol in _WARM_STARTS:
-        stride = shifted.shape[0] // rows
+        stride = int(n) // rows
         if stride > 1:
+            (target_sum,) = reduce.sum_floats(float(target[::stride].sum(dtype=torch.float64)))
             beta = _newton(
-                shifted[::stride].contiguous(), float(target[::stride].sum(dtype=torch.float64)),
-                beta, lo=lo, hi=hi, tol=rough_tol, max_iter=max_iter,
+                shifted[::stride].contiguous(), target_sum, beta, lo=lo, hi=hi, tol=rough_tol,
+                max_iter=max_iter, reduce=reduce,
             )
+    (target_sum,) = reduce.sum_floats(float(target.sum(dtype=torch.float64)))
     beta = _newton(
-        shifted, float(target.sum(dtype=torch.float64)), beta, lo=lo, hi=hi, tol=tol,
-        max_iter=max_iter,
+        shifted, target_sum, beta, lo=lo, hi=hi, tol=tol, max_iter=max_iter, reduce=reduce
     )
     return 1.0 / beta
 
@@ -114,8 +130,8 @@ def fit_temperature(
 class TemperatureScaling(Calibrator):
     """Temperature scaling: ``logits / T`` with one T > 0, fitted by NLL.
 
-    Argmax never changes. The in-process fit uses `fit_temperature` (Newton on 1 / T); the
-    ``loss`` is the NLL in ``log_temperature``, for the Ray Train path.
+    Argmax never changes. The fit is `fit_temperature` (Newton on 1 / T), whose sufficient
+    statistics are all-reduced in Ray Train mode.
 
     Args:
         num_classes: The class count C.
@@ -134,6 +150,7 @@ class TemperatureScaling(Calibrator):
     """
 
     name = "temperature"
+    distributed = True
 
     def __init__(
         self, num_classes: int, *, t_min: float = 1e-3, t_max: float = 1e3, max_iter: int = 50
@@ -152,10 +169,10 @@ class TemperatureScaling(Calibrator):
     def _calibrate(self, logits: Tensor, image: Tensor | None) -> Tensor:
         return logits / self.log_temperature.exp()
 
-    def _fit(self, data: FitData, heldout: FitData | None) -> None:
+    def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
         t = fit_temperature(
             data.logits, data.labels, t_min=self.options["t_min"], t_max=self.options["t_max"],
-            max_iter=self.options["max_iter"],
+            max_iter=self.options["max_iter"], reduce=reduce,
         )
         with torch.no_grad():
             self.log_temperature.fill_(math.log(t))

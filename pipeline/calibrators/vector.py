@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import Calibrator, FitData, check_int, optimise
+from pipeline.calibrators.base import LOCAL, Calibrator, FitData, Reduce, check_int, optimise
 
 __all__ = ["VectorScaling"]
 
@@ -27,6 +27,7 @@ class VectorScaling(Calibrator):
     """
 
     name = "vector"
+    distributed = True
 
     def __init__(self, num_classes: int, *, max_iter: int = 200) -> None:
         check_int("max_iter", max_iter, ge=1)
@@ -39,10 +40,11 @@ class VectorScaling(Calibrator):
         shape = [1, self.num_classes] + [1] * (logits.dim() - 2)
         return logits * self.scale.reshape(shape) + self.bias.reshape(shape)
 
-    def _fit(self, data: FitData, heldout: FitData | None) -> None:
+    def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
+        share = reduce.share(len(data.labels))
         optimise(
-            lambda: self.loss(data.logits, data.labels), self.parameters(),
-            max_iter=self.options["max_iter"],
+            lambda: self.loss(data.logits, data.labels) * share, self.parameters(),
+            max_iter=self.options["max_iter"], reduce=reduce,
         )
 
     def summary(self) -> dict[str, Any]:
