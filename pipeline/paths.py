@@ -122,7 +122,7 @@ def child(parent: str | Path, name: str, *, what: str = "name") -> Path:
     return path
 
 
-def _create_temp(folder: Path, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
+def create_temp_file(folder: str | Path, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
     """Create and open a new file ``folder/<prefix><random><suffix>``, mode 0666 minus umask.
 
     Like :func:`tempfile.mkstemp` (O_EXCL, a fresh name on collision) but not 0600.
@@ -144,7 +144,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path.parent, f".{path.name}.")
+    fd, tmp = create_temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -198,6 +198,10 @@ def run_stages(
     if unknown:
         raise ValueError(f"Expected stages from {list(STAGES)}, but got {unknown}")
     call = call or call_stage
+    from pipeline.config import write_resolved_config
+
+    # What produced the outputs, beside them, before any stage writes.
+    write_resolved_config(cfg)
     ran: dict[str, bool] = {}
     for stage in stages:
         if not force and is_current(cfg, stage):

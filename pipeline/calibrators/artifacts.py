@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 
 import pipeline
 from pipeline.calibrators.base import Calibrator
-from pipeline.paths import atomic_write_bytes
+from pipeline.paths import atomic_write_bytes, make_temp_dir
 
 __all__ = [
     "CARD", "MAX_CLASSES", "TIMINGS", "WEIGHTS", "InputRecipe", "export_torchscript",
@@ -213,7 +212,8 @@ def save(
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    # make_temp_dir, not mkdtemp (0700): the folder renamed into place keeps the umask's mode.
+    tmp = make_temp_dir(directory.parent, prefix=f".{directory.name}.", suffix=".tmp")
     try:
         for name, data in files:
             with open(tmp / name, "wb") as f:
@@ -222,8 +222,7 @@ def save(
                 os.fsync(f.fileno())
         if directory.exists():
             # Directories cannot be replaced in one rename: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old",
-                                        dir=directory.parent))
+            old = make_temp_dir(directory.parent, prefix=f".{directory.name}.", suffix=".old")
             os.replace(directory, old / "artifact")
             os.replace(tmp, directory)
             shutil.rmtree(old)

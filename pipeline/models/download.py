@@ -12,10 +12,11 @@ import functools
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from pipeline.paths import create_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _download(url: str, target: Path, sha256: str | None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     log.debug("downloading %s -> %s", url, target)
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    fd, tmp_name = create_temp_file(target.parent, f".{target.name}.", ".part")  # umask's mode
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:

@@ -544,3 +544,13 @@ def test_fuzzed_artifacts_raise_only_value_error(tmp_path, name):
             outcomes["loaded"] += 1
             assert all(bool(torch.isfinite(p).all()) for p in loaded.parameters())
     assert outcomes["refused"] > 60
+
+
+def test_artifact_folder_and_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        directory = _save(_fit("temperature"), tmp_path / "ts")
+    finally:
+        os.umask(old)
+    assert directory.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in directory.iterdir()} == {0o644}
