@@ -234,6 +234,44 @@ def precision_error(cfg: JobConfig, samples: list[Sample], device: torch.device,
     return float((low - ref).abs().max())
 
 
+def profile_steps(cfg: JobConfig, samples: list[Sample]) -> None:
+    """CPU milliseconds per image of each step of the stage, run in this process, 1 thread.
+
+    CPU time (not wall time) so the figures hold on a busy machine: plain PIL decoding, the
+    stage's decode step (PIL plus label checks), the model actor and the shard writer.
+    """
+    from pipeline import extract
+
+    torch.set_num_threads(1)
+    ds, ex = cfg.datasets[0], cfg.extract
+    items = {"image_id": np.array([s.image_id for s in samples]),
+             "uri": np.array([s.uri for s in samples]),
+             "label_uri": np.array([s.label_uri or "" for s in samples])}
+    predictor = extract.LogitPredictor(cfg.model, ex, threads=1)
+    batches = [{k: v[i : i + ex.batch_size] for k, v in items.items()}
+               for i in range(0, len(samples), ex.batch_size)]
+    costs: dict[str, float] = {}
+
+    def timed(name: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+        start = time.process_time()
+        out = fn(*args, **kwargs)
+        costs[name] = costs.get(name, 0.0) + time.process_time() - start
+        return out
+
+    out_dir = Path(tempfile.mkdtemp())
+    for s in samples:
+        timed("plain PIL decode", _decode, s)
+    for b in batches:
+        decoded = timed("decode step", extract.decode_batch, b, cfg=ds,
+                        num_classes=cfg.model.num_classes)
+        predicted = timed("model actor", predictor, decoded)
+        timed("shard writer", extract.write_shards, predicted, directory=str(out_dir),
+              dataset=ds.name, domain=ds.domain, role=ds.role, fingerprint="f" * 64,
+              store_image=ex.store_image)
+    for name, seconds in costs.items():
+        print(f"    {name:<18} {1000 * seconds / len(samples):7.2f} CPU ms per image")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -256,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", type=Path, default=_default(
         "SEGCAL_ESPNET_WEIGHTS", SHARED / "models" / "espnet" / "espnet_p_2_q_8_camvid.pth"))
     parser.add_argument("--synthetic", action="store_true", help="generated images, not CamVid")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print CPU ms per image of each step (in-process)")
     args = parser.parse_args(argv)
     args.model = args.model or ("espnet" if args.weights is not None else "null")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -279,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{'CamVid' if camvid else 'generated'}, "
               f"cpus {cpus}, load average {os.getloadavg()[0]:.1f}", flush=True)
 
+        if args.profile:
+            print("profile (CPU time, one thread, no Ray):")
+            profile_steps(cfg, samples)
         alone = model_alone_rate(cfg, samples, device, batch, args.precision)
         print(f"(a) model alone:              {alone:8.1f} images/s", flush=True)
         plain = plain_loop_rate(cfg, samples, device, batch)
