@@ -253,6 +253,7 @@ def test_submit_run_then_refresh_twice(ray_head, project):
     cal_dir = RunPaths(Path(cfg.output), model_fingerprint(cfg.model)).dataset_dir("cal")
     assert read_manifest(cal_dir).n_images == n_cal + 2
     first = registry.history(reg)[-1]
+    assert first["sources"]["cal"] == {"added": 2, "changed": 0, "removed": 0}
     assert first["decision"] == "promoted"
     assert first["reason"] == "no champion yet"
     assert registry.current(reg) == first["challenger"]
@@ -262,11 +263,16 @@ def test_submit_run_then_refresh_twice(ray_head, project):
     #    refitted, the champion is re-evaluated on the same shards, and the decision is recorded
     #    with its numbers and reason.
     proc = _submit(
-        ray_head, project, "refresh", "--set", "fit.epochs=3", "--", "--registry", str(reg)
+        # Another pixel sample, so the refitted temperature differs: an identical calibrator
+        # (e.g. after changing `fit.epochs`, which temperature scaling ignores) is recognised
+        # as the champion and not compared.
+        ray_head, project, "refresh", "--set", "fit.pixels_per_image=48", "--", "--registry",
+        str(reg),
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert _shards(project) == after
     second = registry.history(reg)[-1]
+    assert second["sources"]["cal"] == {"added": 0, "changed": 0, "removed": 0}
     assert second["stages_ran"] == ["extract", "fit", "evaluate", "report"]
     assert second["champion"] == first["challenger"]
     assert second["reason"]
