@@ -244,12 +244,13 @@ def profile_steps(cfg: JobConfig, samples: list[Sample]) -> None:
 
     torch.set_num_threads(1)
     ds, ex = cfg.datasets[0], cfg.extract
+    batch = ex.batch_size or extract.default_batch_size(gpu=False)
     items = {"image_id": np.array([s.image_id for s in samples]),
              "uri": np.array([s.uri for s in samples]),
              "label_uri": np.array([s.label_uri or "" for s in samples])}
     predictor = extract.LogitPredictor(cfg.model, ex, threads=1)
-    batches = [{k: v[i : i + ex.batch_size] for k, v in items.items()}
-               for i in range(0, len(samples), ex.batch_size)]
+    batches = [{k: v[i : i + batch] for k, v in items.items()}
+               for i in range(0, len(samples), batch)]
     costs: dict[str, float] = {}
 
     def timed(name: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         cfg = build_config(args, tmp)
-        batch = cfg.extract.batch_size
+        batch = cfg.extract.batch_size or extract.default_batch_size(device.type == "cuda")
         camvid = args.model != "deeplab" and args.data is not None and not args.synthetic
         samples = list_samples(cfg.datasets[0])
         for s in samples:  # the same page cache for every measurement

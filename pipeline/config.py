@@ -202,7 +202,8 @@ class DatasetConfig(_Strict):
 class ExtractConfig(_Strict):
     """Stage 1 options."""
 
-    batch_size: Int = Field(default=4, ge=1)
+    # Images per model call: None means 16 per GPU actor, 4 on CPU.
+    batch_size: Int | None = Field(default=None, ge=1)
     num_actors: Int | None = Field(default=None, ge=1)
     rows_per_shard: Int = Field(default=64, ge=1)
     store_stride: Literal[1, 2, 4] = 1
