@@ -2,30 +2,32 @@
 
 Per dataset::
 
-    listing (driver) -> ray.data.from_items -> map(decode_row)           read, corrupt, validate
-                     -> map_batches(LogitPredictor,                      model on one GPU per
-                                    compute=ActorPoolStrategy(size=n))   actor, else on CPU
-                     -> iter_batches on the driver -> shards.write_shard every rows_per_shard
-                     -> shards.write_manifest                            last
+    listing + source fingerprints (driver)
+      -> ray.data.from_items, one block per model batch
+      -> map_batches(decode_batch)               CPU tasks: read, corrupt, validate
+      -> map_batches(LogitPredictor,             the model: one actor per GPU (else per two
+                     ActorPoolStrategy)          CPUs); stride reduction, resize and float16
+                                                 cast on the device before the copy back
+      -> map_batches(write_shards,               CPU tasks: group by shape, encode, compress,
+                     batch_size=rows_per_shard)  write each shard atomically where it is
+      -> driver: shard metadata only -> shards.write_manifest, last
 
-With GPU actors the decode map runs as separate CPU tasks that overlap with inference. On a
-CPU-only cluster both steps ask for the same resources, so Ray Data fuses the decode map into
-the actor stage: decoding then runs in the actor, which saves moving decoded images through
-the object store and costs nothing when both compete for the same cores anyway.
+Work happens where the data is: decoding on every free CPU, inference on every GPU, shard
+compression and writes on CPU workers, so no logit passes through the driver. The output
+folder must therefore be one every node reaches (a shared file system; on one machine, any
+folder). Decode and write tasks ask for other CPU amounts than the actors, which keeps Ray Data
+from fusing decoding into the actor stage, where it would run serially with the model.
 
-Writing happens on the driver, as the mapped dataset streams in. One writer gives sequential
-shard names, no races and an exact record of what exists when the manifest is written; memory
-stays bounded by ``rows_per_shard`` rows per shape, and Ray Data's backpressure keeps the
-actors from running far ahead. The price is that every logit travels to the driver and one
-process compresses it: about 0.1 CPU-second per 11x360x480 image (CamVid, full resolution), so
-the writer caps out near 10 images/s. That is far above CPU inference, but it bounds a
-multi-GPU pool; ``store_stride: 2`` cuts the data fourfold.
-
-Resuming: writes are atomic and the manifest comes last, so a killed or failed run leaves
-complete shards that no manifest names. A rerun adopts them, keeps the shards of the previous
-manifest and extracts only image ids found in neither; shards of another model live under
-another fingerprint folder. Bad input stops the stage with a message naming the file, or with
-``extract.on_error: skip`` is recorded in the manifest's ``skipped`` list.
+Shard names derive from the image ids they hold (:func:`shard_name`), so writers on any node
+need no coordination. Writes are atomic and the manifest comes last, so a killed or failed run
+leaves complete shards that no manifest names; a rerun adopts them, keeps the shards of the
+previous manifest and extracts only image ids found in neither. Each row carries its sources'
+fingerprint (size and mtime, or a sha256 with ``extract.verify_sources: hash``): a rerun
+re-extracts images whose files changed since, drops those whose files are gone, and rewrites
+the shards that held them; the old shard files are removed only after the new manifest is
+written. Shards of another model live under another fingerprint folder. Bad input stops the
+stage with a message naming the file, or with ``extract.on_error: skip`` is recorded in the
+manifest's ``skipped`` list (up to ``extract.max_skipped_fraction`` of the dataset).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from pipeline.data import (
 )
 from pipeline.models import load_model, model_fingerprint
 from pipeline.paths import RunPaths
+from pipeline.runtime import init_ray
 from pipeline.shards import (
     MANIFEST_NAME,
     SHARD_PATTERN,
@@ -597,7 +600,8 @@ def _stream(
 def run(cfg: JobConfig) -> dict[str, Path]:
     """Extract logits of every configured dataset into shards under ``cfg.output``.
 
-    Starts local Ray when none is running (``RAY_ADDRESS`` connects to a cluster instead).
+    Starts local Ray, on loopback, when none is running (``RAY_ADDRESS`` connects to a
+    cluster instead; see :func:`pipeline.runtime.init_ray`).
 
     Args:
         cfg: the run config.
@@ -618,6 +622,5 @@ def run(cfg: JobConfig) -> dict[str, Path]:
     fingerprint = model_fingerprint(cfg.model)
     paths = RunPaths(Path(cfg.output), fingerprint)
     chash = config_hash(cfg)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     return {ds.name: _extract_dataset(cfg, ds, paths, fingerprint, chash) for ds in cfg.datasets}
