@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 import torch
+from numba.cpython.unsafe.numbers import trailing_zeros
 from torch import Tensor
 
 SUM_TOLERANCE = 1e-3
@@ -285,6 +286,9 @@ def _image_kernel(
     low = np.empty(_BLOCK, x.dtype)
     arg = np.empty(_BLOCK, np.int32)
     above = np.empty(_BLOCK, np.int32)
+    words = (c + 31) // 32
+    mask = np.empty((words, _BLOCK), np.uint32)  # classes above the edge, a bit each
+    use_mask = preds.size > 0 and not check
     n_valid = n_cor = 0
     nll = brier = 0.0  # locals, not scalars[...]: no loop-carried store per pixel
     for j0 in range(0, p, _BLOCK):
@@ -295,18 +299,22 @@ def _image_kernel(
         low[:m] = np.inf
         arg[:m] = 0
         above[:m] = 0
+        mask[:, :m] = 0
         # Dense and vectorised: per pixel the sum, sum of squares, first argmax, min and the
         # number of values above the first classwise edge; per class the sum.
-        if preds.size and not check:
+        if use_mask:
             # Given predictions and no value checks (evaluation): the sum, argmax and min are
-            # not needed. The same operations on sq, above and the row sums as below.
+            # not needed. The same operations on sq and the row sums as below; instead of the
+            # count of values above the edge, the set of their classes (32 to a word).
             for k in range(c):
                 row = x[k, j0 : j0 + m]
                 row_sum = 0.0
+                word = mask[k >> 5]
+                bit = np.uint32(1) << np.uint32(k & 31)
                 for i in range(m):
                     v = row[i]
                     sq[i] += v * v
-                    above[i] += v > edge
+                    word[i] |= bit if v > edge else np.uint32(0)
                     row_sum += v
                 total[k] += row_sum
         else:
@@ -347,14 +355,32 @@ def _image_kernel(
             # Classwise bins >= 1 (bin 0 comes from the totals): most pixels have one value
             # above the edge, the predicted one, which the joint cell records; the rest are
             # scanned.
-            sole = above[i] == 1 and top > edge
-            if not sole and above[i] > 0:
-                for k in range(c):
-                    v = x[k, j]
-                    if v > edge:
-                        bk = bin_of(v, n_bins)
-                        cls_count[k, bk] += 1
-                        cls_sum[k, bk] += v
+            if use_mask:
+                # Only the classes above the edge are visited, in class order as below; a few
+                # hard-to-predict branches per pixel instead of one per class.
+                sole = True
+                for w in range(words):
+                    own = np.uint32(1) << np.uint32(a & 31) if w == a >> 5 else np.uint32(0)
+                    sole = sole and mask[w, i] == own
+                if not sole:
+                    for w in range(words):
+                        classes = mask[w, i]
+                        while classes:
+                            k = w * 32 + trailing_zeros(classes)
+                            v = x[k, j]
+                            bk = bin_of(v, n_bins)
+                            cls_count[k, bk] += 1
+                            cls_sum[k, bk] += v
+                            classes &= classes - np.uint32(1)
+            else:
+                sole = above[i] == 1 and top > edge
+                if not sole and above[i] > 0:
+                    for k in range(c):
+                        v = x[k, j]
+                        if v > edge:
+                            bk = bin_of(v, n_bins)
+                            cls_count[k, bk] += 1
+                            cls_sum[k, bk] += v
             cell = (((a * n_bins + b) * 2 + correct) * 2 + boundary[j]) * 2 + sole
             joint_count[cell] += 1
             joint_sum[cell] += conf
