@@ -282,10 +282,18 @@ LOCAL = Reduce()
 class DistributedReduce(Reduce):
     """`Reduce` over a ``torch.distributed`` process group (a Ray Train worker group).
 
-    Every method is a collective: all workers must call it, in the same order.
+    Every method is a collective: all workers must call it, in the same order. Collectives run
+    on ``device``: by default the current GPU under NCCL (which only reduces GPU tensors),
+    else the CPU (gloo); results come back on the inputs' devices.
+
+    Args:
+        device: The device the collectives run on; None picks it from the backend.
+
+    Raises:
+        RuntimeError: Without an initialised process group.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -293,15 +301,19 @@ class DistributedReduce(Reduce):
                 "Expected an initialised torch.distributed process group for "
                 "DistributedReduce, but got none; run it inside a Ray Train worker"
             )
+        if device is None:
+            nccl = dist.get_backend() == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
         self._dist = dist
+        self.device = torch.device("cpu") if device is None else device
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
     def sum(self, value: Tensor) -> Tensor:
         """The sum of ``value`` over workers."""
-        out = value.detach().clone()
+        out = value.detach().to(self.device, copy=True)
         self._dist.all_reduce(out)
-        return out
+        return out.to(value.device)
 
     def sum_floats(self, *values: float) -> tuple[float, ...]:
         """Float64 sums of python numbers over workers."""
@@ -309,19 +321,21 @@ class DistributedReduce(Reduce):
 
     def gather(self, value: Tensor) -> Tensor:
         """Every worker's ``value`` concatenated along dim 0 (rank order)."""
-        sizes = [torch.zeros((), dtype=torch.int64) for _ in range(self.world_size)]
-        self._dist.all_gather(sizes, torch.tensor(len(value)))
-        longest = int(max(sizes))
-        padded = torch.zeros((longest, *value.shape[1:]), dtype=value.dtype)
-        padded[: len(value)] = value.detach().cpu()
+        sizes = [torch.zeros((), dtype=torch.int64, device=self.device)
+                 for _ in range(self.world_size)]
+        self._dist.all_gather(sizes, torch.tensor(len(value), device=self.device))
+        counts = [int(size) for size in sizes]
+        padded = torch.zeros((max(counts), *value.shape[1:]), dtype=value.dtype,
+                             device=self.device)
+        padded[: len(value)] = value.detach().to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         self._dist.all_gather(parts, padded)
-        out = torch.cat([part[: int(size)] for part, size in zip(parts, sizes, strict=True)])
+        out = torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
         return out.to(value.device)
 
     def agree(self, value: float) -> float:
         """Rank 0's ``value`` on every worker."""
-        out = torch.tensor([value], dtype=torch.float64)
+        out = torch.tensor([value], dtype=torch.float64, device=self.device)
         self._dist.broadcast(out, src=0)
         return float(out)
 
@@ -329,10 +343,9 @@ class DistributedReduce(Reduce):
         """Sum gradients over workers in one flat all-reduce (absent gradients count as 0)."""
         if not params:
             return
-        flat = torch.cat([
+        flat = self.sum(torch.cat([
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
-        ])
-        self._dist.all_reduce(flat)
+        ]))
         offset = 0
         for p in params:
             part = flat[offset : offset + p.numel()].view_as(p)
