@@ -21,7 +21,7 @@ from pipeline.calibrators.artifacts import (
     read_card,
     save,
 )
-from pipeline.calibrators.base import Calibrator, FitData, LossModule, optimise
+from pipeline.calibrators.base import Calibrator, FitData, optimise
 from pipeline.calibrators.ets import EnsembleTemperatureScaling
 from pipeline.calibrators.lts import ImageBasedTemperatureScaling, LocalTemperatureScaling
 from pipeline.calibrators.matrix import DirichletScaling, MatrixScaling
@@ -33,7 +33,6 @@ __all__ = [
     "CALIBRATORS",
     "Calibrator",
     "FitData",
-    "LossModule",
     "build_calibrator",
     "export_torchscript",
     "export_with_model",

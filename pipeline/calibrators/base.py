@@ -40,7 +40,6 @@ __all__ = [
     "Calibrator",
     "DistributedReduce",
     "FitData",
-    "LossModule",
     "Reduce",
     "check_bool",
     "check_choice",
@@ -649,28 +648,7 @@ class Calibrator(nn.Module, ABC):
 
 
 # --------------------------------------------------------------------------------------------
-# Optimisation shared by the in-process fits and the Ray Train loop.
-
-
-class LossModule(nn.Module):
-    """Wraps a calibrator so that ``forward`` returns its loss (DDP syncs gradients on forward).
-
-    The Ray Train loop wraps this, not the calibrator, in DDP: the calibrator's own ``forward``
-    refuses to run before the fit has finished.
-
-    Args:
-        calibrator: The calibrator to train.
-        ignore_index: Label value to skip, or None.
-    """
-
-    def __init__(self, calibrator: Calibrator, ignore_index: int | None = None) -> None:
-        super().__init__()
-        self.calibrator = calibrator
-        self.ignore_index = ignore_index
-
-    def forward(self, logits: Tensor, labels: Tensor, image: Tensor | None = None) -> Tensor:
-        """Return ``calibrator.loss(logits, labels, image)`` as a scalar tensor."""
-        return self.calibrator.loss(logits, labels, image, ignore_index=self.ignore_index)
+# The optimisation loop every gradient-trained fit runs (in-process and in Ray Train workers).
 
 
 def optimise(

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from pipeline.calibrators import LossModule, build_calibrator, optimise
+from pipeline.calibrators import build_calibrator, optimise
 from pipeline.calibrators.base import FitData, check_float, check_int, from_points, to_points
 
 C = 5
@@ -185,11 +185,11 @@ def test_points_round_trip(shape):
     torch.testing.assert_close(from_points(points, x), x)
 
 
-def test_loss_module_returns_the_calibrator_loss_and_skips_ignored():
+def test_loss_is_the_calibrator_nll_and_skips_ignored():
     calibrator = build_calibrator("vector", C)
     marked = LABELS.clone()
     marked[0] = 255
-    loss = LossModule(calibrator, ignore_index=255)(LOGITS, marked)
+    loss = calibrator.loss(LOGITS, marked, ignore_index=255)
     expected = F.cross_entropy(LOGITS[1:], LABELS[1:])  # identity map at initialisation
     torch.testing.assert_close(loss, expected)
 
