@@ -6,7 +6,11 @@ For every test dataset (plus the held-out part of the calibration set, named
 ``<dataset>-heldout``, when ``evaluate.include_heldout``) and every configured calibrator plus
 ``uncalibrated``, a Ray Data pipeline over the shard files upsamples each image's stored logits
 to label resolution, applies the calibrator and reduces the image to one row of mergeable
-statistics (:class:`pipeline.metrics.ImageStats`). Only the image being processed is ever
+statistics (:class:`pipeline.metrics.ImageStats`). Each shard is read once for all
+calibrators. When the cluster has GPUs (``evaluate.use_gpu``: auto, the default, or true) the
+actors take one each and calibrate and score there, with the torch twin of the statistics
+kernel (:mod:`pipeline.metrics.torch_stats`); otherwise one single-threaded actor per CPU uses
+the numba kernel. Only the image being processed is ever
 held per pixel, and the driver streams the rows to ``per_image.parquet`` while adding them into
 one running total per dataset x calibrator, so memory does not grow with the number of images
 (only one float per image, its ECE, is kept for the bootstrap). pandas then writes:
@@ -206,8 +210,12 @@ def image_rows(
     size = (record.height, record.width)
     c = record.logits.shape[0]
     with timer("float16 -> float32"):
-        # A copy: shard arrays are read-only views of Arrow buffers.
-        logits = torch.from_numpy(np.array(record.logits, dtype=np.float32)).to(device)
+        # A copy: shard arrays are read-only views of Arrow buffers. To a GPU the float16
+        # values travel as they are stored (half the bytes) and widen there, exactly.
+        if device.type == "cpu":
+            logits = torch.from_numpy(np.array(record.logits, dtype=np.float32))
+        else:
+            logits = torch.from_numpy(np.array(record.logits)).to(device).float()
     with timer("upsampling"):
         logits = upsample_logits(logits, size)[None]
         image = None
