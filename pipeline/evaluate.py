@@ -164,40 +164,20 @@ def _no_timer(stage: str) -> AbstractContextManager[None]:
     return nullcontext()
 
 
-def image_rows(
+def image_stats_per_calibrator(
     record: ImageRecord,
     calibrators: Mapping[str, Calibrator | None],
     *,
-    meta: Mapping[str, str | None],
     n_bins: int,
     boundary_width: int,
     ignore_index: int | None,
     device: torch.device | str = "cpu",
     timer: Callable[[str], AbstractContextManager[None]] = _no_timer,
     stats_backend: str = "auto",
-) -> list[dict[str, Any]]:
-    """One image's statistics rows, one per calibrator.
+) -> list[tuple[str, ImageStats]]:
+    """One image's statistics under each calibrator: ``[(label, stats), ...]``.
 
-    The stored logits are upsampled to label resolution, each calibrator is applied (spatial
-    ones also get the image, upsampled alike) and the image is reduced to an ImageStats row.
-    The labels are checked, and their valid and boundary pixels found, once per image. On the
-    CPU the statistics come from the numba kernel; on another device from its torch twin
-    (:mod:`pipeline.metrics.torch_stats`), where the logits already are.
-
-    Args:
-        record: the image's stored logits (C, h, w), labels (H, W) and optional image.
-        calibrators: label -> fitted calibrator (on ``device``); None means ``uncalibrated``.
-        meta: ``dataset``, ``domain``, ``reference``, ``role`` for the rows.
-        n_bins: confidence bins.
-        boundary_width: boundary width in pixels.
-        ignore_index: label value left out of every metric.
-        device: where to calibrate and score.
-        timer: ``timer(stage)`` context manager charging each stage (see :class:`StageTimer`).
-        stats_backend: ``"auto"`` (numba on the CPU, torch elsewhere), ``"numba"`` or
-            ``"torch"`` (tests run the GPU path's code on the CPU with it).
-
-    Returns:
-        Rows with the keys of :data:`ROW_SCHEMA`.
+    See :func:`image_rows` (which turns them into rows) for the arguments.
     """
     device = torch.device(device)
     if stats_backend not in ("auto", "numba", "torch"):
@@ -265,12 +245,86 @@ def image_rows(
                         preds=calibrated[0].argmax(0),  # the first maximum, as on the CPU
                         mis_score=None if score is None else score.reshape(size),
                     )
-            with timer(f"row building|{label}"):
-                rows.append({
-                    **meta, "image_id": record.image_id, "calibrator": label,
-                    "img_ece": stats.image_ece_mean(), **stats.to_row(),
-                })
+            rows.append((label, stats))
     return rows
+
+
+def image_rows(
+    record: ImageRecord,
+    calibrators: Mapping[str, Calibrator | None],
+    *,
+    meta: Mapping[str, str | None],
+    n_bins: int,
+    boundary_width: int,
+    ignore_index: int | None,
+    device: torch.device | str = "cpu",
+    timer: Callable[[str], AbstractContextManager[None]] = _no_timer,
+    stats_backend: str = "auto",
+) -> list[dict[str, Any]]:
+    """One image's statistics rows, one per calibrator.
+
+    The stored logits are upsampled to label resolution, each calibrator is applied (spatial
+    ones also get the image, upsampled alike) and the image is reduced to an ImageStats row.
+    The labels are checked, and their valid and boundary pixels found, once per image. On the
+    CPU the statistics come from the numba kernel; on another device from its torch twin
+    (:mod:`pipeline.metrics.torch_stats`), where the logits already are.
+
+    Args:
+        record: the image's stored logits (C, h, w), labels (H, W) and optional image.
+        calibrators: label -> fitted calibrator (on ``device``); None means ``uncalibrated``.
+        meta: ``dataset``, ``domain``, ``reference``, ``role`` for the rows.
+        n_bins: confidence bins.
+        boundary_width: boundary width in pixels.
+        ignore_index: label value left out of every metric.
+        device: where to calibrate and score.
+        timer: ``timer(stage)`` context manager charging each stage (see :class:`StageTimer`).
+        stats_backend: ``"auto"`` (numba on the CPU, torch elsewhere), ``"numba"`` or
+            ``"torch"`` (tests run the GPU path's code on the CPU with it).
+
+    Returns:
+        Rows with the keys of :data:`ROW_SCHEMA`.
+    """
+    stats = image_stats_per_calibrator(
+        record, calibrators, n_bins=n_bins, boundary_width=boundary_width,
+        ignore_index=ignore_index, device=device, timer=timer, stats_backend=stats_backend,
+    )
+    return [
+        {**meta, "image_id": record.image_id, "calibrator": label,
+         "img_ece": s.image_ece_mean(), **s.to_row()}
+        for label, s in stats
+    ]
+
+
+def rows_table(
+    keys: Sequence[Mapping[str, str | None]], stats: Sequence[ImageStats]
+) -> pa.Table:
+    """A :data:`ROW_SCHEMA` table of rows, built column by column from the stats' arrays.
+
+    The same table as ``pa.Table.from_pylist`` of :func:`image_rows`' dicts, without the
+    Python lists: every list column is one concatenation of NumPy arrays plus offsets.
+
+    Args:
+        keys: per row, the string columns (``dataset``, ``domain``, ``reference``, ``role``,
+            ``image_id``, ``calibrator``).
+        stats: per row, its statistics.
+    """
+    columns: list[pa.Array] = []
+    for field in ROW_SCHEMA:
+        name = field.name
+        if name in _IMAGE_COLUMNS:
+            columns.append(pa.array([k[name] for k in keys], field.type))
+        elif name == "img_ece":
+            columns.append(pa.array([s.image_ece_mean() for s in stats], field.type))
+        elif pa.types.is_list(field.type):
+            parts = [np.asarray(getattr(s, name)).reshape(-1) for s in stats]
+            offsets = np.zeros(len(parts) + 1, np.int32)
+            np.cumsum([p.size for p in parts], out=offsets[1:])
+            values = np.concatenate(parts) if parts else np.zeros(0)
+            values = values.astype(field.type.value_type.to_pandas_dtype(), copy=False)
+            columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)))
+        else:
+            columns.append(pa.array([getattr(s, name) for s in stats], field.type))
+    return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
 
 
 def _iter_shard(path: Path, sha256: str, rows: int) -> Iterator[ImageRecord]:
@@ -358,7 +412,8 @@ class ShardEvaluator:
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Evaluate the shards named in ``batch`` (columns of :func:`_work_items`)."""
         timer = self.timer or _no_timer
-        rows: list[dict[str, Any]] = []
+        keys: list[dict[str, str | None]] = []
+        stats: list[ImageStats] = []
         for item in batch.to_pylist():
             keep = set(item["image_ids"])
             meta = {k: item[k] for k in ("dataset", "domain", "reference", "role")}
@@ -369,13 +424,15 @@ class ShardEvaluator:
                 if record is None:
                     break
                 if record.image_id in keep:
-                    rows.extend(image_rows(
-                        record, self.calibrators, meta=meta, n_bins=self.n_bins,
+                    for label, image_stats in image_stats_per_calibrator(
+                        record, self.calibrators, n_bins=self.n_bins,
                         boundary_width=self.boundary_width, ignore_index=item["ignore_index"],
                         device=self.device, timer=timer,
-                    ))
+                    ):
+                        keys.append({**meta, "image_id": record.image_id, "calibrator": label})
+                        stats.append(image_stats)
         with timer("row building"):
-            return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+            return rows_table(keys, stats)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -520,7 +520,7 @@ def test_interrupted_evaluation_leaves_the_previous_report_intact(tmp_path, monk
     assert {p.name for p in before} >= {*evaluate.TABLES, "report.html", "report.md"}
 
     calls = []
-    real = evaluate.image_rows
+    real = evaluate.image_stats_per_calibrator
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -528,7 +528,7 @@ def test_interrupted_evaluation_leaves_the_previous_report_intact(tmp_path, monk
             raise KeyboardInterrupt  # a killed run, not only an exception
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "image_rows", failing)
+    monkeypatch.setattr(evaluate, "image_stats_per_calibrator", failing)
     with pytest.raises(KeyboardInterrupt):
         evaluate.run(cfg, local=True)
     after = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()

@@ -92,3 +92,23 @@ def test_cuda_rows_match_cpu_rows(calibrators):
                     assert np.isnan(sg.summary()[name]), name
                 else:
                     assert sg.summary()[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def test_rows_table_equals_the_table_of_row_dicts(calibrators):
+    """The column-wise table the actors build is the table of :func:`image_rows`' dicts."""
+    import pyarrow as pa
+
+    from pipeline.evaluate import ROW_SCHEMA, image_stats_per_calibrator, rows_table
+
+    keys, stats, dicts = [], [], []
+    for seed in range(2):
+        rec = record(seed)
+        pairs = image_stats_per_calibrator(rec, calibrators, n_bins=15, boundary_width=2,
+                                           ignore_index=255)
+        for label, s in pairs:
+            keys.append({**META, "image_id": rec.image_id, "calibrator": label})
+            stats.append(s)
+        dicts += rows(calibrators, seed)
+    got = rows_table(keys, stats)
+    assert got.equals(pa.Table.from_pylist(dicts, schema=ROW_SCHEMA))
+    assert rows_table([], []).equals(ROW_SCHEMA.empty_table())
