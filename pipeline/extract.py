@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import ray
 import torch
@@ -337,10 +338,12 @@ def _pool_resources(
     """Actor pool size and per-actor resources, from what the cluster has free now.
 
     GPU clusters get one actor per GPU, each with one CPU for its host-side work; decode and
-    write tasks take the other CPUs. On CPU-only clusters the pool has one actor per two free
-    CPUs, splitting the cores between them as torch threads; decode and write tasks then ask
-    for half a logical CPU each so that, while the model runs, the cores it leaves idle still
-    decode and write. At least one logical CPU always stays outside the pool: Ray Data hangs
+    write tasks take the other CPUs. On CPU-only clusters the pool has one single-threaded
+    actor per free CPU: torch threads that wait for work spin, and beside concurrent decode
+    tasks two threads per actor burnt three times the CPU of one for the same images
+    (``benchmarks/extract.py``). The actors' logical CPUs then add up to all but one, and
+    decode and write tasks ask for half a logical CPU each, so the cores are shared by the OS
+    as the work comes. At least one logical CPU always stays outside the pool: Ray Data hangs
     when an actor pool holds every CPU (ray-project/ray#44687). Never more actors than input
     blocks, since extra ones would only start up to sit idle, nor than the free amount of
     each custom resource in ``actor_resources`` allows.
@@ -354,8 +357,7 @@ def _pool_resources(
     if gpus >= 1:
         size = min(requested or gpus, gpus)
     else:
-        limit = max(1, int(cpus - reserve))
-        size = min(requested or max(1, int(cpus) // 2), limit)
+        size = min(requested or max(1, int(cpus)), max(1, int(cpus)))
     for key, amount in (actor_resources or {}).items():
         fit = int(float(free.get(key, 0.0)) // amount)
         if fit < 1:
@@ -373,12 +375,18 @@ def _pool_resources(
             stacklevel=3,
         )
     total_cpus = float(ray.cluster_resources().get("CPU", cpus))
+    num_cpus = max(0.01, min(1.0, (cpus - reserve) / size))
+    task_cpus = min(reserve, 1.0 if gpus >= 1 else 0.5)
+    if num_cpus == task_cpus:
+        # Equal requests would let Ray Data fuse decoding into the actor stage, where it runs
+        # serially with the model; a hair less for the actors keeps the stages apart.
+        num_cpus = round(num_cpus * 0.99, 4)
     return {
         "size": size,
         "num_gpus": 1 if gpus >= 1 else 0,
-        "num_cpus": max(0.01, min(1.0, (cpus - reserve) / size)),
+        "num_cpus": num_cpus,
         "threads": 1 if gpus >= 1 else max(1, int(total_cpus // size)),
-        "task_cpus": min(reserve, 1.0 if gpus >= 1 else 0.5),
+        "task_cpus": task_cpus,
     }
 
 
@@ -512,6 +520,38 @@ def default_batch_size(gpu: bool) -> int:
     return 16 if gpu else 4
 
 
+_BLOCK_BYTES = 64 * 1024 * 1024  # decoded bytes per input block, at most (unless one batch)
+
+
+def block_rows(n: int, cpus: float, batch_size: int, image_bytes: int) -> int:
+    """Images per input block: about four blocks per CPU, whole model batches, <= 64 MiB.
+
+    Ray Data pays tens of milliseconds per task (more on a busy machine), as much as decoding
+    a few PNGs costs: blocks of one model batch (4 images on CPU) left the cores mostly idle.
+    Four blocks per CPU keep every core busy until the end; the byte cap keeps big images
+    (Cityscapes: 6 MiB each decoded with labels) from making huge blocks.
+
+    Example:
+        >>> block_rows(1200, 2, 4, 700_000)  # CamVid on 2 CPUs: 14 blocks
+        96
+        >>> block_rows(400, 16, 16, 700_000)  # CamVid on a 16-CPU GPU node: 25 blocks
+        16
+    """
+    rows = math.ceil(n / max(1.0, 4 * cpus))
+    rows = min(rows, max(1, _BLOCK_BYTES // max(1, image_bytes)))
+    return max(batch_size, math.ceil(rows / batch_size) * batch_size)
+
+
+def _image_bytes(uri: str) -> int:
+    """Decoded bytes of one image and its labels, from the first file's header (1 MB if not)."""
+    try:
+        with fsspec.open(uri, "rb") as f, Image.open(f) as img:
+            width, height = img.size
+    except Exception:  # the decode step reports unreadable files with their name
+        return 1 << 20
+    return width * height * 5  # RGB + 16-bit labels
+
+
 def _stored_sources(shards: list[ShardInfo]) -> dict[str, str]:
     """Image id -> the source fingerprint its stored row was made from ("" when unknown)."""
     out: dict[str, str] = {}
@@ -558,13 +598,14 @@ def _stream(
     num_classes = cfg.model.num_classes
     batch_size = cfg.extract.batch_size or default_batch_size(
         ray.available_resources().get("GPU", 0.0) >= 1)
-    # [1] one input block per model batch: decode tasks spread over every free CPU and run
-    #     ahead of inference; actors beyond the block count would only sit idle.
-    blocks = max(1, math.ceil(len(items) / batch_size))
+    # [1] input blocks sized from the image count and the CPUs: decode tasks spread over
+    #     every free CPU and run ahead of inference, each big enough to amortise Ray's
+    #     per-task cost; actors beyond the block count would only sit idle.
+    rows = block_rows(len(items), float(ray.available_resources().get("CPU", 1.0)),
+                      batch_size, _image_bytes(todo[0].uri))
+    blocks = math.ceil(len(items) / rows)
     pool = _pool_resources(cfg.extract.num_actors, blocks, cfg.extract.actor_resources)
-    # A task CPU unlike the actors' keeps Ray Data from fusing decode into the actor stage,
-    # where it would run serially with the model.
-    task_cpus = pool["task_cpus"] if pool["task_cpus"] != pool["num_cpus"] else 0.5
+    task_cpus = pool["task_cpus"]
     dataset = (
         ray.data.from_items(items, override_num_blocks=blocks)
         .map_batches(decode_batch, fn_kwargs={"cfg": ds, "num_classes": num_classes},
@@ -595,6 +636,8 @@ def _stream(
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for meta in batch["meta"]:
             yield json.loads(meta)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("%s: Ray Data execution:\n%s", ds.name, dataset.stats())
 
 
 def run(cfg: JobConfig) -> dict[str, Path]:

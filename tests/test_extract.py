@@ -209,13 +209,13 @@ def test_content_hash_tracks_row_changing_options(tmp_path):
 @pytest.mark.parametrize(
     ("free", "expected"),
     [
-        pytest.param({"CPU": 2.0}, {"size": 1, "num_gpus": 0, "num_cpus": 1.0, "threads": 2,
+        pytest.param({"CPU": 2.0}, {"size": 2, "num_gpus": 0, "num_cpus": 0.495, "threads": 1,
                                     "task_cpus": 0.5}, id="2cpu"),
-        pytest.param({"CPU": 4.0}, {"size": 2, "num_gpus": 0, "num_cpus": 1.0, "threads": 2,
+        pytest.param({"CPU": 4.0}, {"size": 4, "num_gpus": 0, "num_cpus": 0.75, "threads": 1,
                                     "task_cpus": 0.5}, id="4cpu"),
-        pytest.param({"CPU": 1.0}, {"size": 1, "num_gpus": 0, "num_cpus": 0.5, "threads": 1,
+        pytest.param({"CPU": 1.0}, {"size": 1, "num_gpus": 0, "num_cpus": 0.495, "threads": 1,
                                     "task_cpus": 0.5}, id="1cpu"),
-        pytest.param({"CPU": 16.0, "GPU": 2.0}, {"size": 2, "num_gpus": 1, "num_cpus": 1.0,
+        pytest.param({"CPU": 16.0, "GPU": 2.0}, {"size": 2, "num_gpus": 1, "num_cpus": 0.99,
                                                  "threads": 1, "task_cpus": 1.0}, id="gpu"),
     ],
 )
@@ -231,8 +231,25 @@ def test_pool_resources_leave_a_cpu_for_decode_and_write_tasks(monkeypatch, free
 def test_pool_resources_clamp_requests_with_a_warning(monkeypatch):
     monkeypatch.setattr(extract.ray, "available_resources", lambda: {"CPU": 4.0})
     monkeypatch.setattr(extract.ray, "cluster_resources", lambda: {"CPU": 4.0})
-    with pytest.warns(UserWarning, match=r"`extract.num_actors`=4 exceeds .* using 3"):
-        assert extract._pool_resources(4, blocks=10)["size"] == 3
+    with pytest.warns(UserWarning, match=r"`extract.num_actors`=6 exceeds .* using 4"):
+        assert extract._pool_resources(6, blocks=10)["size"] == 4
+
+
+def test_pool_resources_follow_a_custom_resource(monkeypatch):
+    free = {"CPU": 8.0, "extract_node": 3.0}
+    monkeypatch.setattr(extract.ray, "available_resources", lambda: free)
+    monkeypatch.setattr(extract.ray, "cluster_resources", lambda: free)
+    assert extract._pool_resources(None, 10, {"extract_node": 1.0})["size"] == 3
+    assert extract._pool_resources(None, 10, {"extract_node": 1.5})["size"] == 2
+    with pytest.raises(ValueError, match=r"2 of resource 'other' free .* but it has 0"):
+        extract._pool_resources(None, 10, {"other": 2.0})
+
+
+def test_block_rows_amortise_tasks_and_cap_bytes():
+    assert extract.block_rows(8, 2, 4, 1000) == 4  # never below one model batch
+    assert extract.block_rows(1200, 2, 4, 700_000) % 4 == 0
+    assert extract.block_rows(100_000, 16, 16, 6 << 20) == 16  # 64 MiB / 6 MiB -> 10 -> 16
+    assert extract.block_rows(3200, 16, 16, 700_000) == 64  # four blocks per CPU
 
 
 def test_pool_resources_never_exceed_the_block_count(monkeypatch):
