@@ -10,16 +10,19 @@ previous artifacts untouched.
 Two modes (``fit.mode``):
 
 - ``local``: ``calibrator.fit(..., heldout=...)`` in-process.
-- ``ray``: one ``ray.train.torch.TorchTrainer`` run per group of calibrators that fit on the
-  same datasets. Each worker reads its shard of the sampled pixels (or maps) with
-  ``ray.train.get_dataset_shard`` and runs the very same ``calibrator.fit``, with a
-  `pipeline.calibrators.base.DistributedReduce` hook that all-reduces the sums, counts, loss
-  values and gradients the loop computes over fit rows (the identity in-process). So the
-  calibrator's own optimiser, defaults, warm starts, grids, refits and early stopping run
-  unchanged: deterministic fits agree with the local ones up to float summation order, the
-  mini-batch ones up to their sampling. Held-out data is whole on every worker. This module
-  knows no calibrator by name or type: the classes' ``spatial`` and ``distributed`` flags
-  say which rows they need and whether they can run sharded.
+- ``ray``: ``ray.train.torch.TorchTrainer`` runs for each group of calibrators that fit on the
+  same datasets: as many runs at once as the cluster has room for (`_concurrent_runs`), each
+  fitting its share of the group's calibrators in turn, so independent calibrators fit
+  concurrently and start-up is paid once per run. Each worker reads its shard of the sampled
+  pixels (or maps) with ``ray.train.get_dataset_shard`` and runs the very same
+  ``calibrator.fit``, with a `pipeline.calibrators.base.DistributedReduce` hook that
+  all-reduces the sums, counts, loss values and gradients the loop computes over fit rows (the
+  hook is the identity in-process). So the calibrator's own optimiser, defaults, warm starts,
+  grids, refits and early stopping run unchanged: deterministic fits agree with the local ones
+  up to float summation order, the mini-batch ones up to their sampling. Held-out data is
+  whole on every worker. This module knows no calibrator by name or type: the classes'
+  ``spatial`` and ``distributed`` flags say which rows they need and whether they can run
+  sharded.
 
 Corrupted calibration data (issue 8): a calibration dataset with a ``corruption`` is used only
 by calibrators whose spec options say ``use_corrupted: true`` (or list
@@ -42,6 +45,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -667,6 +671,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _report(metrics, states if rank == 0 else None)
 
 
+def _concurrent_runs(cfg: JobConfig, n_jobs: int) -> int:
+    """TorchTrainer runs the cluster holds at once: each takes ``num_workers`` CPUs (GPUs).
+
+    One CPU per run stays free for Ray Data's split coordination (Train workers that hold
+    every CPU starve it). 1 when Ray is not started yet (the trainer starts it).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    total = ray.cluster_resources()
+    workers = cfg.fit.num_workers
+    room = int(total.get("CPU", 0) // (workers + 1))
+    if cfg.fit.use_gpu:
+        room = min(room, int(total.get("GPU", 0) // workers))
+    return max(1, min(n_jobs, room))
+
+
 def _fit_ray(
     cfg: JobConfig, jobs: list[dict[str, Any]], data: dict[str, tuple[FitData, FitData | None]],
 ) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
@@ -677,8 +699,12 @@ def _fit_ray(
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    workers = cfg.fit.num_workers
     layouts = sorted({job["layout"] for job in jobs})
+    # Every worker needs rows: fewer maps than workers means fewer workers.
+    workers = min(cfg.fit.num_workers, *(len(data[k][0].labels) for k in layouts))
+    if workers < cfg.fit.num_workers:
+        logger.warning("%d fit rows for %d workers: fitting on %d", workers,
+                       cfg.fit.num_workers, workers)
     config = {
         "jobs": jobs,
         "num_classes": cfg.model.num_classes,
@@ -773,17 +799,27 @@ def fit_specs(
             else:
                 logger.warning("%r has no distributed fit; fitting it in the driver",
                                specs[i].key)
-    if remote:
+    # Independent calibrators fit concurrently: as many TorchTrainer runs at once as the
+    # cluster has room for, each fitting its share of the calibrators in turn. A run's driver
+    # side only waits on its controller actor (TorchTrainer.fit supports non-main threads).
+    n_runs = _concurrent_runs(cfg, len(remote)) if remote else 0
+    runs = [remote[k::n_runs] for k in range(n_runs)]
+
+    def fit_run(run: list[int]) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
         jobs = [
             {"label": specs[i].key, "name": specs[i].name, "options": options[i],
              "layout": _LAYOUTS[type(calibrators[i]).spatial]}
-            for i in remote
+            for i in run
         ]
-        states, timings = _fit_ray(
-            cfg, jobs, {_LAYOUTS[s]: part for s, part in data.items()
-                        if any(job["layout"] == _LAYOUTS[s] for job in jobs)},
-        )
-        for i, state in zip(remote, states, strict=True):
+        layouts = {job["layout"] for job in jobs}
+        return _fit_ray(cfg, jobs, {_LAYOUTS[s]: part for s, part in data.items()
+                                    if _LAYOUTS[s] in layouts})
+
+    with ThreadPoolExecutor(max_workers=max(len(runs), 1)) as pool:
+        outcomes = list(pool.map(fit_run, runs))
+    for run, (states, timings) in zip(runs, outcomes, strict=True):
+        timings = {**timings, "concurrent_runs": len(runs)}
+        for i, state in zip(run, states, strict=True):
             calibrators[i].load_state_dict(state)
             calibrators[i].eval()
             extras[i] = {"mode": "ray", "seconds": timings["fit_seconds"].get(specs[i].key),

@@ -96,7 +96,7 @@ def test_ray_fit_is_one_trainer_run_with_startup_reported_apart(fitted):
     assert run["startup_seconds"] > 0
     assert run["fit_seconds"] == {label: t["seconds"] for label, t in timings.items()}
     card = fitted["ray"]["temperature"][1]["metrics"]["ray"]
-    assert card == {"workers": 2, "calibrators_in_run": len(CASES)}
+    assert card == {"workers": 2, "calibrators_in_run": len(CASES), "concurrent_runs": 1}
 
 
 @pytest.mark.ray
@@ -104,3 +104,22 @@ def test_ray_temperature_equals_local(fitted):
     local = load(fitted["local"]["temperature"][0])
     distributed = load(fitted["ray"]["temperature"][0])
     assert distributed.temperature == pytest.approx(local.temperature, rel=1e-6)
+
+
+@pytest.mark.ray
+def test_independent_calibrators_fit_in_concurrent_trainer_runs(tmp_path, monkeypatch, ray_local):
+    # 4 logical CPUs hold two 1-worker runs (one CPU each kept free for Ray Data): temperature
+    # and vector fit side by side, each in its own TorchTrainer run, and still match local.
+    monkeypatch.setattr(fit, "model_fingerprint", lambda model: FP)
+    write_dataset(tmp_path / "run", "cal", make_records("cal", 8, size=(16, 16), scale=2.5))
+    calibrators = [{"name": "temperature"}, {"name": "vector"}]
+    cards = {}
+    for mode in ("local", "ray"):
+        out = fit.run(make_cfg(tmp_path, calibrators=calibrators, mode=mode, num_workers=1))
+        cards[mode] = {k: json.loads((p / "calibrator.json").read_text())["metrics"]
+                       for k, p in out.items()}
+    for label, tolerance in (("temperature", 1e-6), ("vector", 1e-4)):
+        assert cards["ray"][label]["ray"] == {"workers": 1, "calibrators_in_run": 1,
+                                              "concurrent_runs": 2}
+        assert cards["ray"][label]["heldout"]["nll"] == pytest.approx(
+            cards["local"][label]["heldout"]["nll"], abs=tolerance)
