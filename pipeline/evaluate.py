@@ -907,6 +907,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _use_gpu(cfg: JobConfig) -> object:
+    """``evaluate.use_gpu`` (auto, true or false); auto until the config has the field."""
+    return getattr(cfg.evaluate, "use_gpu", "auto")
+
+
 def run(cfg: JobConfig, *, local: bool = False) -> Path:
     """Evaluate every configured calibrator and ``uncalibrated`` on the test sets.
 
@@ -935,9 +940,7 @@ def run(cfg: JobConfig, *, local: bool = False) -> Path:
     artifacts = check_artifacts(cfg, paths, targets)
     items = _work_items(targets)
     kwargs = {"artifacts": artifacts, "n_bins": cfg.evaluate.n_bins,
-              "boundary_width": cfg.evaluate.boundary_width,
-              # TODO(config owner): `evaluate.use_gpu: auto|true|false` in EvalConfig.
-              "use_gpu": getattr(cfg.evaluate, "use_gpu", "auto")}
+              "boundary_width": cfg.evaluate.boundary_width, "use_gpu": _use_gpu(cfg)}
     logger.info("evaluating %d calibrators + uncalibrated on %d datasets (%d shards)",
                 len(artifacts), len(targets), len(items))
 

@@ -80,6 +80,16 @@ def fit_temperature_artifact(paths, records, label="temperature", class_names=No
     return ts
 
 
+@pytest.fixture(autouse=True)
+def _cpu_evaluation(monkeypatch):
+    """Evaluate on the CPU even where a GPU is visible.
+
+    These tests compare with CPU references to 1e-12; the GPU path, whose float32 kernels round
+    differently, has its own tests (tests/test_evaluate_device.py).
+    """
+    monkeypatch.setattr(evaluate, "_use_gpu", lambda cfg: "false")
+
+
 def make_run(root: Path, datasets=DATASETS, *, evaluate_options=None, calibrators=None):
     """A run folder with extracted shards and a fitted temperature artifact.
 

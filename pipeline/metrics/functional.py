@@ -285,10 +285,8 @@ def _image_kernel(
     best = np.empty(_BLOCK, x.dtype)
     low = np.empty(_BLOCK, x.dtype)
     arg = np.empty(_BLOCK, np.int32)
-    above = np.empty(_BLOCK, np.int32)
     words = (c + 31) // 32
     mask = np.empty((words, _BLOCK), np.uint32)  # classes above the edge, a bit each
-    use_mask = preds.size > 0 and not check
     n_valid = n_cor = 0
     nll = brier = 0.0  # locals, not scalars[...]: no loop-carried store per pixel
     for j0 in range(0, p, _BLOCK):
@@ -298,14 +296,12 @@ def _image_kernel(
         best[:m] = -np.inf
         low[:m] = np.inf
         arg[:m] = 0
-        above[:m] = 0
         mask[:, :m] = 0
         # Dense and vectorised: per pixel the sum, sum of squares, first argmax, min and the
-        # number of values above the first classwise edge; per class the sum.
-        if use_mask:
+        # classes whose value is above the first classwise edge (bits); per class the sum.
+        if preds.size and not check:
             # Given predictions and no value checks (evaluation): the sum, argmax and min are
-            # not needed. The same operations on sq and the row sums as below; instead of the
-            # count of values above the edge, the set of their classes (32 to a word).
+            # not needed. The same operations on sq, the class bits and the row sums as below.
             for k in range(c):
                 row = x[k, j0 : j0 + m]
                 row_sum = 0.0
@@ -321,6 +317,8 @@ def _image_kernel(
             for k in range(c):
                 row = x[k, j0 : j0 + m]
                 row_sum = 0.0
+                word = mask[k >> 5]
+                bit = np.uint32(1) << np.uint32(k & 31)
                 for i in range(m):
                     v = row[i]
                     psum[i] += v
@@ -329,7 +327,7 @@ def _image_kernel(
                     arg[i] = k if new_max else arg[i]
                     best[i] = v if new_max else best[i]
                     low[i] = v if v < low[i] else low[i]
-                    above[i] += v > edge
+                    word[i] |= bit if v > edge else np.uint32(0)
                     row_sum += v
                 total[k] += row_sum
         if check:
@@ -353,34 +351,23 @@ def _image_kernel(
             b = bin_of(conf, n_bins)
             correct = a == y
             # Classwise bins >= 1 (bin 0 comes from the totals): most pixels have one value
-            # above the edge, the predicted one, which the joint cell records; the rest are
-            # scanned.
-            if use_mask:
-                # Only the classes above the edge are visited, in class order as below; a few
-                # hard-to-predict branches per pixel instead of one per class.
-                sole = True
+            # above the edge, the predicted one, which the joint cell records; for the others
+            # only the classes above the edge are visited (in class order), so a pixel costs a
+            # few hard-to-predict branches, not one per class.
+            sole = True
+            for w in range(words):
+                own = np.uint32(1) << np.uint32(a & 31) if w == a >> 5 else np.uint32(0)
+                sole = sole and mask[w, i] == own
+            if not sole:
                 for w in range(words):
-                    own = np.uint32(1) << np.uint32(a & 31) if w == a >> 5 else np.uint32(0)
-                    sole = sole and mask[w, i] == own
-                if not sole:
-                    for w in range(words):
-                        classes = mask[w, i]
-                        while classes:
-                            k = w * 32 + trailing_zeros(classes)
-                            v = x[k, j]
-                            bk = bin_of(v, n_bins)
-                            cls_count[k, bk] += 1
-                            cls_sum[k, bk] += v
-                            classes &= classes - np.uint32(1)
-            else:
-                sole = above[i] == 1 and top > edge
-                if not sole and above[i] > 0:
-                    for k in range(c):
+                    classes = mask[w, i]
+                    while classes:
+                        k = w * 32 + trailing_zeros(classes)
                         v = x[k, j]
-                        if v > edge:
-                            bk = bin_of(v, n_bins)
-                            cls_count[k, bk] += 1
-                            cls_sum[k, bk] += v
+                        bk = bin_of(v, n_bins)
+                        cls_count[k, bk] += 1
+                        cls_sum[k, bk] += v
+                        classes &= classes - np.uint32(1)
             cell = (((a * n_bins + b) * 2 + correct) * 2 + boundary[j]) * 2 + sole
             joint_count[cell] += 1
             joint_sum[cell] += conf
