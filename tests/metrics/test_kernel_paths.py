@@ -1,10 +1,10 @@
 """The numba kernel's evaluation path (given predictions, no value checks) against its full path.
 
-With ``preds`` and ``validate_args=False`` the kernel keeps the set of classes above the first
-classwise edge per pixel (32 to a word) instead of their count, and visits only those; every
-statistic must stay bit for bit what the full path gives, but for classwise bin 0's sums: they
-are class totals minus the other bins, and LLVM vectorises the two paths' class-total loops
-with different partial sums (float64 reassociation), so they agree to rounding (1e-12).
+With ``preds`` and ``validate_args=False`` the kernel's dense loop skips the per-pixel sum,
+argmax and minimum; every statistic must stay bit for bit what the full path gives, but for
+classwise bin 0's sums: they are class totals minus the other bins, and LLVM vectorises the two
+paths' class-total loops with different partial sums (float64 reassociation), so they agree to
+rounding (1e-12).
 """
 
 from __future__ import annotations
