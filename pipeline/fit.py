@@ -794,7 +794,7 @@ def fit_specs(
     remote = []
     if cfg.fit.mode == "ray":
         for i, calibrator in enumerate(calibrators):
-            if type(calibrator).distributed:
+            if calibrator.distributed:
                 remote.append(i)
             else:
                 logger.warning("%r has no distributed fit; fitting it in the driver",

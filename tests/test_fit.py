@@ -477,3 +477,17 @@ def test_local_spatial_fit_on_maps(tmp_path):
     card = json.loads((fit.run(cfg)["selective_spatial"] / "calibrator.json").read_text())
     # Scored on the held-out maps at stride 2: 2 images x 8 x 8 pixels minus ignored ones.
     assert 0 < card["metrics"]["heldout"]["pixels"] <= 2 * 8 * 8
+
+
+def test_ray_mode_fits_a_calibrator_without_a_sharded_fit_in_the_driver(tmp_path, monkeypatch,
+                                                                       caplog):
+    # The capability flag, not a name list, decides; no Train run starts for such a calibrator.
+    monkeypatch.setattr(CALIBRATORS["temperature"], "distributed", False)
+    cfg = make_cfg(tmp_path, mode="ray", num_workers=2)
+    logits, labels = torch.randn(200, C) * 3, torch.randint(0, C, (200,))
+    data = fit.FitData(logits, labels)
+    with caplog.at_level("WARNING", logger="pipeline.fit"):
+        calibrator, extra = fit.fit_spec(cfg, cfg.calibrators[0], data, data)
+    assert extra["mode"] == "local"
+    assert bool(calibrator.fitted)
+    assert "no distributed fit" in caplog.text

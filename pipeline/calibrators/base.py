@@ -462,8 +462,9 @@ class Calibrator(nn.Module, ABC):
 
     name: ClassVar[str]
     spatial: ClassVar[bool] = False
-    # True when ``_fit(data, heldout, reduce)`` reduces over fit-data shards (Ray Train mode).
-    distributed: ClassVar[bool] = False
+    # True when ``_fit(data, heldout, reduce)`` reduces over fit-data shards (Ray Train mode);
+    # an instance may clear it (a selective calibrator whose base cannot run sharded).
+    distributed: bool = False
 
     def __init__(self, num_classes: int, **options: Any) -> None:
         super().__init__()

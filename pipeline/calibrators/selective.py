@@ -542,6 +542,8 @@ class SelectiveScaling(Calibrator):
         self.rich = features == "rich"
         self.per_class_t_cor = per_class_t_cor
         self.base = None if base is None else self._build_base(base, base_options or {})
+        if self.base is not None and not self.base.distributed:
+            self.distributed = False  # the base's fit runs inside ours
         self.selector = self._build_selector()
         # Buffers, not parameters: they are fitted by `fit_temperatures`, never by `loss`.
         self.register_buffer("t_cor", torch.full((num_classes,), 1.0 if t_cor == "fit" else t_cor))

@@ -119,3 +119,31 @@ def test_sharded_fit_equals_the_in_process_fit(two_workers, name):
     if name in ("temperature", "meta_cal"):
         for key, value in local.state_dict().items():
             torch.testing.assert_close(sharded.state_dict()[key], value, rtol=1e-5, atol=0)
+
+
+class _Shards(type(LOCAL)):
+    """A non-identity hook (one worker): what a Ray Train worker passes."""
+
+
+def test_a_calibrator_without_the_capability_refuses_a_sharded_fit():
+    logits, labels = _pixels()
+    calibrator = build_calibrator("temperature", 5)
+    calibrator.distributed = False
+    with pytest.raises(RuntimeError, match="`distributed = True` for a sharded fit"):
+        calibrator.fit(logits, labels, reduce=_Shards())
+
+
+def test_selective_on_a_base_that_cannot_run_sharded_cannot_either(monkeypatch):
+    from pipeline.calibrators import CALIBRATORS
+
+    monkeypatch.setattr(CALIBRATORS["vector"], "distributed", False)
+    assert build_calibrator("selective", 5).distributed
+    assert not build_calibrator("selective", 5, base="vector").distributed
+
+
+def test_sharded_hook_of_one_worker_fits_like_the_plain_loop():
+    logits, labels = _pixels()
+    plain = build_calibrator("vector", 5).fit(logits, labels, seed=0)
+    hooked = build_calibrator("vector", 5).fit(logits, labels, seed=0, reduce=_Shards())
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(hooked.state_dict()[key], value, rtol=0, atol=0)
