@@ -278,6 +278,10 @@ def measure(args: argparse.Namespace, n: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="segcal-bench-") as tmp:
         cfg = build_run(Path(tmp), n, args.height, args.width, args.classes, args.stride,
                         args.seed)
+        if args.num_actors is not None:
+            cfg = cfg.model_copy(update={
+                "evaluate": cfg.evaluate.model_copy(update={"num_actors": args.num_actors}),
+            })
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         try:
@@ -291,8 +295,10 @@ def measure(args: argparse.Namespace, n: int) -> dict[str, float]:
             peak = sampler.stop()
         finally:
             ray.shutdown()
+    shards = -(-n // ROWS_PER_SHARD)
     return {
-        "images": n, "seconds": seconds, "pixels_per_s": n * args.height * args.width / seconds,
+        "images": n, "shards": shards, "seconds": seconds,
+        "pixels_per_s": n * args.height * args.width / seconds,
         "baseline_mib": baseline / 2**20, "peak_mib": peak / 2**20,
         "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
     }
@@ -306,6 +312,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=11)
     parser.add_argument("--stride", type=int, default=2, choices=[1, 2, 4])
     parser.add_argument("--num-cpus", type=int, default=None, help="ray.init num_cpus")
+    parser.add_argument("--num-actors", type=int, default=None,
+                        help="evaluate.num_actors (default: one per free CPU, at most one per "
+                             "shard, so 50 images get 1 actor and 500 images get 2 on 2 CPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true",
@@ -332,10 +341,12 @@ def main() -> None:
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"evaluate: {args.height}x{args.width} labels, {args.classes} classes, logits at "
           f"stride {args.stride}, calibrations: uncalibrated + temperature")
-    print(f"{'images':>7} {'seconds':>8} {'pixels/s':>11} {'RSS base MiB':>13} "
+    print(f"actors: {args.num_actors or 'default'}; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'images':>7} {'shards':>7} {'seconds':>8} {'pixels/s':>11} {'RSS base MiB':>13} "
           f"{'RSS peak MiB':>13} {'driver peak MiB':>16}")
     for r in results:
-        print(f"{r['images']:>7} {r['seconds']:>8.1f} {r['pixels_per_s']:>11.3g} "
+        print(f"{r['images']:>7} {r['shards']:>7} {r['seconds']:>8.1f} {r['pixels_per_s']:>11.3g} "
               f"{r['baseline_mib']:>13.0f} {r['peak_mib']:>13.0f} {r['driver_peak_mib']:>16.0f}")
     if len(results) >= 2:
         first, last = results[0], results[-1]
