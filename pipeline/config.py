@@ -140,9 +140,25 @@ class ModelConfig(_Strict):
     scales: list[Float] = Field(default_factory=lambda: [1.0], min_length=1)
     flip: Bool = False
     output_index: str | Int | None = None
+    # Output channels to drop before the logits (e.g. a void channel: `drop_channels: [11]`);
+    # the model must then output exactly num_classes + len(drop_channels) channels.
+    drop_channels: list[Annotated[int, Strict(), Field(ge=0)]] | None = None
 
     @model_validator(mode="after")
     def _check_names(self) -> ModelConfig:
+        if self.drop_channels is not None and len(set(self.drop_channels)) != len(
+            self.drop_channels
+        ):
+            raise ValueError(
+                f"Expected `drop_channels` to be distinct channel indices, but got "
+                f"{self.drop_channels}"
+            )
+        outputs = self.num_classes + len(self.drop_channels or ())
+        if any(c >= outputs for c in self.drop_channels or ()):
+            raise ValueError(
+                f"Expected `drop_channels` to index the model's num_classes + "
+                f"len(drop_channels) = {outputs} output channels, but got {self.drop_channels}"
+            )
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"Expected `class_names` to have num_classes={self.num_classes} entries, "
@@ -180,6 +196,10 @@ class DatasetConfig(_Strict):
     labels: str | None = None
     manifest: str | None = None
     glob: str = "*.png"
+    # Folder format: the label's file name, from the image's stem, in the label folder's copy
+    # of the image's subfolder, e.g. "{stem}_L.png" (a name without a suffix matches any image
+    # suffix). None: the image's own relative path and stem, any image suffix.
+    label_pattern: str | None = None
     include: list[str] | None = None
     split: str = "val"
     limit: Int | None = Field(default=None, ge=1)
@@ -196,7 +216,32 @@ class DatasetConfig(_Strict):
             raise ValueError("Expected `images` and `labels` to be set for format 'folder'")
         if self.format == "cityscapes" and not self.images:
             raise ValueError("Expected `images` (the Cityscapes root) for format 'cityscapes'")
+        if self.label_pattern is not None:
+            _check_label_pattern(self.label_pattern)
+            if self.format != "folder":
+                raise ValueError(
+                    f"Expected `label_pattern` only with format 'folder', but got format "
+                    f"{self.format!r}"
+                )
         return self
+
+
+def _check_label_pattern(pattern: str) -> None:
+    """Refuse a ``label_pattern`` other than one file name holding ``{stem}`` and no other field."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+    except ValueError as err:
+        raise ValueError(
+            f"Expected `label_pattern` to be a file name holding {{stem}}, e.g. "
+            f"'{{stem}}_L.png', but got {pattern!r} ({err})"
+        ) from None
+    if fields != ["stem"] or "/" in pattern or "\\" in pattern or pattern.startswith("."):
+        raise ValueError(
+            f"Expected `label_pattern` to be a file name holding {{stem}} once and no other "
+            f"field or folder, e.g. '{{stem}}_L.png', but got {pattern!r}"
+        )
 
 
 class ExtractConfig(_Strict):

@@ -3,7 +3,8 @@
 Three layouts, chosen by ``DatasetConfig.format``:
 
 - ``folder``: ``images`` holds files matching ``glob`` (``**`` recurses); ``labels`` holds one
-  label file per image with the same relative path and file stem (any image suffix).
+  label file per image with the same relative path and file stem (any image suffix), or, with
+  ``label_pattern`` (e.g. ``"{stem}_L.png"``), the pattern's name in the image's subfolder.
 - ``cityscapes``: ``images`` is the Cityscapes root, holding
   ``leftImg8bit/<split>/<city>/<id>_leftImg8bit.png`` and
   ``gtFine/<split>/<city>/<id>_gtFine_labelIds.png`` (``labels`` may point to another folder
@@ -49,6 +50,45 @@ class Sample:
     label_uri: str | None
 
 
+def _label_index(labels: Path) -> tuple[dict[str, Path], set[str]]:
+    """Label files by relative path without suffix, and every relative path with it."""
+    by_stem: dict[str, Path] = {}
+    names: set[str] = set()
+    for p in sorted(labels.rglob("*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+            continue
+        rel = p.relative_to(labels)
+        names.add(rel.as_posix())
+        stem = rel.with_suffix("").as_posix()
+        if stem in by_stem:
+            raise DataError(
+                f"Expected one label file per stem in {labels}, but got {by_stem[stem]} and {p}"
+            )
+        by_stem[stem] = p
+    return by_stem, names
+
+
+def label_rule(cfg: DatasetConfig) -> str:
+    """How the folder format matches a label file to an image, in words (for messages).
+
+    Example:
+        >>> from pipeline.config import DatasetConfig
+        >>> label_rule(DatasetConfig(name="a", role="test", domain="d", images="i", labels="l",
+        ...                          label_pattern="{stem}_L.png"))
+        "label_pattern '{stem}_L.png': <labels>/<image's subfolder>/{stem}_L.png"
+    """
+    if cfg.label_pattern is None:
+        return (
+            "same relative path and stem as the image, any image suffix "
+            "(<labels>/<image's subfolder>/<stem>.png|.jpg|...; set `label_pattern` otherwise)"
+        )
+    pattern = cfg.label_pattern
+    any_suffix = Path(pattern).suffix.lower() not in IMAGE_SUFFIXES
+    return f"label_pattern {pattern!r}: <labels>/<image's subfolder>/{pattern}" + (
+        " with any image suffix" if any_suffix else ""
+    )
+
+
 def _listing_folder(cfg: DatasetConfig) -> list[Sample]:
     images, labels = Path(cfg.images or ""), Path(cfg.labels or "")
     for key, folder in (("images", images), ("labels", labels)):
@@ -56,25 +96,97 @@ def _listing_folder(cfg: DatasetConfig) -> list[Sample]:
             raise DataError(
                 f"Expected `{key}` of dataset {cfg.name!r} to be a folder, but got {folder}"
             )
-    label_index: dict[str, Path] = {}
-    for p in sorted(labels.rglob("*")):
-        if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
-            continue
-        stem = p.relative_to(labels).with_suffix("").as_posix()
-        if stem in label_index:
-            raise DataError(
-                f"Expected one label file per stem in {labels}, but got {label_index[stem]} "
-                f"and {p}"
-            )
-        label_index[stem] = p
+    label_index, label_names = _label_index(labels)
+    pattern = cfg.label_pattern
+    exact = pattern is not None and Path(pattern).suffix.lower() in IMAGE_SUFFIXES
     samples = []
     for p in sorted(images.glob(cfg.glob)):
         if not p.is_file():
             continue
-        image_id = p.relative_to(images).with_suffix("").as_posix()
-        label = label_index.get(image_id)
+        rel = p.relative_to(images)
+        image_id = rel.with_suffix("").as_posix()
+        if pattern is None:
+            label = label_index.get(image_id)
+        else:
+            target = (rel.parent / pattern.format(stem=p.stem)).as_posix()
+            if exact:
+                label = labels / target if target in label_names else None
+            else:
+                label = label_index.get(target)
         samples.append(Sample(image_id, str(p), None if label is None else str(label)))
     return samples
+
+
+def near_misses(cfg: DatasetConfig, sample: Sample, limit: int = 3) -> list[str]:
+    """Label files (relative to ``labels``) whose names resemble an unmatched image's.
+
+    Files whose name starts with the image's stem come first, then close matches by
+    :func:`difflib.get_close_matches`.
+    """
+    import difflib
+
+    labels = Path(cfg.labels or "")
+    if not labels.is_dir():
+        return []
+    stem = Path(sample.uri).stem
+    names = sorted(
+        p.relative_to(labels).as_posix() for p in labels.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    found = [n for n in names if Path(n).name.startswith(stem)][:limit]
+    by_name = {Path(n).name: n for n in names}
+    for name in difflib.get_close_matches(Path(sample.uri).name, list(by_name), n=limit):
+        if by_name[name] not in found:
+            found.append(by_name[name])
+    return found[:limit]
+
+
+def suggest_label_pattern(sample: Sample, near: list[str]) -> str | None:
+    """A ``label_pattern`` that would match ``near[0]`` for ``sample``, when one is evident.
+
+    Example:
+        >>> suggest_label_pattern(Sample("s/a", "/img/s/a.png", None), ["s/a_L.png"])
+        '{stem}_L.png'
+    """
+    stem = Path(sample.uri).stem
+    for name in near:
+        base = Path(name).name
+        if base.startswith(stem) and base != Path(sample.uri).name:
+            return "{stem}" + base[len(stem):]
+    return None
+
+
+def missing_labels_message(cfg: DatasetConfig, samples: list[Sample]) -> str | None:
+    """One line on the samples without a label: the folder searched, the rule, the count, near
+    misses and the likely fix; None when every sample has a label.
+
+    Args:
+        cfg: the dataset's config.
+        samples: its listed samples.
+    """
+    unmatched = [s for s in samples if s.label_uri is None]
+    if not unmatched:
+        return None
+    first = unmatched[0]
+    where = cfg.labels if cfg.format != "manifest" else cfg.manifest
+    text = (
+        f"Expected a label file for every image of dataset {cfg.name!r}, but found none for "
+        f"{len(unmatched)} of {len(samples)} images (e.g. {first.uri})"
+    )
+    if cfg.format == "folder":
+        near = near_misses(cfg, first)
+        text += f"; searched {where} with the rule: {label_rule(cfg)}"
+        text += f"; near misses: {', '.join(near)}" if near else "; no similar label file there"
+        pattern = suggest_label_pattern(first, near)
+        if pattern is not None:
+            text += f"; fix: set `label_pattern: {pattern!r}` for this dataset"
+        else:
+            text += "; fix: point `labels` at the label folder or set `label_pattern`"
+    elif cfg.format == "cityscapes":
+        text += f"; searched {where or cfg.images}/gtFine/{cfg.split}/<city>/<id>{_CS_LABEL_SUFFIX}"
+    else:
+        text += f"; the manifest {where} gives no label for them"
+    return text
 
 
 def _listing_cityscapes(cfg: DatasetConfig) -> list[Sample]:

@@ -70,6 +70,8 @@ def model_fingerprint(cfg: ModelConfig) -> str:
         ValueError: a sha256 mismatch or a malformed python factory path.
     """
     fields = {name: getattr(cfg, name) for name in _LOGIT_FIELDS}
+    if cfg.drop_channels is not None:  # only when set: fingerprints without it stay the same
+        fields["drop_channels"] = cfg.drop_channels
     blob = json.dumps({"weights": _weights_digest(cfg), **fields}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -80,10 +82,11 @@ class SegmentationModel(nn.Module):
     ``forward`` resizes the images to ``input_size`` (bilinear, align_corners=False, no
     antialiasing; None keeps their size), reorders channels (``channel_order``, with ``mean`` and
     ``std`` given in that order), computes ``(x * scale - mean) / std``, runs the network, picks
-    the logits from a dict/tuple output, keeps the first ``num_classes`` channels (dropping e.g.
-    a void channel) and checks that they are finite. With several ``scales`` and/or ``flip`` the
-    logits of every scale and its mirror image are resized bilinearly to the scale-1 output size
-    and averaged.
+    the logits from a dict/tuple output, drops the ``drop_channels`` (e.g. a void channel; the
+    output must then have exactly ``num_classes + len(drop_channels)`` channels) or else keeps
+    the first ``num_classes`` channels, and checks that they are finite. With several ``scales``
+    and/or ``flip`` the logits of every scale and its mirror image are resized bilinearly to the
+    scale-1 output size and averaged.
 
     Args:
         net: the bare network (from :func:`pipeline.models.adapters.build_network`).
@@ -122,6 +125,7 @@ class SegmentationModel(nn.Module):
         self.scales = sorted(cfg.scales, key=lambda s: s != 1.0)
         self.flip = cfg.flip
         self.output_index = cfg.output_index
+        self.drop_channels = tuple(cfg.drop_channels or ())
         self.fingerprint = fingerprint
         self.output_stride_hint = output_stride_hint
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
@@ -197,6 +201,15 @@ class SegmentationModel(nn.Module):
                 f"Expected the logits of model `{self.name}` to be shaped "
                 f"({x.shape[0]}, C, h, w), but got {got}"
             )
+        if self.drop_channels:
+            expected = self.num_classes + len(self.drop_channels)
+            if out.shape[1] != expected:
+                raise ValueError(
+                    f"Expected model `{self.name}` to output num_classes + len(drop_channels) = "
+                    f"{expected} channels, but got {out.shape[1]}"
+                )
+            keep = [c for c in range(expected) if c not in self.drop_channels]
+            return out[:, keep].float()
         if out.shape[1] < self.num_classes:
             raise ValueError(
                 f"Expected model `{self.name}` to output at least num_classes="
