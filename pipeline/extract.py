@@ -495,7 +495,9 @@ def _extract_dataset(
         content_hash=content,
         changes=changes,
     )
-    if manifest.n_images == 0:
+    stored = manifest.stored_ids()
+    manifest.selected = [s.image_id for s in samples if s.image_id in stored]
+    if not manifest.selected:
         raise DataError(
             f"Expected dataset {ds.name!r} to yield at least one usable image, but all "
             f"{len(skipped)} were skipped; first reason: {skipped[0]['reason']}"

@@ -113,7 +113,8 @@ def _shards_digest(cfg: JobConfig, role: str | None) -> list[Any]:
         # Shard names and checksums, not the manifest bytes: a rerun that extracts nothing new
         # rewrites the manifest (new timestamp) without changing what fit or evaluate read.
         out.append(
-            [ds.name, manifest.model_fingerprint, [[s.file, s.sha256] for s in manifest.shards]]
+            [ds.name, manifest.model_fingerprint, [[s.file, s.sha256] for s in manifest.shards],
+             sorted(manifest.image_ids())]
         )
     return out
 

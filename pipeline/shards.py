@@ -121,6 +121,8 @@ class Manifest:
     (labels, corruption, stride, ...), so a rerun with different options is refused instead of
     mixing incompatible shards. ``changes`` counts what the run that wrote it did: images
     ``added``, ``changed`` (source files rewritten since) and ``removed`` (sources gone).
+    ``selected`` lists the images the config chose (``include``/``limit``), which fit and
+    evaluate read; the shards may hold more.
     """
 
     dataset: str
@@ -137,15 +139,26 @@ class Manifest:
     created: str = ""
     content_hash: str = ""
     changes: dict[str, int] = field(default_factory=dict)
+    selected: list[str] | None = None
 
     @property
     def n_images(self) -> int:
         """Rows over all shards."""
         return sum(s.rows for s in self.shards)
 
-    def image_ids(self) -> set[str]:
-        """Ids of every stored image."""
+    def stored_ids(self) -> set[str]:
+        """Ids of every stored image (the cache, whatever the config selects now)."""
         return {i for s in self.shards for i in s.image_ids}
+
+    def image_ids(self) -> set[str]:
+        """Ids of the images the config selected when this manifest was written.
+
+        The shards are a cache: lowering ``limit`` or narrowing ``include`` keeps rows that
+        later runs may want again, but fit and evaluate read only ``selected`` (every stored
+        image for manifests written before it was recorded).
+        """
+        stored = self.stored_ids()
+        return stored if self.selected is None else stored & set(self.selected)
 
 
 def _tensor_column(
@@ -392,7 +405,7 @@ def read_manifest(directory: str | Path) -> Manifest:
 
 
 def iter_dataset(directory: str | Path, *, verify: bool = True) -> Iterator[ImageRecord]:
-    """Yield every record of an extracted dataset, shard by shard.
+    """Yield the records of an extracted dataset's selected images, shard by shard.
 
     Args:
         directory: the dataset folder holding ``manifest.json``.
@@ -405,6 +418,7 @@ def iter_dataset(directory: str | Path, *, verify: bool = True) -> Iterator[Imag
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    wanted = manifest.image_ids()
     for shard in manifest.shards:
         path = directory / shard.file
         if verify:
@@ -421,7 +435,7 @@ def iter_dataset(directory: str | Path, *, verify: bool = True) -> Iterator[Imag
             raise ValueError(
                 f"Expected shard {path} to hold {shard.rows} rows, but got {len(records)}"
             )
-        yield from records
+        yield from (r for r in records if r.image_id in wanted)
 
 
 def describe_shard(path: str | Path) -> ShardInfo:

@@ -475,3 +475,21 @@ def test_skip_covers_model_failures_up_to_the_cap(ray_local, tmp_path):
     (skip,) = manifest.skipped
     assert skip["uri"].endswith("b.png")
     assert "RuntimeError: cannot segment a bright image" in skip["reason"]
+
+
+@pytest.mark.ray
+def test_a_lower_limit_selects_fewer_images_and_keeps_the_cache(ray_local, tmp_path):
+    add_images(tmp_path, [f"f{i}" for i in range(6)])
+    cfg = make_cfg(tmp_path)
+    directory = RunPaths(tmp_path / "out", model_fingerprint(cfg.model)).dataset_dir("toy")
+    extract.run(cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(
+        update={"limit": 4})]}))
+    four = read_manifest(directory).image_ids()
+    assert len(four) == 4
+    narrow = cfg.datasets[0].model_copy(update={"limit": 2})
+    extract.run(cfg.model_copy(update={"datasets": [narrow]}))
+    manifest = read_manifest(directory)
+    two = {s.image_id for s in list_samples(narrow)}
+    assert manifest.image_ids() == two < four
+    assert manifest.stored_ids() == four  # nothing re-extracted or deleted
+    assert {r.image_id for r in iter_dataset(directory)} == two
