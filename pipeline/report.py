@@ -1,15 +1,27 @@
-"""The Markdown and HTML report of an evaluated run: tables, reliability diagrams, verdicts.
+"""The Markdown and HTML report of an evaluated run: the answer first, then the evidence.
 
 Run it with ``segcal report CONFIG`` (or ``pipeline.report.write(cfg)``) after ``segcal
 evaluate``. It reads the tables in ``OUTPUT`` (``summary.csv``, ``domain_shift.csv``,
-``best.csv`` and the bins of ``per_image.parquet``) and writes ``OUTPUT/report.md``,
-``OUTPUT/report.html`` and one figure per dataset, ``OUTPUT/plots/<dataset>.png``: a
-reliability diagram (accuracy against confidence per bin, with the gap to the diagonal shaded)
-above a confidence histogram (the bin mass) for every calibrator.
+``best.csv``, ``per_image.parquet`` and the artifact cards ``artifacts/*/calibrator.json``) and
+writes ``OUTPUT/report.md``, ``OUTPUT/report.html`` and its figures in ``OUTPUT/plots/``.
+
+The page, top to bottom (sections with nothing to show are left out):
+
+1. The recommendation, decided on the held-out calibration images only
+   (:func:`pipeline.report_data.recommend`), in two or three sentences.
+2. The matrix of image-wise ECE, test sets x calibrators, coloured per set, the best marked,
+   the 95% interval in a second line and on hover; uncalibrated (and oracle bounds) first.
+3. Shift curves: per corruption family, image-wise ECE against severity per calibrator
+   (``plots/shift-<family>.png``, one y-axis for all), and each shifted set against its
+   reference domain.
+4. Each calibrator's fitted values in words, the selector diagnostics, classwise ECE per class.
+5. The full summary, one sortable group per dataset, a glossary, and per dataset a reliability
+   diagram over a confidence histogram (``plots/<dataset>.png``).
 
 The reliability bins are the sums of the per-image statistics rows, never recomputed from
-pixels. The HTML is self-contained apart from the PNG files it names by relative path: no
-script, no stylesheet and no font from the network, so it opens from disk.
+pixels. The HTML is self-contained apart from the PNG files it names by relative path: its
+style and its few lines of script (column sorting) are inline, nothing comes from the network,
+so it opens from disk.
 
 Files are written to a temporary folder inside ``OUTPUT`` and moved into place at the end,
 ``report.html`` last, so a failed run leaves the previous report readable.
@@ -17,11 +29,11 @@ Files are written to a temporary folder inside ``OUTPUT`` and moved into place a
 
 from __future__ import annotations
 
-import html
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +41,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from pipeline import report_data as rd
 from pipeline.config import JobConfig, config_hash
 from pipeline.evaluate import BEST, DOMAIN_SHIFT, PER_IMAGE, SUMMARY, UNCALIBRATED
 from pipeline.metrics.functional import ece_from_bins
@@ -38,18 +51,9 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 PLOTS = "plots"
 _BIN_COLUMNS = ("count", "conf_sum", "correct_sum")
-_SUMMARY_SHOWN = (
-    "dataset", "calibrator", "n_images", "img_ece", "ece", "mce", "ace", "sce", "nll", "brier",
-    "miou", "pixel_acc", "boundary_ece", "ece_correct", "ece_incorrect", "msp_auroc",
-    "mis_auroc", "flag_precision", "flag_recall",
-)
-_SHIFT_SHOWN = (
-    "dataset", "reference", "calibrator", "img_ece_reference", "img_ece", "img_ece_delta",
-    "ece_delta", "nll_delta", "miou_delta", "pixel_acc_delta",
-)
-_BEST_SHOWN = (
-    "domain", "datasets", "n_images", "best", "img_ece", "nll", "uncalibrated_img_ece",
-    "reduction",
+_PER_IMAGE_COLUMNS = (
+    "dataset", "role", "reference", "calibrator", "image_id", "img_ece", "num_classes",
+    "mis_hist_cor", "mis_hist_inc", "cls_count", "cls_conf_sum", "cls_correct_sum",
 )
 
 
@@ -86,6 +90,14 @@ def reliability_bins(per_image: Path) -> dict[tuple[str, str], tuple[np.ndarray,
     for key, group in rows.groupby(["dataset", "calibrator"], sort=False):
         bins[key] = tuple(np.stack(group[c].to_numpy()).sum(0) for c in _BIN_COLUMNS)
     return bins
+
+
+def read_per_image(per_image: Path) -> pd.DataFrame:
+    """The per-image rows the report needs (ECE, selector histograms, classwise bins)."""
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(per_image).names)
+    return pd.read_parquet(per_image, columns=[c for c in _PER_IMAGE_COLUMNS if c in names])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,82 +161,229 @@ def plot_dataset(
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Text
+def plot_family(kind: str, curve: pd.DataFrame, ylim: tuple[float, float], path: Path) -> Path:
+    """One small figure: image-wise ECE against corruption severity, one line per calibrator.
 
+    Args:
+        kind: the corruption family (title).
+        curve: severity (index; 0 is the reference domain) x calibrator image-wise ECE.
+        ylim: the y-axis range, the same for every family.
+        path: the PNG file to write.
 
-def verdicts(summary: pd.DataFrame, best: pd.DataFrame) -> list[str]:
-    """One plain-language line per test domain (and per selector's detection quality).
-
-    Example:
-        >>> best = pd.DataFrame({"domain": ["dusk"], "best": ["temperature"],
-        ...     "img_ece": [0.042], "uncalibrated_img_ece": [0.064], "reduction": [0.34375]})
-        >>> verdicts(pd.DataFrame(columns=["role", "domain", "mis_auroc"]), best)
-        ['dusk: uncalibrated image-wise ECE 0.064; best is temperature (0.042, -34%)']
+    Returns:
+        ``path``.
     """
-    lines = []
-    for row in best.itertuples(index=False):
-        base = f"{row.domain}: uncalibrated image-wise ECE {row.uncalibrated_img_ece:.3f}"
-        if row.best == UNCALIBRATED:
-            lines.append(f"{base}; no calibrator improves on it")
-        else:
-            change = -100 * row.reduction
-            lines.append(f"{base}; best is {row.best} ({row.img_ece:.3f}, {change:+.0f}%)")
-        selectors = summary[(summary["role"] == "test") & (summary["domain"] == row.domain)
-                            & summary["mis_auroc"].notna()]
-        for s in selectors.itertuples(index=False):
-            lines.append(
-                f"{s.dataset}: selector of {s.calibrator} detects mispredictions with AUROC "
-                f"{s.mis_auroc:.2f} (1 - max p: {s.msp_auroc:.2f}); its flags have precision "
-                f"{s.flag_precision:.2f} and recall {s.flag_recall:.2f} "
-                f"(1 - max p > 0.5: {s.msp_precision:.2f} / {s.msp_recall:.2f})"
-            )
-    return lines
+    fig = Figure(figsize=(3.3, 2.6))
+    ax = fig.subplots()
+    for i, calibrator in enumerate(curve.columns):
+        style = {"color": "black", "ls": "--"} if calibrator == UNCALIBRATED else \
+            {"color": f"C{i % 10}"}
+        ax.plot(curve.index, curve[calibrator], marker="o", ms=3, lw=1.4, label=calibrator,
+                **style)
+    ax.set(title=kind, xlabel="severity (0: reference)", ylabel="image-wise ECE", ylim=ylim,
+           xticks=list(curve.index))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
 
 
-def _fmt(value: object) -> str:
+# ---------------------------------------------------------------------------------------------
+# What the report shows
+
+
+@dataclass
+class Content:
+    """Everything the report shows, ready to render as Markdown or HTML."""
+
+    title: str
+    source: str
+    config_hash: str
+    recommendation: rd.Recommendation
+    lines: list[str]
+    summary: pd.DataFrame
+    columns: list[str]
+    best: dict[str, str]
+    heldout_sets: list[str]
+    test_sets: list[str]
+    shift: pd.DataFrame
+    shift_figures: dict[str, str]
+    params: dict[str, str]
+    selectors: pd.DataFrame
+    selector_text: str
+    classes: pd.DataFrame
+    classes_where: str
+    figures: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+
+def build(
+    cfg: JobConfig,
+    tables: Mapping[str, pd.DataFrame],
+    figures: Mapping[str, str],
+    *,
+    per_image: pd.DataFrame | None = None,
+    shift_figures: Mapping[str, str] | None = None,
+    cards: Mapping[str, Mapping] | None = None,
+) -> Content:
+    """Assemble the report's content from the run's tables.
+
+    Args:
+        cfg: the run config.
+        tables: the evaluation tables by file name.
+        figures: dataset -> reliability figure path relative to the output folder.
+        per_image: the per-image rows (:data:`_PER_IMAGE_COLUMNS`); None leaves out what needs
+            them (pooled held-out intervals over several sets, flagged share, classes).
+        shift_figures: corruption family -> figure path relative to the output folder.
+        cards: calibrator label -> artifact card.
+
+    Returns:
+        The content.
+    """
+    summary = tables[SUMMARY]
+    ece = None if per_image is None else per_image[["dataset", "calibrator", "image_id",
+                                                    "img_ece"]]
+    heldout = rd.heldout_table(summary, ece, resamples=cfg.evaluate.bootstrap,
+                               seed=cfg.evaluate.seed)
+    rec = rd.recommend(heldout)
+    lines = list(rec.lines)
+    outcome = rd.outcome_on_tests(summary, rec.pick or (rec.leader if rec.kind != "no held-out data"
+                                                     else None))
+    if outcome:
+        lines.append(outcome)
+    flagged = {} if per_image is None else rd.flagged_share(per_image)
+    params = {label: rd.describe_card(card, flagged.get(label))
+              for label, card in (cards or {}).items()}
+    columns = rd.matrix_columns(summary)
+    held = rd.is_heldout(summary)
+    selectors = rd.selector_table(summary)
+    if per_image is not None:
+        classes, where = rd.class_table(per_image, cfg.model.names(), columns)
+    else:
+        classes, where = pd.DataFrame(), ""
+    return Content(
+        title=f"segcal report: {Path(cfg.output).name}",
+        source=str(cfg.source or "<dict>"), config_hash=config_hash(cfg),
+        recommendation=rec, lines=lines, summary=summary, columns=columns,
+        best=rd.best_per_set(summary),
+        heldout_sets=list(dict.fromkeys(summary.loc[held, "dataset"])),
+        test_sets=list(dict.fromkeys(summary.loc[~held & (summary["role"] == "test"),
+                                                 "dataset"])),
+        shift=tables[DOMAIN_SHIFT], shift_figures=dict(shift_figures or {}), params=params,
+        selectors=selectors, selector_text=rd.selector_sentence(selectors),
+        classes=classes, classes_where=where, figures=dict(figures),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _fmt(value: object, digits: int = 4) -> str:
     if isinstance(value, (float, np.floating)):
-        return "–" if math.isnan(value) else f"{value:.4f}"
+        return "–" if math.isnan(value) else f"{value:.{digits}f}"
+    if value is None:
+        return "–"
     return str(value)
 
 
-def _shown(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """The columns worth showing: those present and not entirely NaN."""
-    keep = [c for c in columns if c in table and not table[c].isna().all()]
-    shown = table[keep].copy()
-    if {"img_ece_lo", "img_ece_hi", "img_ece"} <= set(table) and table["img_ece_lo"].notna().any():
-        ci = zip(table["img_ece"], table["img_ece_lo"], table["img_ece_hi"], strict=True)
-        shown["img_ece"] = [f"{m:.4f} [{lo:.4f}, {hi:.4f}]" for m, lo, hi in ci]
-    if "reduction" in shown:
-        shown["reduction"] = [_fmt(r) if math.isnan(r) else f"{100 * r:.1f}%"
-                              for r in shown["reduction"]]
-    return shown
-
-
-def _markdown_table(table: pd.DataFrame) -> str:
-    head = "| " + " | ".join(table.columns) + " |"
+def _markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
+    head = "| " + " | ".join(str(c) for c in table.columns) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    body = ["| " + " | ".join(_fmt(v, digits) for v in row) + " |"
+            for row in table.itertuples(index=False)]
     return "\n".join([head, rule, *body])
 
 
-def _html_table(table: pd.DataFrame) -> str:
-    cells = table.map(_fmt)
-    return cells.to_html(index=False, border=0, classes="t", escape=True)
+def summary_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's shown columns (those not entirely NaN), the interval as its own column."""
+    shown = summary.copy()
+    if {"img_ece_lo", "img_ece_hi"} <= set(shown) and shown["img_ece_lo"].notna().any():
+        shown["img_ece 95%"] = [f"[{lo:.4f}, {hi:.4f}]" for lo, hi in
+                                zip(shown["img_ece_lo"], shown["img_ece_hi"], strict=True)]
+    keep = ["dataset", *[c for c in rd.SUMMARY_SHOWN if c in shown
+                         and not shown[c].isna().all()]]
+    return shown[keep]
 
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
-table.t{border-collapse:collapse;font-size:13px;margin:1em 0;display:block;overflow-x:auto}
-table.t th,table.t td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}
-table.t th{background:#f4f4f4}
-img{max-width:100%;border:1px solid #eee}
-code{background:#f4f4f4;padding:0 3px}
-"""
+def matrix_cells(content: Content, dataset: str) -> list[tuple[str, float, float, float, bool]]:
+    """Per matrix column: ``(calibrator, img_ece, lo, hi, is_best)`` (NaN where missing)."""
+    rows = content.summary[content.summary["dataset"] == dataset].set_index("calibrator")
+    out = []
+    for c in content.columns:
+        if c in rows.index:
+            r = rows.loc[c]
+            out.append((c, float(r["img_ece"]), float(r.get("img_ece_lo", math.nan)),
+                        float(r.get("img_ece_hi", math.nan)), content.best.get(dataset) == c))
+        else:
+            out.append((c, math.nan, math.nan, math.nan, False))
+    return out
+
+
+def shift_matrix(content: Content) -> pd.DataFrame:
+    """Shifted set x calibrator: ``img_ece (delta to the reference domain)`` as text."""
+    shift = content.shift
+    if shift.empty:
+        return pd.DataFrame()
+    cells = {}
+    for (dataset, reference), g in shift.groupby(["dataset", "reference"], sort=False):
+        g = g.set_index("calibrator")
+        cells[(dataset, reference)] = {
+            c: f"{g.loc[c, 'img_ece']:.3f} ({g.loc[c, 'img_ece_delta']:+.3f})"
+            for c in content.columns if c in g.index}
+    table = pd.DataFrame.from_dict(cells, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["dataset", "reference"])
+    return table.reset_index()
+
+
+def render_markdown(content: Content) -> str:
+    """The report as Markdown (for terminals and pull-request comments)."""
+    md = [f"# {content.title}", "",
+          f"Config `{content.source}` (hash `{content.config_hash}`).", "", "## Recommendation", ""]
+    md += [*content.lines, ""]
+    sets = content.heldout_sets + content.test_sets
+    if sets:
+        md += ["## Image-wise ECE per set (lower is better; ★ best per set)", ""]
+        rows = []
+        for dataset in sets:
+            cells = [f"**{v:.3f}** ★" if best else _fmt(v, 3)
+                     for _, v, _, _, best in matrix_cells(content, dataset)]
+            name = f"{dataset} (held-out: decides)" if dataset in content.heldout_sets else dataset
+            rows.append([name, *cells])
+        md += [_markdown_table(pd.DataFrame(rows, columns=["set", *content.columns])), ""]
+    if content.shift_figures:
+        md += ["## Shift curves", ""]
+        md += [f"![{kind}]({src})" for kind, src in content.shift_figures.items()] + [""]
+    shift = shift_matrix(content)
+    if not shift.empty:
+        md += ["## In-domain vs shifted",  "",
+               "Image-wise ECE on each shifted set (in brackets: minus its reference domain's).",
+               "", _markdown_table(shift), ""]
+    if content.params:
+        md += ["## Fitted calibrators", ""]
+        md += [f"- **{label}**: {text}" for label, text in content.params.items()] + [""]
+    if not content.selectors.empty:
+        md += ["## Selector diagnostics", "", content.selector_text, "",
+               _markdown_table(content.selectors, 3), ""]
+    if not content.classes.empty:
+        md += ["## Classwise ECE per class (worst first)", "",
+               f"Pooled over {content.classes_where}. Calibrator columns: that calibrator's "
+               "classwise ECE; mean p against pixel share is confidence against frequency.", "",
+               _markdown_table(content.classes, 4), ""]
+    md += ["## Summary", "", _markdown_table(summary_rows(content.summary)), ""]
+    md += ["## Glossary", ""]
+    md += [f"- `{k}`: {v}" for k, v in rd.GLOSSARY.items()] + [""]
+    if content.figures:
+        md += ["## Reliability diagrams", ""]
+        for dataset, src in content.figures.items():
+            md += [f"### {dataset}", "", f"![{dataset}]({src})", ""]
+    return "\n".join(md)
 
 
 def render(
-    cfg: JobConfig, tables: dict[str, pd.DataFrame], figures: dict[str, str]
+    cfg: JobConfig, tables: dict[str, pd.DataFrame], figures: dict[str, str], **kwargs: object
 ) -> tuple[str, str]:
     """The report as Markdown and as HTML.
 
@@ -232,48 +391,15 @@ def render(
         cfg: the run config (named in the header).
         tables: the evaluation tables by file name.
         figures: dataset -> figure path relative to the output folder.
+        **kwargs: passed to :func:`build` (per-image rows, shift figures, cards).
 
     Returns:
         ``(markdown, html)``.
     """
-    summary, shift, best = tables[SUMMARY], tables[DOMAIN_SHIFT], tables[BEST]
-    source = str(cfg.source or "<dict>")
-    sections = [
-        ("Summary", _shown(summary, _SUMMARY_SHOWN),
-         "One row per dataset and calibrator. img_ece is the mean over images of each image's "
-         "ECE, with its 95% bootstrap interval; ece is pooled over all pixels."),
-        ("Domain shift", _shown(shift, _SHIFT_SHOWN),
-         "Each shifted dataset beside its reference domain; deltas are shifted minus reference."),
-        ("Best calibrator per domain", _shown(best, _BEST_SHOWN),
-         "Ranked by image-wise ECE, ties broken by NLL; reduction is against uncalibrated."),
-    ]
-    lines = verdicts(summary, best)
+    from pipeline.report_html import render_html
 
-    md = [f"# segcal report: {Path(cfg.output).name}", "",
-          f"Config `{source}` (hash `{config_hash(cfg)}`).", "", "## Verdict", ""]
-    md += [f"- {line}" for line in lines] + [""]
-    for title, table, note in sections:
-        md += [f"## {title}", "", note, "", _markdown_table(table), ""]
-    md += ["## Reliability diagrams", ""]
-    for dataset, src in figures.items():
-        md += [f"### {dataset}", "", f"![{dataset}]({src})", ""]
-
-    esc = html.escape
-    body = [f"<h1>segcal report: {esc(Path(cfg.output).name)}</h1>",
-            f"<p>Config <code>{esc(source)}</code> (hash <code>{config_hash(cfg)}</code>).</p>",
-            "<h2>Verdict</h2>", "<ul>", *[f"<li>{esc(line)}</li>" for line in lines], "</ul>"]
-    for title, table, note in sections:
-        body += [f"<h2>{esc(title)}</h2>", f"<p>{esc(note)}</p>", _html_table(table)]
-    body.append("<h2>Reliability diagrams</h2>")
-    for dataset, src in figures.items():
-        body += [f"<h3>{esc(dataset)}</h3>",
-                 f'<img src="{esc(src)}" alt="reliability diagrams of {esc(dataset)}">']
-    page = "\n".join([
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>segcal report: {esc(Path(cfg.output).name)}</title>",
-        f"<style>{_CSS}</style>", "</head>", "<body>", *body, "</body>", "</html>", "",
-    ])
-    return "\n".join(md), page
+    content = build(cfg, tables, figures, **kwargs)  # type: ignore[arg-type]
+    return render_markdown(content), render_html(content)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,22 +424,35 @@ def write(cfg: JobConfig) -> Path:
     tmp = scratch_dir(output, "report")
     try:
         bins = reliability_bins(output / PER_IMAGE)
+        per_image = read_per_image(output / PER_IMAGE)
         figures = {}
         for dataset, rows in summary.groupby("dataset", sort=False):
             panels = {c: bins[(dataset, c)] for c in rows["calibrator"]}
             name = f"{PLOTS}/{dataset}.png"
             plot_dataset(dataset, panels, rows, tmp / name)
             figures[dataset] = name
-        markdown, page = render(cfg, tables, figures)
+        curves = rd.family_curves(summary, rd.families(cfg, summary))
+        shift_figures = {}
+        if curves:
+            top = max(float(np.nanmax(c.to_numpy())) for c in curves.values())
+            for kind, curve in curves.items():
+                name = f"{PLOTS}/shift-{kind}.png"
+                plot_family(kind, curve, (0.0, 1.05 * top), tmp / name)
+                shift_figures[kind] = name
+        cards = rd.read_cards(output, [c for c in rd.matrix_columns(summary)
+                                       if not rd.is_reference_column(c)])
+        markdown, page = render(cfg, tables, figures, per_image=per_image,
+                                shift_figures=shift_figures, cards=cards)
         atomic_write_text(tmp / REPORT_MD, markdown)
         atomic_write_text(tmp / REPORT_HTML, page)
         plots = output / PLOTS
         plots.mkdir(exist_ok=True)
-        for name in figures.values():
+        written = [*figures.values(), *shift_figures.values()]
+        for name in written:
             os.replace(tmp / name, output / name)
         os.replace(tmp / REPORT_MD, output / REPORT_MD)
         os.replace(tmp / REPORT_HTML, output / REPORT_HTML)
-        for stale in set(plots.glob("*.png")) - {output / n for n in figures.values()}:
+        for stale in set(plots.glob("*.png")) - {output / n for n in written}:
             stale.unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -24,10 +23,13 @@ def reported(tmp_path_factory):
 class _Refs(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.tags, self.refs = [], []
+        self.tags, self.refs, self.scripts = [], [], []
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
+        if tag == "script":
+            self.scripts.append("src" in dict(attrs))
+            return
         self.refs += [value for name, value in attrs if name in ("src", "href")]
 
 
@@ -42,7 +44,8 @@ def test_report_files_exist_and_html_references_only_existing_files(reported):
     assert page == output / "report.html"
     parser = _Refs()
     parser.feed(page.read_text())
-    assert not {"script", "link", "iframe"} & set(parser.tags)  # nothing fetched, nothing run
+    assert not {"link", "iframe"} & set(parser.tags)  # nothing fetched
+    assert parser.scripts == [False]  # one inline script (column sorting), none from a file
     assert sorted(parser.refs) == ["plots/day.png", "plots/dusk.png"]
     for ref in parser.refs:
         assert not Path(ref).is_absolute()
@@ -58,11 +61,13 @@ def test_tables_in_the_report_are_the_csv_tables(reported):
     cfg, page = reported
     summary = pd.read_csv(Path(cfg.output) / "summary.csv")
     text = page.read_text()
-    for value in summary.nll:
-        assert f"{value:.4f}" in text
-    best = pd.read_csv(Path(cfg.output) / "best.csv")
-    for r in best.reduction:
-        assert f"{100 * r:.1f}%" in text
+    for row in summary.itertuples():
+        assert f"{row.nll:.4f}" in text
+        # The interval in its own column, in one unwrapped cell.
+        assert f"<td>[{row.img_ece_lo:.4f}, {row.img_ece_hi:.4f}]</td>" in text
+    # One group (tbody) per dataset in the sortable summary.
+    table = text[text.index('id="summary"'):]
+    assert table.count("<tbody>") == summary.dataset.nunique()
 
 
 def test_reliability_bins_are_the_summed_image_rows(reported):
@@ -75,33 +80,6 @@ def test_reliability_bins_are_the_summed_image_rows(reported):
         count, conf_sum, correct_sum = bins[(row.dataset, row.calibrator)]
         assert count.sum() == row.n_pixels
         assert ece_from_bins(count, conf_sum, correct_sum) == pytest.approx(row.ece, abs=1e-12)
-
-
-def test_verdict_names_the_best_calibrator_per_domain(reported):
-    cfg, page = reported
-    best = pd.read_csv(Path(cfg.output) / "best.csv")
-    text = page.read_text()
-    for b in best.itertuples():
-        change = round(100 * (b.img_ece - b.uncalibrated_img_ece) / b.uncalibrated_img_ece)
-        expected = (f"{b.domain}: uncalibrated image-wise ECE {b.uncalibrated_img_ece:.3f}; "
-                    f"best is temperature ({b.img_ece:.3f}, {change:+d}%)")
-        assert expected in text
-
-
-def test_verdict_when_nothing_helps_and_for_a_selector():
-    best = pd.DataFrame({"domain": ["fog"], "best": ["uncalibrated"], "img_ece": [0.5],
-                         "uncalibrated_img_ece": [0.5], "reduction": [0.0]})
-    summary = pd.DataFrame({
-        "role": ["test", "test"], "domain": ["fog", "fog"], "dataset": ["fog3", "fog3"],
-        "calibrator": ["uncalibrated", "selective"], "mis_auroc": [math.nan, 0.75],
-        "msp_auroc": [0.85, 0.84], "flag_precision": [math.nan, 0.4],
-        "flag_recall": [math.nan, 0.04], "msp_precision": [0.5, 0.5], "msp_recall": [0.3, 0.3],
-    })
-    assert report.verdicts(summary, best) == [
-        "fog: uncalibrated image-wise ECE 0.500; no calibrator improves on it",
-        "fog3: selector of selective detects mispredictions with AUROC 0.75 (1 - max p: 0.84); "
-        "its flags have precision 0.40 and recall 0.04 (1 - max p > 0.5: 0.50 / 0.30)",
-    ]
 
 
 def test_missing_tables_are_refused(tmp_path):

@@ -1,0 +1,489 @@
+"""What the report says, computed from the tables a run writes (no rendering here).
+
+:mod:`pipeline.report` renders these to Markdown and (through :mod:`pipeline.report_html`) to
+HTML. Everything comes from ``summary.csv``, ``domain_shift.csv``, ``per_image.parquet`` and the
+artifact cards (``artifacts/<label>/calibrator.json``); nothing is recomputed from pixels.
+
+The recommendation (:func:`recommend`) looks at the held-out part of the calibration data only
+(the ``*-heldout`` rows): test sets are never used to choose.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import JobConfig
+
+UNCALIBRATED = "uncalibrated"  # as in pipeline.evaluate (not imported: keeps this module light)
+HELDOUT_SUFFIX = "-heldout"
+MIN_HELDOUT_IMAGES = 10
+"""Fewest held-out calibration images the recommendation needs before it names a winner: with
+fewer, the bootstrap interval of a mean over images says little (one image gives a point)."""
+
+GLOSSARY: dict[str, str] = {
+    "dataset": "evaluated set; `<name>-heldout` is the held-out part of a calibration set",
+    "calibrator": "calibrator label; `uncalibrated` is the model's own softmax",
+    "n_images": "images in the set",
+    "img_ece": "image-wise ECE: each image's top-label ECE, averaged over images (lower is "
+               "better); the interval is a 95% bootstrap over images",
+    "img_ece 95%": "95% bootstrap interval of img_ece over images",
+    "ece": "top-label ECE pooled over all pixels of the set (15 equal-width bins)",
+    "mce": "largest gap between confidence and accuracy over the non-empty bins",
+    "ace": "adaptive ECE (equal-mass bins), averaged over images",
+    "sce": "static (classwise) ECE: each class's probability binned, averaged over classes",
+    "nll": "mean negative log-likelihood per pixel",
+    "brier": "mean Brier score per pixel (sum over classes of squared errors)",
+    "miou": "mean intersection over union of the top-label prediction",
+    "pixel_acc": "share of pixels whose top label is right",
+    "boundary_ece": "ECE over pixels on label boundaries only",
+    "ece_correct": "ECE over correctly predicted pixels (there: 1 - confidence)",
+    "ece_incorrect": "ECE over mispredicted pixels (there: their mean confidence)",
+    "msp_auroc": "AUROC of 1 - max p for telling mispredicted pixels from correct ones",
+    "mis_auroc": "AUROC of a selector's score for the same task (selective calibrators only)",
+    "flag_precision": "share of pixels the selector flags (score > 0.5) that are mispredicted",
+    "flag_recall": "share of mispredicted pixels the selector flags",
+}
+"""Every column the report shows, in plain words."""
+
+SUMMARY_SHOWN = (
+    "calibrator", "n_images", "img_ece", "img_ece 95%", "ece", "mce", "ace", "sce", "nll",
+    "brier", "miou", "pixel_acc", "boundary_ece", "ece_correct", "ece_incorrect", "msp_auroc",
+    "mis_auroc", "flag_precision", "flag_recall",
+)
+
+_FAMILY = re.compile(r"^(?P<kind>.+?)[-_]?(?P<severity>\d+)$")
+
+
+def is_heldout(summary: pd.DataFrame) -> pd.Series:
+    """Rows of the held-out calibration images (role ``calibration`` or a ``-heldout`` name)."""
+    return (summary["role"] == "calibration") | summary["dataset"].str.endswith(HELDOUT_SUFFIX)
+
+
+def is_reference_column(calibrator: str) -> bool:
+    """Columns shown for reference, never recommended: uncalibrated and oracle bounds."""
+    return calibrator == UNCALIBRATED or "oracle" in calibrator.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# The recommendation
+
+
+@dataclass
+class Recommendation:
+    """The calibrator to ship, decided on the held-out calibration images only.
+
+    Attributes:
+        pick: the recommended calibrator, or None (no clear winner, too little data, no data).
+        kind: ``"clear"``, ``"no clear winner"``, ``"too small"``, ``"no intervals"`` or
+            ``"no held-out data"``.
+        lines: two or three sentences for the first screen.
+        leader: the calibrator with the lowest held-out image-wise ECE (None without data).
+        tied: calibrators whose interval overlaps the leader's.
+        n_images: held-out images.
+        heldout: per calibrator, ``img_ece, lo, hi, nll`` on the held-out part (pooled).
+    """
+
+    pick: str | None
+    kind: str
+    lines: list[str]
+    leader: str | None = None
+    tied: list[str] = field(default_factory=list)
+    n_images: int = 0
+    heldout: pd.DataFrame | None = None
+
+
+def _interval(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    # Imported here: pipeline.evaluate pulls in torch; the report only needs this function.
+    from pipeline.evaluate import bootstrap_interval
+
+    return bootstrap_interval(values, resamples=resamples, seed=seed)
+
+
+def heldout_table(
+    summary: pd.DataFrame, per_image_ece: pd.DataFrame | None, *, resamples: int, seed: int
+) -> pd.DataFrame:
+    """Per calibrator, image-wise ECE and NLL on the held-out part, pooled over its sets.
+
+    One held-out set: its summary rows as they are. Several: the per-image ECEs of all held-out
+    images pooled, with a bootstrap interval drawn as evaluate draws it (same seed).
+
+    Args:
+        summary: the summary table.
+        per_image_ece: ``dataset, calibrator, image_id, img_ece`` per image (None: summary only).
+        resamples: bootstrap resamples (``evaluate.bootstrap``).
+        seed: bootstrap seed (``evaluate.seed``).
+
+    Returns:
+        Indexed by calibrator: ``img_ece, lo, hi, nll, n_images`` (empty without held-out rows).
+    """
+    rows = summary[is_heldout(summary)]
+    columns = ["img_ece", "lo", "hi", "nll", "n_images"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    records = {}
+    for calibrator, g in rows.groupby("calibrator", sort=False):
+        n = int(g["n_images"].sum())
+        nll = float(np.average(g["nll"], weights=g["n_images"]))
+        if len(g) == 1 or per_image_ece is None:
+            mean = float(np.average(g["img_ece"], weights=g["n_images"]))
+            lo, hi = (float(g["img_ece_lo"].iloc[0]), float(g["img_ece_hi"].iloc[0])) \
+                if len(g) == 1 else (math.nan, math.nan)
+        else:
+            mine = per_image_ece[(per_image_ece["calibrator"] == calibrator)
+                                 & per_image_ece["dataset"].isin(set(g["dataset"]))]
+            values = mine.sort_values(["dataset", "image_id"])["img_ece"].to_numpy()
+            mean = float(values.mean())
+            lo, hi = _interval(values, resamples, seed)
+        records[calibrator] = {"img_ece": mean, "lo": lo, "hi": hi, "nll": nll, "n_images": n}
+    return pd.DataFrame.from_dict(records, orient="index", columns=columns)
+
+
+def _ci(lo: float, hi: float) -> str:
+    return "no interval" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def recommend(heldout: pd.DataFrame, *, min_images: int = MIN_HELDOUT_IMAGES) -> Recommendation:
+    """Pick the calibrator by a rule fixed on the held-out calibration images only.
+
+    The rule: rank by held-out image-wise ECE (ties: NLL). With fewer than ``min_images``
+    held-out images nothing is picked. The leader is recommended only when its 95% interval
+    overlaps no other's (uncalibrated included); otherwise there is no clear winner.
+    Oracle rows are bounds, never candidates.
+
+    Args:
+        heldout: :func:`heldout_table`'s output.
+        min_images: the fewest held-out images needed to decide.
+
+    Returns:
+        The recommendation with its sentences.
+
+    Example:
+        >>> h = pd.DataFrame({"img_ece": [0.10, 0.04], "lo": [0.09, 0.03], "hi": [0.11, 0.05],
+        ...     "nll": [0.5, 0.4], "n_images": [20, 20]}, index=["uncalibrated", "temperature"])
+        >>> recommend(h).pick
+        'temperature'
+    """
+    candidates = heldout[[not is_reference_column(c) or c == UNCALIBRATED for c in heldout.index]]
+    if candidates.empty:
+        return Recommendation(None, "no held-out data", [
+            "No recommendation: the run has no held-out calibration images, and test sets are "
+            "never used to choose. Set `fit.heldout_fraction` > 0 and "
+            "`evaluate.include_heldout: true` to get one."
+        ], heldout=heldout)
+    ranked = candidates.assign(name=candidates.index).sort_values(
+        ["img_ece", "nll", "name"], kind="stable")
+    leader = str(ranked.index[0])
+    top = ranked.iloc[0]
+    n = int(top["n_images"])
+    base = heldout.loc[UNCALIBRATED] if UNCALIBRATED in heldout.index else None
+    base_text = "" if base is None or leader == UNCALIBRATED else (
+        f" against uncalibrated's {base['img_ece']:.3f} {_ci(base['lo'], base['hi'])}")
+    lead_text = (f"{leader} has the lowest image-wise ECE on the {n} held-out calibration "
+                 f"images, {top['img_ece']:.3f} {_ci(top['lo'], top['hi'])}{base_text}")
+    common = dict(leader=leader, n_images=n, heldout=heldout)
+    if n < min_images:
+        return Recommendation(None, "too small", [
+            f"No recommendation: the held-out part has {n} images, fewer than the "
+            f"{min_images} needed to decide (its intervals say little).",
+            f"For what it is worth, {lead_text}.",
+        ], **common)
+    if math.isnan(top["lo"]):
+        return Recommendation(None, "no intervals", [
+            "No recommendation: there are no bootstrap intervals (`evaluate.bootstrap: 0`), "
+            "so a clear lead cannot be told from noise.",
+            f"For what it is worth, {lead_text}.",
+        ], **common)
+    others = ranked.iloc[1:]
+    tied = [str(c) for c, r in others.iterrows() if r["lo"] <= top["hi"] and top["lo"] <= r["hi"]]
+    if tied:
+        names = ", ".join(tied)
+        plain = (" None is clearly better than uncalibrated." if UNCALIBRATED in [leader, *tied]
+                 else "")
+        return Recommendation(None, "no clear winner", [
+            f"No clear winner on the held-out calibration data: {lead_text}, but its 95% "
+            f"interval overlaps those of {names}.{plain}",
+            "Any of them is defensible; prefer the simplest (fewest parameters).",
+        ], tied=tied, **common)
+    if leader == UNCALIBRATED:
+        return Recommendation(UNCALIBRATED, "clear", [
+            f"Keep the model uncalibrated: {lead_text}; every calibrator is clearly worse "
+            "there.",
+        ], **common)
+    return Recommendation(leader, "clear", [
+        f"Use {leader}: {lead_text}; its 95% interval overlaps no other calibrator's.",
+    ], **common)
+
+
+def outcome_on_tests(summary: pd.DataFrame, pick: str | None) -> str:
+    """One sentence on how ``pick`` (or nothing) fares on the test sets (never used to choose)."""
+    test = summary[summary["role"] == "test"]
+    if pick is None or pick == UNCALIBRATED or test.empty:
+        return ""
+    wins, changes = 0, []
+    for _, g in test.groupby("dataset", sort=False):
+        ece = g.set_index("calibrator")["img_ece"]
+        if pick not in ece:
+            continue
+        rivals = ece[[not is_reference_column(c) or c == UNCALIBRATED for c in ece.index]]
+        wins += int(ece[pick] <= rivals.min())
+        if UNCALIBRATED in ece and ece[UNCALIBRATED] > 0:
+            changes.append(ece[pick] / ece[UNCALIBRATED] - 1)
+    n = test["dataset"].nunique()
+    mean = f"; image-wise ECE {100 * np.mean(changes):+.0f}% against uncalibrated on average" \
+        if changes else ""
+    return (f"On the test sets (shown, not used to choose) {pick} is lowest on {wins} of {n}"
+            f"{mean}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The matrix and the shift families
+
+
+def matrix_columns(summary: pd.DataFrame) -> list[str]:
+    """Calibrators in matrix order: uncalibrated, oracle bounds, then the rest as configured."""
+    names = list(dict.fromkeys(summary["calibrator"]))
+    refs = [c for c in names if is_reference_column(c)]
+    refs.sort(key=lambda c: c != UNCALIBRATED)
+    return refs + [c for c in names if c not in refs]
+
+
+def best_per_set(summary: pd.DataFrame) -> dict[str, str]:
+    """Dataset -> calibrator with the lowest image-wise ECE (oracle bounds excluded)."""
+    out = {}
+    for dataset, g in summary.groupby("dataset", sort=False):
+        g = g[[not is_reference_column(c) or c == UNCALIBRATED for c in g["calibrator"]]]
+        if not g.empty:
+            out[dataset] = str(g.sort_values(["img_ece", "nll"], kind="stable")
+                               ["calibrator"].iloc[0])
+    return out
+
+
+def families(cfg: JobConfig | None, summary: pd.DataFrame) -> dict[str, dict[int, str]]:
+    """Corruption family -> severity -> test dataset.
+
+    From the datasets' ``corruption`` in the config; datasets without one but named
+    ``<kind>-<n>`` with a reference domain count as well.
+    """
+    tests = summary[summary["role"] == "test"].drop_duplicates("dataset")
+    configured = {d.name: d for d in (cfg.datasets if cfg is not None else [])}
+    out: dict[str, dict[int, str]] = {}
+    for row in tests.itertuples(index=False):
+        ds = configured.get(row.dataset)
+        if ds is not None and ds.corruption is not None:
+            kind, severity = ds.corruption.kind, int(ds.corruption.severity)
+        elif isinstance(row.reference, str) and (m := _FAMILY.match(row.dataset)):
+            kind, severity = m["kind"], int(m["severity"])
+        else:
+            continue
+        out.setdefault(kind, {})[severity] = row.dataset
+    return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+
+def family_curves(
+    summary: pd.DataFrame, fams: Mapping[str, Mapping[int, str]]
+) -> dict[str, pd.DataFrame]:
+    """Family -> image-wise ECE per severity (rows; 0 is the reference domain) x calibrator."""
+    test = summary[summary["role"] == "test"]
+    curves = {}
+    for kind, sets in fams.items():
+        rows = test[test["dataset"].isin(set(sets.values()))]
+        table = rows.pivot_table(index="dataset", columns="calibrator", values="img_ece")
+        table.index = [next(s for s, d in sets.items() if d == name) for name in table.index]
+        refs = rows["reference"].dropna().unique()
+        if len(refs) == 1:
+            base = test[(test["domain"] == refs[0]) & test["reference"].isna()]
+            if not base.empty:
+                pooled = base.groupby("calibrator").apply(
+                    lambda g: np.average(g["img_ece"], weights=g["n_images"]),
+                    include_groups=False)
+                table.loc[0] = pooled
+        curves[kind] = table.sort_index()[[c for c in matrix_columns(rows) if c in table]]
+    return curves
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitted parameters, selector diagnostics, classes
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (int, float)):
+        value = float(value)
+        if abs(value) >= 1e6:
+            return f"{value:.0e}"
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _spread(values: Sequence[float]) -> str:
+    arr = np.asarray(values, dtype=float)
+    return f"mean {_num(arr.mean())}, range {_num(arr.min())} to {_num(arr.max())}"
+
+
+def describe_card(card: Mapping[str, Any], flagged: float | None = None) -> str:
+    """A calibrator's fitted values in plain words, from its ``calibrator.json``.
+
+    Args:
+        card: the artifact card.
+        flagged: share of held-out pixels the selector flags (score > 0.5), if known.
+
+    Example:
+        >>> describe_card({"name": "temperature", "summary": {"temperature": 1.3124}})
+        'one temperature, T = 1.31'
+    """
+    name, s = str(card.get("name")), dict(card.get("summary") or {})
+    options = dict(card.get("options") or {})
+    if name == "temperature" and "temperature" in s:
+        return f"one temperature, T = {_num(s['temperature'])}"
+    if name == "ets" and "temperature" in s:
+        w = s.get("weights") or []
+        mix = " / ".join(_num(x) for x in w)
+        return (f"one temperature, T = {_num(s['temperature'])}, mixed with the raw and the "
+                f"uniform distribution (weights {mix})")
+    if name in ("lts", "ibts"):
+        where = "per image" if name == "ibts" else "per pixel"
+        return (f"a small conv net predicts a temperature {where}, starting from "
+                f"T = {_num(s.get('init_temperature'))}")
+    if name == "meta_cal":
+        threshold = s.get("threshold")
+        gate = ("nothing gated" if threshold is None else
+                f"pixels with entropy above {_num(threshold)} nats (the {_num(s.get('quantile'))}"
+                " quantile) get the uniform distribution")
+        return f"one temperature, T = {_num(s.get('temperature'))}; {gate}"
+    if name == "vector" and "scale" in s:
+        return (f"one scale and one bias per class (scales {_spread(s['scale'])}; biases "
+                f"{_spread(s['bias'])})")
+    if name in ("matrix", "dirichlet") and "diag_mean" in s:
+        return (f"a full {card.get('num_classes')}x{card.get('num_classes')} linear map: "
+                f"diagonal mean {_num(s['diag_mean'])}, off-diagonal mean |w| "
+                f"{_num(s['offdiag_abs_mean'])}, ODIR strength {_num(s.get('odir'))}")
+    if name.startswith("selective") and "t_mis" in s:
+        t_cor = s.get("t_cor")
+        t_cor_text = (f"{_spread(t_cor)} (per class)" if isinstance(t_cor, list)
+                      else _num(t_cor))
+        parts = [f"a selector flags likely-wrong pixels ({options.get('gate', '?')} gate, "
+                 f"features {options.get('features', '?')}); flagged pixels get "
+                 f"T_mis = {_num(s['t_mis'])}"
+                 + (" (the uniform distribution)" if float(s["t_mis"]) >= 1e6 else "")
+                 + f", the others T_cor = {t_cor_text}"]
+        if isinstance(s.get("base"), dict) and options.get("base"):
+            parts.append(f"on top of {options['base']} "
+                         f"({describe_card({'name': options['base'], 'summary': s['base']})})")
+        if flagged is not None and not math.isnan(flagged):
+            parts.append(f"flags {100 * flagged:.1f}% of the held-out pixels")
+        return "; ".join(parts)
+    if not s:
+        return "no fitted values recorded"
+    return ", ".join(f"{k} = {_num(v) if not isinstance(v, list) else _spread(v)}"
+                     for k, v in s.items())
+
+
+def read_cards(output: Path, labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Label -> artifact card, for the labels whose card can be read (others are skipped)."""
+    from pipeline.calibrators.artifacts import read_card
+
+    cards = {}
+    for label in labels:
+        try:
+            cards[label] = read_card(output / "artifacts" / label)
+        except (FileNotFoundError, ValueError):
+            continue
+    return cards
+
+
+def selector_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per set x selector: AUROC against 1 - max p, flag precision and recall, verdict."""
+    rows = summary[summary["mis_auroc"].notna()]
+    out = pd.DataFrame({
+        "dataset": rows["dataset"], "calibrator": rows["calibrator"],
+        "selector AUROC": rows["mis_auroc"], "1 - max p AUROC": rows["msp_auroc"],
+        "flag precision": rows["flag_precision"], "flag recall": rows["flag_recall"],
+        "1 - max p precision": rows.get("msp_precision"),
+        "1 - max p recall": rows.get("msp_recall"),
+    })
+    out["verdict"] = np.where(rows["mis_auroc"] > rows["msp_auroc"] + 0.005,
+                              "better than 1 - max p", "no better than 1 - max p")
+    return out.reset_index(drop=True)
+
+
+def selector_sentence(table: pd.DataFrame) -> str:
+    """One sentence per selector: on how many sets it beats 1 - max p."""
+    lines = []
+    for calibrator, g in table.groupby("calibrator", sort=False):
+        worse = int((g["verdict"] != "better than 1 - max p").sum())
+        if worse == len(g):
+            lines.append(f"{calibrator}'s selector is no better than 1 - max p at finding wrong "
+                         f"pixels on any of the {len(g)} sets.")
+        elif worse:
+            lines.append(f"{calibrator}'s selector is no better than 1 - max p on {worse} of "
+                         f"{len(g)} sets.")
+        else:
+            lines.append(f"{calibrator}'s selector beats 1 - max p on all {len(g)} sets.")
+    return " ".join(lines)
+
+
+def flagged_share(per_image: pd.DataFrame) -> dict[str, float]:
+    """Calibrator -> share of held-out pixels its selector flags (score > 0.5)."""
+    out = {}
+    rows = per_image[per_image["dataset"].str.endswith(HELDOUT_SUFFIX)
+                     | (per_image["role"] == "calibration")]
+    for calibrator, g in rows.groupby("calibrator", sort=False):
+        cor, inc = (np.stack(g[c].to_numpy()).sum(0) for c in ("mis_hist_cor", "mis_hist_inc"))
+        total = cor.sum() + inc.sum()
+        if total == 0:
+            continue
+        half = len(cor) // 2
+        out[str(calibrator)] = float((cor[half:].sum() + inc[half:].sum()) / total)
+    return out
+
+
+def class_table(
+    per_image: pd.DataFrame, class_names: Sequence[str], calibrators: Sequence[str]
+) -> tuple[pd.DataFrame, str]:
+    """Per class: pixel share, classwise ECE per calibrator, mean probability vs frequency.
+
+    Pooled over the unshifted test sets (all test sets when every one is shifted); worst classes
+    (by uncalibrated classwise ECE) first.
+
+    Returns:
+        ``(table, where)``: ``where`` names the pooled sets.
+    """
+    test = per_image[per_image["role"] == "test"]
+    plain = test[test["reference"].isna() | (test["reference"] == "")]
+    rows = plain if not plain.empty else test
+    where = ", ".join(dict.fromkeys(rows["dataset"]))
+    records: dict[str, dict[str, float]] = {}
+    first = None
+    for calibrator in calibrators:
+        g = rows[rows["calibrator"] == calibrator]
+        if g.empty:
+            continue
+        c = int(g["num_classes"].iloc[0])
+        count, conf, correct = (np.stack(g[k].to_numpy()).sum(0).reshape(c, -1)
+                                for k in ("cls_count", "cls_conf_sum", "cls_correct_sum"))
+        total = max(int(count[0].sum()), 1)
+        ece = np.abs(conf - correct).sum(1) / total
+        if first is None:
+            first = calibrator
+            names = list(class_names) if len(class_names) == c else [f"class_{i}" for i in range(c)]
+            records = {n: {"pixel share": correct[i].sum() / total} for i, n in enumerate(names)}
+            for i, n in enumerate(names):
+                records[n]["mean p (uncal.)" if calibrator == UNCALIBRATED
+                           else f"mean p ({calibrator})"] = conf[i].sum() / total
+        for i, n in enumerate(records):
+            records[n][f"{calibrator}"] = ece[i]
+    if not records:
+        return pd.DataFrame(), where
+    table = pd.DataFrame.from_dict(records, orient="index")
+    table = table.sort_values(first, ascending=False)
+    table.index.name = "class"
+    return table.reset_index(), where
