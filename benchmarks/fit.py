@@ -4,10 +4,11 @@ Every registered calibrator (or those named with ``--calibrators``) is fitted on
 synthetic data (logits over-confident by a temperature of 2.5): pointwise ones on sampled pixels
 (default 1M fit + 200k held-out, 19 classes), spatial ones on maps. First in ``local`` mode,
 one calibrator at a time, then in ``ray`` mode through `pipeline.fit.fit_specs`, which fits all
-of them in one ``TorchTrainer`` run per worker count, each worker running the calibrator's own
-``fit`` on its shard with gradients and statistics all-reduced. Ray Train's start-up (worker
-and process group, dataset split, checkpoint) is paid once per run and printed apart from each
-calibrator's own fit seconds (rank 0) and the shard read. Held-out NLL is printed beside each
+of them in as many concurrent ``TorchTrainer`` runs as the cluster holds (per worker count),
+each worker running the calibrator's own ``fit`` on its shard with gradients and statistics
+all-reduced. Ray Train's start-up (worker and process group, dataset split, checkpoint) is paid
+once per run and printed apart from each calibrator's own fit seconds (rank 0) and the shard
+read. Held-out NLL is printed beside each
 time: local and Ray must agree (see tests/test_fit_ray.py).
 
 Run:
@@ -109,10 +110,12 @@ def main() -> None:
             start = time.perf_counter()
             fitted = fit_specs(_cfg(output, args.classes, "ray", workers), specs, data)
             wall = time.perf_counter() - start
-            timings = fitted[0][1]["ray"]
-            print(f"{run}: one TorchTrainer run, {wall:.1f} s in all: start-up "
-                  f"{timings['startup_seconds']:.1f} s, shard read {timings['load_seconds']:.1f} s,"
-                  f" fits {sum(timings['fit_seconds'].values()):.1f} s")
+            trainer_runs = list({id(e["ray"]): e["ray"] for _, e in fitted}.values())
+            print(f"{run}: {len(trainer_runs)} concurrent TorchTrainer run(s), {wall:.1f} s in all")
+            for t in trainer_runs:
+                print(f"  {t['calibrators_in_run']} calibrator(s): start-up "
+                      f"{t['startup_seconds']:.1f} s, shard read {t['load_seconds']:.1f} s, "
+                      f"fits {sum(t['fit_seconds'].values()):.1f} s")
             for spec, (calibrator, extra) in zip(specs, fitted, strict=True):
                 seconds[spec.key, run] = extra["seconds"]
                 held = data[calibrator.spatial][1]

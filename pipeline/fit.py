@@ -654,8 +654,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shards = {layout: _shard_tensors(ray.train.get_dataset_shard(layout)) for layout in layouts}
     heldout = {layout: None if config["heldout"][layout] is None
                else ray.get(config["heldout"][layout]) for layout in layouts}
-    metrics: dict[str, Any] = {"load_seconds": time.perf_counter() - start, "fit_seconds": {},
-                               "rows": {k: len(v["label"]) for k, v in shards.items()}}
+    metrics: dict[str, Any] = {"load_seconds": time.perf_counter() - start, "fit_seconds": {}}
     states = {}
     for job in config["jobs"]:
         rows, layout = shards[job["layout"]], job["layout"]
@@ -768,10 +767,11 @@ def fit_specs(
 ) -> list[tuple[Calibrator, dict[str, Any]]]:
     """Fit calibrator specs on in-memory data, in ``cfg.fit.mode`` (what `run` does).
 
-    ``local``: each calibrator's ``fit`` in this process. ``ray``: one TorchTrainer run of
-    ``cfg.fit.num_workers`` workers fits all of them, each worker running the same ``fit`` on
-    its shard of the rows (see `train_loop_per_worker`); a calibrator without the
-    ``distributed`` capability is fitted here instead, with a warning.
+    ``local``: each calibrator's ``fit`` in this process. ``ray``: TorchTrainer runs of
+    ``cfg.fit.num_workers`` workers, as many at once as the cluster holds (`_concurrent_runs`),
+    fit them, each worker running the same ``fit`` on its shard of the rows (see
+    `train_loop_per_worker`); a calibrator without the ``distributed`` capability is fitted
+    here instead, with a warning.
 
     Args:
         cfg: The run config (``model.num_classes``, ``fit``, and ``output`` for Ray Train's
