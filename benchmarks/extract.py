@@ -30,6 +30,7 @@ exceeds them) from ../shared or CAMVID_ROOT, else generated ones::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -197,7 +198,8 @@ def model_alone_rate(cfg: JobConfig, samples: list[Sample], device: torch.device
     x = torch.from_numpy(np.stack(images)).to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     reps = max(3, 64 // batch)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    autocast = contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype)
+    with autocast:
         model(x)
         _sync(device)
         start = time.perf_counter()

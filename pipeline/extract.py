@@ -32,6 +32,7 @@ manifest's ``skipped`` list (up to ``extract.max_skipped_fraction`` of the datas
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -205,8 +206,9 @@ class LogitPredictor:
         if self.device.type == "cuda":
             # Pinned memory lets the copy overlap the previous batch's work.
             x = x.pin_memory().to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
-                            enabled=self.autocast is not None):
+        autocast = (contextlib.nullcontext() if self.autocast is None
+                    else torch.autocast(self.device.type, dtype=self.autocast))
+        with autocast:
             logits = self.model(x)
         logits = logits.float()
         if self.cfg.label_resolution:
