@@ -56,8 +56,9 @@ def model_fingerprint(cfg: ModelConfig) -> str:
 
     It covers the weights (file bytes; every file of a model folder; the source file of a
     ``python`` factory) and the config fields that change logits (kind, arch, num_classes,
-    input_size, channel_order, scale, mean, std, scales, flip, output_index). File hashes are
-    cached per (path, size, mtime), so repeated calls are cheap.
+    input_size, channel_order, scale, mean, std, scales, flip, output_index, and drop_channels
+    unless it drops only the last channels). File hashes are cached per (path, size, mtime), so
+    repeated calls are cheap.
 
     Args:
         cfg: the model config.
@@ -70,8 +71,12 @@ def model_fingerprint(cfg: ModelConfig) -> str:
         ValueError: a sha256 mismatch or a malformed python factory path.
     """
     fields = {name: getattr(cfg, name) for name in _LOGIT_FIELDS}
-    if cfg.drop_channels is not None:  # only when set: fingerprints without it stay the same
-        fields["drop_channels"] = cfg.drop_channels
+    # Dropping the last channels keeps the first num_classes, as without drop_channels: the same
+    # logits, so the same fingerprint (and a config that adds `drop_channels: [11]` keeps its
+    # shards); any other drop names other logits.
+    drop = sorted(cfg.drop_channels or ())
+    if drop != list(range(cfg.num_classes, cfg.num_classes + len(drop))):
+        fields["drop_channels"] = drop
     blob = json.dumps({"weights": _weights_digest(cfg), **fields}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
 
