@@ -132,7 +132,7 @@ def _image_tensor(record: ImageRecord) -> torch.Tensor | None:
 
 
 class StageTimer:
-    """Wall time per evaluation stage (``benchmarks/evaluate.py --profile``).
+    """Time per evaluation stage (``benchmarks/evaluate.py --profile``).
 
     ``timer(stage)`` is a context manager that adds the time spent inside it to
     ``seconds[stage]``; on CUDA it synchronises first, so that each stage is charged for its
@@ -189,6 +189,11 @@ def image_stats_per_calibrator(
     use_numba = stats_backend == "numba" or (stats_backend == "auto" and device.type == "cpu")
     size = (record.height, record.width)
     c = record.logits.shape[0]
+    if tuple(record.labels.shape) != size:
+        raise ValueError(
+            f"Expected the labels of image {record.image_id!r} of shape {size} (its height and "
+            f"width), but got {tuple(record.labels.shape)}"
+        )
     with timer("float16 -> float32"):
         # A copy: shard arrays are read-only views of Arrow buffers. To a GPU the float16
         # values travel as they are stored (half the bytes) and widen there, exactly.

@@ -112,3 +112,11 @@ def test_rows_table_equals_the_table_of_row_dicts(calibrators):
     got = rows_table(keys, stats)
     assert got.equals(pa.Table.from_pylist(dicts, schema=ROW_SCHEMA))
     assert rows_table([], []).equals(ROW_SCHEMA.empty_table())
+
+
+def test_labels_of_another_size_are_refused(calibrators):
+    import dataclasses
+
+    bad = dataclasses.replace(record(0), labels=np.zeros((H, W + 1), np.uint8))
+    with pytest.raises(ValueError, match=r"labels of image 'img0' of shape \(24, 32\)"):
+        image_rows(bad, calibrators, meta=META, n_bins=15, boundary_width=2, ignore_index=255)
