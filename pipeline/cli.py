@@ -2,6 +2,8 @@
 
 Commands (each has ``--help``; ``--set key=value`` overrides a config key, repeatable)::
 
+    segcal check CONFIG            the preflight alone: datasets listed, one image of each through
+                                   the model, channel count, input recipe, a quick mIoU
     segcal run CONFIG              extract, fit, evaluate, report; skips stages that are current
     segcal demo [--data DIR] [--weights FILE] [--quick]   CamVid + ESPNet (found or downloaded),
                                    all stages, then the headline table
@@ -13,14 +15,21 @@ Commands (each has ``--help``; ``--set key=value`` overrides a config key, repea
     segcal promote DIR RUN_ID      point DIR/current at a stored run (by hand, e.g. to roll back)
     segcal status DIR              the current champion and the last decisions
 
+``run``, ``extract`` and ``refresh`` run the preflight (:mod:`pipeline.preflight`) before Ray
+starts (``--no-check`` skips it). ``-v`` (tracebacks, INFO logs) and ``-q`` (no preflight
+lines) go before or after the command. A failure prints one line naming the original error;
+its traceback is shown with ``-v`` and written to ``OUTPUT/error.log``.
+
 Exit codes, for scripts:
 
     0  success (for ``refresh``: the challenger was promoted or the champion kept; see the
        printed decision or ``segcal status``)
     1  a stage failed, or the submitted job failed (``submit --follow`` returns the job's own
        exit code when it has one)
-    2  usage or config error (bad arguments, unreadable or invalid config, unknown key; for
-       ``demo``: CamVid or the weights missing, malformed or not downloadable, with what to set)
+    2  usage or config error (bad arguments, unreadable or invalid config, unknown key; a
+       preflight error: missing data or labels, a model that does not load or outputs the wrong
+       channel count; for ``demo``: CamVid or the weights missing, malformed or not
+       downloadable, with what to set)
     3  the cluster or the registry is unavailable: unreachable address, credentials refused,
        registry locked by another refresh, broken ``current``, unknown run
 
@@ -39,7 +48,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
@@ -60,7 +69,27 @@ class UsageError(Exception):
 def _load(args: argparse.Namespace) -> JobConfig:
     from pipeline.config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    args.output_dir = cfg.output  # where a failure's traceback goes (error.log)
+    return cfg
+
+
+def _preflight(args: argparse.Namespace, cfg: JobConfig) -> None:
+    """Run the preflight unless ``--no-check``; print its lines (not with -q) and warnings.
+
+    Raises:
+        PreflightError: a mistake that would fail the run (printed as one line, exit code 2).
+    """
+    if getattr(args, "no_check", False):
+        return
+    from pipeline.preflight import preflight
+
+    quiet = getattr(args, "quiet", False)
+    # On stderr: stdout stays the command's result (the report path, the decision).
+    echo = None if quiet else (lambda line: print(f"check: {line}", file=sys.stderr, flush=True))
+    report = preflight(cfg, echo=echo)
+    for warning in report.warnings:
+        print(f"segcal {args.command}: warning: {warning}", file=sys.stderr)
 
 
 def _init_ray() -> None:
@@ -89,6 +118,8 @@ def _run_all(args: argparse.Namespace) -> Path:
     from pipeline.refresh import STAGES, run_stages
 
     cfg = _load(args)
+    if args.command != "demo":  # the demo's shipped config is known good
+        _preflight(args, cfg)
     _init_ray()
     ran = run_stages(cfg, STAGES, force=args.force)
     for stage, did in ran.items():
@@ -123,9 +154,22 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from pipeline.refresh import run_stages
 
     cfg = _load(args)
+    if args.command == "extract":  # the only stage that reads the data and runs the model
+        _preflight(args, cfg)
     if args.command in RAY_STAGES:
         _init_ray()
     run_stages(cfg, [args.command], force=True)
+    return OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pipeline.preflight import preflight
+
+    cfg = _load(args)
+    report = preflight(cfg, images_per_dataset=args.images, echo=print)
+    for warning in report.warnings:
+        print(f"segcal check: warning: {warning}", file=sys.stderr)
+    print(f"check: {'ok' if not report.warnings else f'{len(report.warnings)} warning(s)'}")
     return OK
 
 
@@ -245,6 +289,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     root = args.registry or cfg.refresh.registry
     if not root:
         raise UsageError("Expected a registry: pass --registry DIR or set refresh.registry")
+    _preflight(args, cfg)
     _init_ray()
     _print_decision(refresh(cfg, root))
     return OK
@@ -317,8 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 stage or job failed, 2 usage/config error, "
         "3 cluster or registry unavailable.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    _add_verbosity(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # -v/-q after the command too; SUPPRESS keeps a sub-parser from resetting what the main
+    # parser read before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_verbosity(common, default=argparse.SUPPRESS)
+
+    def add(
+        name: str, *, parents: Sequence[argparse.ArgumentParser] = (), **kwargs: Any
+    ) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[*parents, common], **kwargs)
+
+    no_check = argparse.ArgumentParser(add_help=False)
+    no_check.add_argument(
+        "--no-check", action="store_true",
+        help="skip the preflight (datasets, one image through the model) before Ray starts",
+    )
 
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument("config", help="run config (YAML)")
@@ -331,11 +391,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set fit.epochs=5 (repeatable)",
     )
 
-    p = sub.add_parser("run", parents=[config], help="run all stages, skipping current ones")
+    p = add(
+        "check",
+        parents=[config],
+        help="the preflight alone: datasets, one image through the model, recipe, quick mIoU",
+        description="List every dataset (images, labels; unmatched images with the folder "
+        "searched, the rule and near misses), run labelled images of each through the model on "
+        "this machine, check the output's channel count against model.num_classes (and "
+        "model.drop_channels), the normalised input's mean and std, that predictions are not "
+        "one class, and a quick pixel accuracy / mIoU against chance. Errors exit with code 2 "
+        "and one line naming the cause and the fix; warnings are printed. Ray is not started.",
+    )
+    p.add_argument(
+        "--images", type=int, default=2, metavar="N",
+        help="labelled images per dataset to score (default 2; 1 for corrupted datasets)",
+    )
+    p.set_defaults(func=cmd_check)
+
+    p = add(
+        "run", parents=[config, no_check], help="run all stages, skipping current ones"
+    )
     p.add_argument("--force", action="store_true", help="rerun every stage")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
+    p = add(
         "demo",
         help="CamVid + pretrained ESPNet: all stages, then the headline table",
         description="Run configs/camvid_espnet.yaml (or camvid_quick.yaml with --quick) on CamVid "
@@ -357,9 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "stage 3: evaluate and aggregate metrics"),
         ("report", "write the Markdown/HTML report"),
     ):
-        sub.add_parser(stage, parents=[config], help=text).set_defaults(func=cmd_stage)
+        parents = [config, no_check] if stage == "extract" else [config]
+        add(stage, parents=parents, help=text).set_defaults(func=cmd_stage)
 
-    p = sub.add_parser(
+    p = add(
         "export",
         parents=[config],
         help="write TorchScript calibrators",
@@ -377,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pipeline.submit import JOBS  # light: no Ray import at module level
 
-    p = sub.add_parser(
+    p = add(
         "submit",
         parents=[config],
         help="submit a stage to a Ray cluster as a Ray job",
@@ -415,21 +495,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_submit, job_args=[])
 
-    p = sub.add_parser("refresh", parents=[config], help="nightly refresh with safe promotion")
+    p = add(
+        "refresh", parents=[config, no_check], help="nightly refresh with safe promotion"
+    )
     p.add_argument("--registry", help="registry folder (default: refresh.registry in the config)")
     p.set_defaults(func=cmd_refresh)
 
-    p = sub.add_parser("promote", help="point the registry's current at a stored run")
+    p = add("promote", help="point the registry's current at a stored run")
     p.add_argument("registry", help="registry folder")
     p.add_argument("run_id", help="run id (a folder name under DIR/runs)")
     p.add_argument("--reason", default="manual promotion", help="recorded in history.jsonl")
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("status", help="show the current champion and the last decisions")
+    p = add("status", help="show the current champion and the last decisions")
     p.add_argument("registry", help="registry folder")
     p.add_argument("--last", type=int, default=10, help="decisions to show (default 10)")
     p.set_defaults(func=cmd_status)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, *, default: object) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=default,
+        help="log progress (INFO) and print the full traceback of a failure",
+    )
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=default,
+        help="only warnings and errors (no preflight lines)",
+    )
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -457,14 +551,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``segcal`` console script; returns the exit code."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING,
         format="segcal: %(levelname)s: %(message)s",
     )
     return _dispatch(args)
 
 
+# A line of a formatted traceback naming an exception: "ValueError: Expected ...".
+_ERROR_LINE = re.compile(r"^\s*((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): \S.*$")
+
+
+def root_cause(err: BaseException) -> str:
+    """The original error behind ``err``, as one ``Type: message`` line.
+
+    Follows ``__cause__`` and the ``cause`` that Ray's task errors keep; a Ray error whose
+    message holds a remote traceback gives that traceback's last ``...Error: message`` line,
+    so the cause reads the same whether a stage ran in this process or in a Ray worker.
+
+    Example:
+        >>> try:
+        ...     raise RuntimeError("stage failed") from ValueError("Expected 11 channels")
+        ... except RuntimeError as e:
+        ...     root_cause(e)
+        'ValueError: Expected 11 channels'
+    """
+    chain: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and all(e is not seen for seen in chain):
+        chain.append(e)
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else e.__cause__
+    # Innermost first: the original error; an empty message (Ray's SystemException) says
+    # nothing, so look further out.
+    for e in reversed(chain):
+        found = [m.group(0).strip() for m in map(_ERROR_LINE.match, str(e).splitlines()) if m]
+        if found:
+            return found[-1]
+    for e in reversed(chain):
+        text = str(e).strip()
+        if text:
+            first = text.splitlines()[0]
+            more = " ..." if len(text.splitlines()) > 1 else ""
+            return f"{type(e).__name__}: {first}{more}"
+    return type(err).__name__
+
+
+def _write_error_log(args: argparse.Namespace, err: BaseException) -> Path | None:
+    output = getattr(args, "output_dir", None)
+    if not output or "://" in str(output):
+        return None
+    path = Path(output) / "error.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(traceback.format_exception(err))
+        path.write_text(f"segcal {args.command} {getattr(args, 'config', '')}\n{text}")
+    except OSError:
+        return None
+    return path
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
+    from pipeline.preflight import PreflightError
     from pipeline.registry import RegistryError
     from pipeline.submit import SubmitError
 
@@ -473,12 +621,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     except (ConfigError, UsageError) as err:
         print(f"segcal {args.command}: {err}", file=sys.stderr)
         return USAGE
+    except PreflightError as err:
+        print(f"segcal {args.command}: preflight: {err}", file=sys.stderr)
+        return USAGE
     except (RegistryError, SubmitError) as err:
         print(f"segcal {args.command}: {err}", file=sys.stderr)
         return UNAVAILABLE
     except Exception as err:
-        traceback.print_exc()
-        print(f"segcal {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        log = _write_error_log(args, err)
+        where = [] if args.verbose else ["rerun with -v for the traceback"]
+        if log is not None:
+            where.append(f"traceback in {log}")
+        hint = f" ({'; '.join(where)})" if where else ""
+        print(f"segcal {args.command}: failed: {root_cause(err)}{hint}", file=sys.stderr)
         return FAILED
 
 
