@@ -170,7 +170,8 @@ def _sq_sum(xv: Tensor) -> Tensor:
     sq = torch.zeros(xv.shape[1], dtype=xv.dtype, device=xv.device)
     squares = xv.double().square_()
     for k in range(xv.shape[0]):
-        sq = (squares[k] + sq).to(xv.dtype)
+        # One kernel per class: the sum is computed in float64 and rounded once on the store.
+        torch.add(squares[k], sq, out=sq)
     return sq.double()
 
 
