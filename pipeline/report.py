@@ -173,7 +173,7 @@ def plot_family(kind: str, curve: pd.DataFrame, ylim: tuple[float, float], path:
     Returns:
         ``path``.
     """
-    fig = Figure(figsize=(3.3, 2.6))
+    fig = Figure(figsize=(3.2, 3.4))
     ax = fig.subplots()
     for i, calibrator in enumerate(curve.columns):
         style = {"color": "black", "ls": "--"} if calibrator == UNCALIBRATED else \
@@ -183,7 +183,8 @@ def plot_family(kind: str, curve: pd.DataFrame, ylim: tuple[float, float], path:
     ax.set(title=kind, xlabel="severity (0: reference)", ylabel="image-wise ECE", ylim=ylim,
            xticks=list(curve.index))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper left")
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2,
+              frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -272,7 +273,7 @@ def build(
         test_sets=list(dict.fromkeys(summary.loc[~held & (summary["role"] == "test"),
                                                  "dataset"])),
         shift=tables[DOMAIN_SHIFT], shift_figures=dict(shift_figures or {}), params=params,
-        selectors=selectors, selector_text=rd.selector_sentence(selectors),
+        selectors=selectors, selector_text=rd.selector_sentence(summary),
         classes=classes, classes_where=where, figures=dict(figures),
     )
 
@@ -366,7 +367,7 @@ def render_markdown(content: Content) -> str:
         md += [f"- **{label}**: {text}" for label, text in content.params.items()] + [""]
     if not content.selectors.empty:
         md += ["## Selector diagnostics", "", content.selector_text, "",
-               _markdown_table(content.selectors, 3), ""]
+               _markdown_table(content.selectors), ""]
     if not content.classes.empty:
         md += ["## Classwise ECE per class (worst first)", "",
                f"Pooled over {content.classes_where}. Calibrator columns: that calibrator's "

@@ -178,8 +178,7 @@ def recommend(heldout: pd.DataFrame, *, min_images: int = MIN_HELDOUT_IMAGES) ->
             "never used to choose. Set `fit.heldout_fraction` > 0 and "
             "`evaluate.include_heldout: true` to get one."
         ], heldout=heldout)
-    ranked = candidates.assign(name=candidates.index).sort_values(
-        ["img_ece", "nll", "name"], kind="stable")
+    ranked = candidates.sort_values(["img_ece", "nll"], kind="stable")  # ties: config order
     leader = str(ranked.index[0])
     top = ranked.iloc[0]
     n = int(top["n_images"])
@@ -400,29 +399,43 @@ def read_cards(output: Path, labels: Sequence[str]) -> dict[str, dict[str, Any]]
     return cards
 
 
+def _beats(selector: float, baseline: float) -> bool:
+    """Whether a selector's AUROC beats 1 - max p's by more than rounding (0.005)."""
+    return selector > baseline + 0.005
+
+
 def selector_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per set x selector: AUROC against 1 - max p, flag precision and recall, verdict."""
+    """One row per set, two columns per selector: AUROC against 1 - max p, flag quality.
+
+    The AUROC cell reads ``selector / 1 - max p`` and says ``no better`` when the selector does
+    not beat the baseline (by more than 0.005); the flags cell reads ``precision / recall`` of
+    the pixels it flags (score > 0.5).
+    """
     rows = summary[summary["mis_auroc"].notna()]
-    out = pd.DataFrame({
-        "dataset": rows["dataset"], "calibrator": rows["calibrator"],
-        "selector AUROC": rows["mis_auroc"], "1 - max p AUROC": rows["msp_auroc"],
-        "flag precision": rows["flag_precision"], "flag recall": rows["flag_recall"],
-        "1 - max p precision": rows.get("msp_precision"),
-        "1 - max p recall": rows.get("msp_recall"),
-    })
-    out["verdict"] = np.where(rows["mis_auroc"] > rows["msp_auroc"] + 0.005,
-                              "better than 1 - max p", "no better than 1 - max p")
-    return out.reset_index(drop=True)
+    if rows.empty:
+        return pd.DataFrame()
+    cells: dict[str, dict[str, str]] = {}
+    for r in rows.itertuples(index=False):
+        verdict = "" if _beats(r.mis_auroc, r.msp_auroc) else " no better"
+        cells.setdefault(r.dataset, {})[f"{r.calibrator}: AUROC / 1 - max p"] = (
+            f"{r.mis_auroc:.3f} / {r.msp_auroc:.3f}{verdict}")
+        cells[r.dataset][f"{r.calibrator}: flags precision / recall"] = (
+            f"{r.flag_precision:.3f} / {r.flag_recall:.3f}")
+    table = pd.DataFrame.from_dict(cells, orient="index").fillna("–")
+    table.index.name = "set"
+    return table.reset_index()
 
 
-def selector_sentence(table: pd.DataFrame) -> str:
-    """One sentence per selector: on how many sets it beats 1 - max p."""
+def selector_sentence(summary: pd.DataFrame) -> str:
+    """Per selector, in plain words: on how many sets it beats 1 - max p at finding errors."""
+    rows = summary[summary["mis_auroc"].notna()]
     lines = []
-    for calibrator, g in table.groupby("calibrator", sort=False):
-        worse = int((g["verdict"] != "better than 1 - max p").sum())
+    for calibrator, g in rows.groupby("calibrator", sort=False):
+        worse = int(sum(not _beats(a, b) for a, b in zip(g["mis_auroc"], g["msp_auroc"],
+                                                         strict=True)))
         if worse == len(g):
-            lines.append(f"{calibrator}'s selector is no better than 1 - max p at finding wrong "
-                         f"pixels on any of the {len(g)} sets.")
+            lines.append(f"{calibrator}'s selector is no better than 1 - max p at finding "
+                         f"mispredicted pixels on any of the {len(g)} sets.")
         elif worse:
             lines.append(f"{calibrator}'s selector is no better than 1 - max p on {worse} of "
                          f"{len(g)} sets.")

@@ -31,14 +31,15 @@ border-bottom:1px solid #ddd}
 .rec{border-left:5px solid #2a7;background:#f3faf6;padding:8px 12px;margin:8px 0}
 .rec.none{border-color:#d90;background:#fdf8ec}
 .rec p{margin:3px 0}.rec p:first-child{font-weight:600}
-table{border-collapse:collapse;width:100%;table-layout:fixed;margin:6px 0}
-th,td{padding:3px 5px;border-bottom:1px solid #e4e4e4;text-align:right;
-overflow-wrap:anywhere}
+table{border-collapse:collapse;width:100%;margin:6px 0}
+th,td{padding:3px 5px;border-bottom:1px solid #e4e4e4;text-align:right}
 th{background:#f4f4f4;font-weight:600;font-size:12px;vertical-align:bottom}
 th:first-child,td:first-child{text-align:left}
-table.m{font-size:13px}
+table.m{font-size:13px;table-layout:fixed}
+table.m th,table.m td{overflow-wrap:anywhere}
 table.m th:first-child{width:170px}
-table.m td{text-align:center;line-height:1.15}
+table.m td,table.m th{text-align:center;line-height:1.15}
+table.m td:first-child,table.m th:first-child{text-align:left}
 table.m th.ref,table.m td.ref{border-left:2px solid #bbb}
 table.m th.ref{font-style:italic;color:#555}
 table.m td.best{font-weight:700;outline:2px solid #185;outline-offset:-2px}
@@ -48,13 +49,12 @@ border-bottom:1px solid #ccc}
 .ci{display:block;font-size:10px;color:#555;font-weight:400;white-space:nowrap}
 .small{font-size:12px;color:#555}
 .plots{display:flex;flex-wrap:wrap;gap:8px}
-.plots img{width:330px;max-width:100%;border:1px solid #eee}
+.plots img{width:320px;max-width:100%;border:1px solid #eee}
 img.rel{max-width:100%;border:1px solid #eee}
 table.t{font-size:12px}
 table.s{font-size:11px}
-table.s td{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+table.s td{white-space:nowrap}
 table.s th{cursor:pointer}
-table.s th:first-child{width:150px}
 table.s tr.g th{background:#e9eef5;text-align:left;font-size:12px;cursor:default}
 .scroll{overflow-x:auto;max-width:100%}
 ul.params{padding-left:18px;margin:4px 0}
@@ -110,8 +110,8 @@ def table_html(table: pd.DataFrame, *, digits: int = 4, cls: str = "t") -> str:
     head = "".join(f"<th>{_head(c)}</th>" for c in table.columns)
     rows = ["<tr>" + "".join(f"<td>{esc(_fmt(v, digits))}</td>" for v in row) + "</tr>"
             for row in table.itertuples(index=False)]
-    return (f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
-            "</tbody></table>")
+    return (f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 def matrix_html(content: Content) -> str:
@@ -205,7 +205,7 @@ def render_html(content: Content) -> str:
         body.append("</ul>")
     if not content.selectors.empty:
         body += ["<h2>Selector diagnostics</h2>", f"<p>{esc(content.selector_text)}</p>",
-                 table_html(content.selectors, digits=3)]
+                 table_html(content.selectors)]
     if not content.classes.empty:
         body += ["<h2>Classwise ECE per class</h2>",
                  f'<p class="small">Pooled over {esc(content.classes_where)}; worst classes '
