@@ -732,6 +732,7 @@ def miou_from_confusion(confusion: np.ndarray) -> float:
 
 
 _TOP_BLOCK = 128  # pixels per block of the top-label pass: its scratch stays in L1
+_PARALLEL_MIN = 1 << 20  # probabilities from which ece/image_ece reduce parts on threads
 _LANES = 4  # interleaved bin copies: consecutive pixels in one bin do not wait on each other
 
 
@@ -969,7 +970,8 @@ def _top_label_bins(
             args += (tol,)
         kernel(*args, count[i], conf_sum[i], correct_sum[i], bad[i])
 
-    threads = min(torch.get_num_threads(), len(parts))
+    # Threads only pay off on large inputs (a pool costs ~0.1 ms to start).
+    threads = min(torch.get_num_threads(), len(parts)) if x.size >= _PARALLEL_MIN else 1
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, range(len(parts))))
