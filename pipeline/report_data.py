@@ -190,7 +190,8 @@ def recommend(heldout: pd.DataFrame, *, min_images: int = MIN_HELDOUT_IMAGES) ->
     common = dict(leader=leader, n_images=n, heldout=heldout)
     if n < min_images:
         return Recommendation(None, "too small", [
-            f"No recommendation: the held-out part has {n} images, fewer than the "
+            f"No recommendation: the held-out part has {n} image{'' if n == 1 else 's'}, "
+            f"fewer than the "
             f"{min_images} needed to decide (its intervals say little).",
             f"For what it is worth, {lead_text}.",
         ], **common)
