@@ -29,6 +29,7 @@ inputs with std 0.004).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -103,6 +104,8 @@ def recipe_advice(m: ModelConfig, mean: float, std: float) -> str | None:
         >>> recipe_advice(cfg, 0.1, 1.0) is None
         True
     """
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        return None  # e.g. a one-pixel image; non-finite logits are the model's own check
     if abs(mean) < MEAN_LIMIT and STD_RANGE[0] < std < STD_RANGE[1]:
         return None
     big_stats = max(m.std) > 1.5 or max(abs(v) for v in m.mean) > 1.5
@@ -302,10 +305,12 @@ def preflight(
 
     with torch.no_grad():
         x = model.preprocess(batch)
-    report.input_mean, report.input_std = float(x.mean()), float(x.std())
+    # The std within each channel (the spread across channels is the mean's business).
+    report.input_mean = float(x.mean())
+    report.input_std = float(x.std(dim=(0, 2, 3)).mean())
     per_channel = [round(float(v), 3) for v in x.mean(dim=(0, 2, 3))]
     line(f"normalised input of {where}: mean {report.input_mean:.3g} (per channel "
-         f"{per_channel}), std {report.input_std:.3g}")
+         f"{per_channel}), std {report.input_std:.3g} (mean of the channels' std)")
     advice = recipe_advice(m, report.input_mean, report.input_std)
 
     cache: dict[tuple, torch.Tensor] = {}
