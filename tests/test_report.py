@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -7,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_evaluate import make_run
+from test_evaluate import DATASETS, make_run
 
-from pipeline import evaluate, report
+from pipeline import evaluate, report, report_data
 from pipeline.metrics.functional import ece_from_bins
 
 
@@ -114,3 +115,89 @@ def test_failed_report_leaves_the_previous_one_and_drops_stale_plots(tmp_path, m
     report.write(cfg)
     assert not stale.exists()
     assert np.all([(output / "plots" / f"{d}.png").is_file() for d in ("day", "dusk")])
+
+
+SHIFTED = (
+    # name, role, domain, reference, images, seed, logit scale
+    ("cal", "calibration", "day", None, 12, 3, 3.0),
+    ("day", "test", "day", None, 4, 1, 3.0),
+    ("fog-1", "test", "fog-1", "day", 3, 2, 4.0),
+    ("fog-3", "test", "fog-3", "day", 3, 4, 6.0),
+)
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory):
+    """A run with a held-out calibration part and one corruption family at two severities."""
+    cfg, _ = make_run(tmp_path_factory.mktemp("shifted"), SHIFTED)
+    evaluate.run(cfg, local=True)
+    return cfg, report.write(cfg)
+
+
+def test_first_screen_is_the_recommendation_then_the_matrix(shifted):
+    cfg, page = shifted
+    text = page.read_text()
+    summary = pd.read_csv(Path(cfg.output) / "summary.csv")
+    held = summary[summary.dataset == "cal-heldout"]
+    n = int(held.n_images.iloc[0])
+    assert 0 < n < report_data.MIN_HELDOUT_IMAGES
+    assert text.index('id="recommendation"') < text.index("<table")
+    assert text.index("<table") == text.index('<table class="m" id="matrix">')  # the first table
+    box = text[text.index('id="recommendation"'):text.index("</div>")]
+    assert f"the held-out part has {n} image" in box
+    assert f"fewer than the {report_data.MIN_HELDOUT_IMAGES} needed to decide" in box
+    # The matrix: the held-out row apart, then one row per test set; one star per row.
+    matrix = text[text.index('id="matrix"'):]
+    matrix = matrix[:matrix.index("</table>")]
+    rows = matrix.split("<tr")[2:]
+    names = [r.split("<td>")[1].split("</td>")[0] for r in rows if 'class="sep"' not in r]
+    assert names == ["cal-heldout", "day", "fog-1", "fog-3"]
+    for row, name in zip([r for r in rows if 'class="sep"' not in r], names, strict=True):
+        assert row.count("★") == 1
+        best = summary[summary.dataset == name].sort_values("img_ece").iloc[0]
+        star = row[:row.index("★")]
+        assert star[star.rindex("title="):].startswith(f'title="{best.calibrator} on {name}')
+        # The interval on hover and in a second line.
+        r = summary[(summary.dataset == name) & (summary.calibrator == "uncalibrated")].iloc[0]
+        assert f"[{r.img_ece_lo:.3f}, {r.img_ece_hi:.3f}]" in row
+        assert 'class="ref"' in row  # uncalibrated is a reference column
+
+
+def test_shift_curves_fitted_values_and_classes(shifted):
+    cfg, page = shifted
+    output = Path(cfg.output)
+    text = page.read_text()
+    assert '<img src="plots/shift-fog.png"' in text
+    with Image.open(output / "plots" / "shift-fog.png") as image:
+        assert image.format == "PNG"
+    assert "![fog](plots/shift-fog.png)" in (output / "report.md").read_text()
+    assert "In-domain vs shifted" in text
+    card = json.loads((output / "artifacts" / "temperature" / "calibrator.json").read_text())
+    assert f"one temperature, T = {card['summary']['temperature']:.3g}" in text
+    # Classwise ECE per class, pooled over the unshifted test set: its mean is the set's SCE.
+    summary = pd.read_csv(output / "summary.csv")
+    per_image = report.read_per_image(output / "per_image.parquet")
+    classes, where = report_data.class_table(per_image, cfg.model.names(),
+                                             ["uncalibrated", "temperature"])
+    assert where == "day"
+    for c in ("uncalibrated", "temperature"):
+        sce = summary[(summary.dataset == "day") & (summary.calibrator == c)].sce.iloc[0]
+        assert classes[c].mean() == pytest.approx(sce, abs=1e-12)
+    assert list(classes["uncalibrated"]) == sorted(classes["uncalibrated"], reverse=True)
+    assert "Classwise ECE per class" in text
+
+
+def test_sections_with_nothing_to_show_are_left_out(reported, tmp_path):
+    _, page = reported  # day and dusk: a shifted set, but no corruption family, no selector
+    text = page.read_text()
+    assert "In-domain vs shifted" in text
+    for absent in ("Shift curves", "Selector diagnostics", "shift-"):
+        assert absent not in text
+    cfg, _ = make_run(tmp_path, DATASETS[:1], evaluate_options={"bootstrap": 0})
+    evaluate.run(cfg, local=True)
+    text = report.write(cfg).read_text()
+    assert "In-domain vs shifted" not in text
+    assert "No recommendation: the run has no held-out calibration images" in text
+    markdown = (Path(cfg.output) / "report.md").read_text()
+    assert "## In-domain vs shifted" not in markdown
+    assert "## Glossary" in markdown
