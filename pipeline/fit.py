@@ -13,16 +13,17 @@ Two modes (``fit.mode``):
 - ``ray``: ``ray.train.torch.TorchTrainer`` runs for each group of calibrators that fit on the
   same datasets: as many runs at once as the cluster has room for (`_concurrent_runs`), each
   fitting its share of the group's calibrators in turn, so independent calibrators fit
-  concurrently and start-up is paid once per run. Each worker reads its shard of the sampled
-  pixels (or maps) with ``ray.train.get_dataset_shard`` and runs the very same
-  ``calibrator.fit``, with a `pipeline.calibrators.base.DistributedReduce` hook that
-  all-reduces the sums, counts, loss values and gradients the loop computes over fit rows (the
-  hook is the identity in-process). So the calibrator's own optimiser, defaults, warm starts,
-  grids, refits and early stopping run unchanged: deterministic fits agree with the local ones
-  up to float summation order, the mini-batch ones up to their sampling. Held-out data is
-  whole on every worker. This module knows no calibrator by name or type: the classes'
-  ``spatial`` and ``distributed`` flags say which rows they need and whether they can run
-  sharded.
+  concurrently and start-up is paid once per run. The driver keeps no fit pixels: it checks
+  and counts the fit images and hands out references to them (`FitSource`); each worker gets
+  its share with ``ray.train.get_dataset_shard``, reads those images from the shards and
+  samples them by the same seeded rule, then runs the very same ``calibrator.fit`` with a
+  `pipeline.calibrators.base.DistributedReduce` hook that all-reduces the sums, counts, loss
+  values and gradients the loop computes over fit rows (the hook is the identity in-process).
+  So the calibrator's own optimiser, defaults, warm starts, grids, refits and early stopping
+  run unchanged: deterministic fits agree with the local ones up to float summation order,
+  the mini-batch ones up to their sampling. Held-out data is sampled by the driver and whole
+  on every worker. This module knows no calibrator by name or type: the classes' ``spatial``
+  and ``distributed`` flags say which rows they need and whether they can run sharded.
 
 Corrupted calibration data (issue 8): a calibration dataset with a ``corruption`` is used only
 by calibrators whose spec options say ``use_corrupted: true`` (or list
@@ -61,10 +62,18 @@ from pipeline.config import CalibratorSpec, DatasetConfig, JobConfig
 from pipeline.metrics import ece
 from pipeline.models import model_fingerprint
 from pipeline.paths import RunPaths
-from pipeline.shards import ImageRecord, Manifest, iter_dataset, read_manifest, upsample_logits
+from pipeline.shards import (
+    ImageRecord,
+    Manifest,
+    iter_dataset,
+    read_manifest,
+    read_shard,
+    upsample_logits,
+)
 
 __all__ = [
     "FIT_OPTIONS",
+    "FitSource",
     "data_fingerprint",
     "fit_spec",
     "fit_specs",
@@ -426,14 +435,87 @@ def _read_manifests(cfg: JobConfig, paths: RunPaths, names: Iterable[str]) -> di
 # Reading: one pass over every calibration dataset.
 
 
+@dataclass(frozen=True)
+class FitSource:
+    """Fit images left in their shards: in ``ray`` mode each worker reads and samples its own.
+
+    The driver keeps only these references (and the held-out samples); the pixels a worker
+    fits on are drawn there by the same seeded per-image rule as in-process (`_fit_samples`),
+    so both modes fit the same pixels.
+
+    Attributes:
+        images: ``(dataset dir, shard file, image id, the dataset's ignore index)`` per image.
+        spatial: Whole maps (True) or sampled pixels (False).
+        n_valid: Valid pixels the images yield (pixels sampled, or valid map pixels).
+        ignore_index: The maps' common ignore index (None for pixels: all valid).
+    """
+
+    images: tuple[tuple[str, str, str, int], ...]
+    spatial: bool
+    n_valid: int
+    ignore_index: int | None = None
+
+    def load(self, fit: Any) -> FitData:
+        """Read and sample the images here (``fit``: the config's ``fit`` section)."""
+        data = _load_images(self.images, fit, self.ignore_index, self.spatial)
+        if data is None:
+            raise ValueError(f"Expected fit images with valid pixels, but got none of "
+                             f"{len(self.images)}")
+        return data
+
+
 @dataclass
 class _Samples:
-    """One calibration dataset's fit and held-out samples."""
+    """One calibration dataset's fit and held-out samples (fit: `FitSource` in ray mode)."""
 
-    fit: FitData
+    fit: FitData | FitSource
     heldout: FitData | None
-    fit_maps: FitData | None
+    fit_maps: FitData | FitSource | None
     heldout_maps: FitData | None
+
+
+def _fit_samples(
+    record: ImageRecord, fit: Any, ignore_index: int, common_ignore: int, *, held: bool,
+    pixels: bool, maps: bool,
+) -> tuple[FitData | None, FitData | None]:
+    """One image's sampled pixels and strided map (each None when not wanted or empty).
+
+    ``fit`` is the ``fit`` section of the config (``pixels_per_image``, ``seed``,
+    ``oversample_mispredicted``, ``map_stride``); held-out pixels are never oversampled.
+    """
+    points = grid = None
+    if pixels:
+        logits, labels = _sample_record(
+            record, fit.pixels_per_image, fit.seed, ignore_index,
+            fit.oversample_mispredicted and not held,
+        )
+        points = FitData(logits, labels) if len(labels) else None
+    if maps:
+        z, y, image = record_map(record, stride=fit.map_stride)
+        y[y == ignore_index] = common_ignore
+        grid = FitData(z[None], y[None], None if image is None else image[None], common_ignore)
+    return points, grid
+
+
+def _load_images(
+    images: Sequence[tuple[str, str, str, int]], fit: Any, common_ignore: int | None,
+    spatial: bool,
+) -> FitData | None:
+    """Read and sample `FitSource` images (each shard file once), ordered as in-process."""
+    by_file: dict[tuple[str, str], dict[str, int]] = {}
+    for directory, file, image_id, ignore in images:
+        by_file.setdefault((directory, file), {})[image_id] = ignore
+    parts = []
+    for (directory, file), wanted in sorted(by_file.items()):
+        for record in read_shard(Path(directory) / file):
+            if record.image_id in wanted:
+                points, grid = _fit_samples(
+                    record, fit, wanted[record.image_id], common_ignore, held=False,
+                    pixels=not spatial, maps=spatial,
+                )
+                if (grid if spatial else points) is not None:
+                    parts.append((_record_key(record), grid if spatial else points))
+    return _concat([data for _, data in sorted(parts, key=lambda p: p[0])])
 
 
 def _read_dataset(
@@ -444,35 +526,55 @@ def _read_dataset(
     common_ignore: int,
     with_maps: bool,
 ) -> _Samples:
-    """Sample one dataset in a single pass: pixels always, strided maps for spatial fits."""
+    """Sample one dataset in a single pass: pixels always, strided maps for spatial fits.
+
+    In ``ray`` mode the fit images are only checked and counted here (`FitSource`): the Train
+    workers read and sample them from the shards, so no fit pixel is held by the driver.
+    """
     fit = cfg.fit
+    stream = fit.mode == "ray"
     # [held out?] -> ((dataset, image id), sample): sorted later, so shard order cannot matter.
     pixels: dict[bool, list[tuple[tuple[str, str], FitData]]] = {True: [], False: []}
     maps: dict[bool, list[tuple[tuple[str, str], FitData]]] = {True: [], False: []}
+    shard_of = {i: shard.file for shard in manifest.shards for i in shard.image_ids}
+    refs: list[tuple[str, str, str, int]] = []
+    counts = {"pixels": 0, "maps": 0}
+    map_sizes = set()
     for record in iter_dataset(directory):
         _check_classes(record, cfg.model.num_classes)
         key, is_held = _record_key(record), record.image_id in heldout_ids
-        # Oversampling shapes the training sample only; held-out pixels stay uniform.
-        logits, labels = _sample_record(
-            record, fit.pixels_per_image, fit.seed, manifest.ignore_index,
-            fit.oversample_mispredicted and not is_held,
+        if stream and not is_held:
+            refs.append((str(directory), shard_of[record.image_id], record.image_id,
+                         manifest.ignore_index))
+            labels = record.labels.astype(np.int64)
+            valid = labels != manifest.ignore_index
+            counts["pixels"] += min(fit.pixels_per_image, int(valid.sum()))
+            step = fit.map_stride
+            counts["maps"] += int(valid[::step, ::step].sum())
+            map_sizes.add(labels[::step, ::step].shape)
+            continue
+        points, grid = _fit_samples(
+            record, fit, manifest.ignore_index, common_ignore, held=is_held, pixels=True,
+            maps=with_maps,
         )
-        if len(labels):
-            pixels[is_held].append((key, FitData(logits, labels)))
-        if with_maps:
-            z, y, image = record_map(record, stride=fit.map_stride)
-            y[y == manifest.ignore_index] = common_ignore
-            maps[is_held].append(
-                (key, FitData(z[None], y[None], None if image is None else image[None],
-                              common_ignore))
-            )
-    if not pixels[False] and not pixels[True]:
+        if points is not None:
+            pixels[is_held].append((key, points))
+        if grid is not None:
+            maps[is_held].append((key, grid))
+            map_sizes.add(tuple(grid.labels.shape[-2:]))
+    if stream and with_maps and len(map_sizes) > 1:
+        raise ValueError(
+            f"Expected calibration maps of one size for a spatial calibrator, but got "
+            f"{sorted(map_sizes)}; extract the calibration data at one label size"
+        )
+    has_fit = bool(pixels[False]) or counts["pixels"] > 0
+    if not has_fit and not pixels[True]:
         raise ValueError(
             f"Expected calibration dataset {manifest.dataset!r} ({directory}) to hold pixels "
             f"not equal to `ignore_index`={manifest.ignore_index}, but all "
             f"{manifest.n_images} images are fully ignored"
         )
-    if not pixels[False]:
+    if not has_fit:
         raise ValueError(
             f"Expected the fit part of calibration dataset {manifest.dataset!r} ({directory}) "
             "to hold valid pixels, but only its held-out images have any"
@@ -481,13 +583,21 @@ def _read_dataset(
     def ordered(parts: list[tuple[tuple[str, str], FitData]]) -> FitData | None:
         return _concat([data for _, data in sorted(parts, key=lambda p: p[0])])
 
+    if stream:
+        return _Samples(
+            FitSource(tuple(refs), False, counts["pixels"]), ordered(pixels[True]),
+            FitSource(tuple(refs), True, counts["maps"], common_ignore) if with_maps else None,
+            ordered(maps[True]),
+        )
     return _Samples(
         ordered(pixels[False]), ordered(pixels[True]), ordered(maps[False]), ordered(maps[True])
     )
 
 
-def _concat(parts: Sequence[FitData | None]) -> FitData | None:
+def _concat(parts: Sequence[Any]) -> Any:
     """Concatenate fit data along dim 0 (images only when every part has them); None if empty.
+
+    `FitSource` parts concatenate their image lists.
 
     Raises:
         ValueError: When maps of different sizes meet.
@@ -495,6 +605,9 @@ def _concat(parts: Sequence[FitData | None]) -> FitData | None:
     parts = [p for p in parts if p is not None]
     if not parts:
         return None
+    if isinstance(parts[0], FitSource):
+        return FitSource(tuple(i for p in parts for i in p.images), parts[0].spatial,
+                         sum(p.n_valid for p in parts), parts[0].ignore_index)
     if parts[0].logits.dim() == 4:
         sizes = sorted({tuple(p.labels.shape[-2:]) for p in parts})
         if len(sizes) > 1:
@@ -548,7 +661,9 @@ def heldout_metrics(
     return {"nll": float(nll), "ece": float(value), "pixels": n_valid}
 
 
-def _n_valid(data: FitData) -> int:
+def _n_valid(data: FitData | FitSource) -> int:
+    if isinstance(data, FitSource):
+        return data.n_valid
     if data.ignore_index is None:
         return data.labels.numel()
     return int((data.labels != data.ignore_index).sum())
@@ -598,6 +713,27 @@ def _ray_dataset(rows: dict[str, Tensor]) -> Any:
     return ray.data.from_arrow(
         [table.slice(i, _BLOCK_ROWS) for i in range(0, table.num_rows, _BLOCK_ROWS)]
     )
+
+
+def _source_dataset(source: FitSource, multiple: int) -> Any:
+    """A Ray dataset of `FitSource` image references (no tensors), padded like `_padded`."""
+    import ray.data
+
+    items = [{"dir": d, "file": f, "image_id": i, "ignore": g, "pad": False}
+             for d, f, i, g in source.images]
+    extra = (-len(items)) % multiple
+    items += [{**items[0], "pad": True} for _ in range(extra)]
+    return ray.data.from_items(items)
+
+
+def _source_rows(shard: Any, fit: Any, source: dict[str, Any]) -> dict[str, Tensor]:
+    """Read and sample this worker's share of `FitSource` images from their shards."""
+    images = [(row["dir"], row["file"], row["image_id"], int(row["ignore"]))
+              for batch in shard.iter_batches(batch_format="numpy")
+              for row in ({k: v[j] for k, v in batch.items()} for j in range(len(batch["pad"])))
+              if not row["pad"]]
+    data = FitSource(tuple(images), source["spatial"], 0, source["ignore_index"]).load(fit)
+    return _rows(data)
 
 
 def _shard_tensors(shard: Any) -> dict[str, Tensor]:
@@ -651,7 +787,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Sorted: every worker must read the split datasets in the same order (a set's order
     # depends on the process's hash seed), or each waits for the others forever.
     layouts = sorted({job["layout"] for job in config["jobs"]})
-    shards = {layout: _shard_tensors(ray.train.get_dataset_shard(layout)) for layout in layouts}
+    shards = {
+        layout: _shard_tensors(ray.train.get_dataset_shard(layout))
+        if config["source"][layout] is None else
+        _source_rows(ray.train.get_dataset_shard(layout), config["fit"], config["source"][layout])
+        for layout in layouts
+    }
     heldout = {layout: None if config["heldout"][layout] is None
                else ray.get(config["heldout"][layout]) for layout in layouts}
     metrics: dict[str, Any] = {"load_seconds": time.perf_counter() - start, "fit_seconds": {}}
@@ -689,7 +830,8 @@ def _concurrent_runs(cfg: JobConfig, n_jobs: int) -> int:
 
 
 def _fit_ray(
-    cfg: JobConfig, jobs: list[dict[str, Any]], data: dict[str, tuple[FitData, FitData | None]],
+    cfg: JobConfig, jobs: list[dict[str, Any]],
+    data: dict[str, tuple[FitData | FitSource, FitData | None]],
 ) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
     """Fit ``jobs`` in one TorchTrainer run; returns their states and the run's timings."""
     import ray
@@ -699,8 +841,11 @@ def _fit_ray(
     from ray.train.torch import TorchTrainer
 
     layouts = sorted({job["layout"] for job in jobs})
-    # Every worker needs rows: fewer maps than workers means fewer workers.
-    workers = min(cfg.fit.num_workers, *(len(data[k][0].labels) for k in layouts))
+    sources = {k: data[k][0] if isinstance(data[k][0], FitSource) else None for k in layouts}
+    # Every worker needs rows: fewer maps (or images) than workers means fewer workers.
+    workers = min(cfg.fit.num_workers, *(
+        len(data[k][0].images) if sources[k] else len(data[k][0].labels) for k in layouts
+    ))
     if workers < cfg.fit.num_workers:
         logger.warning("%d fit rows for %d workers: fitting on %d", workers,
                        cfg.fit.num_workers, workers)
@@ -710,6 +855,11 @@ def _fit_ray(
         "seed": cfg.fit.seed,
         "ignore_index": {k: data[k][0].ignore_index for k in layouts},
         "heldout": {k: None if data[k][1] is None else ray.put(data[k][1]) for k in layouts},
+        # Fit images each worker reads from the shards (None: rows from the driver's data).
+        "source": {k: None if sources[k] is None else
+                   {"spatial": sources[k].spatial, "ignore_index": sources[k].ignore_index}
+                   for k in layouts},
+        "fit": cfg.fit,
     }
     resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.fit.use_gpu else {})}
     storage = Path(cfg.output).resolve() / "ray_train"
@@ -724,7 +874,8 @@ def _fit_ray(
             name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
-        datasets={k: _ray_dataset(_padded(_rows(data[k][0]), workers)) for k in layouts},
+        datasets={k: _source_dataset(sources[k], workers) if sources[k] else
+                  _ray_dataset(_padded(_rows(data[k][0]), workers)) for k in layouts},
         dataset_config=ray.train.DataConfig(
             datasets_to_split=layouts, execution_options=ExecutionOptions(verbose_progress=False),
         ),
@@ -761,7 +912,7 @@ def _fit_ray(
 def fit_specs(
     cfg: JobConfig,
     specs: Sequence[CalibratorSpec],
-    data: dict[bool, tuple[FitData, FitData | None]],
+    data: dict[bool, tuple[FitData | FitSource, FitData | None]],
     *,
     indices: Sequence[int] | None = None,
 ) -> list[tuple[Calibrator, dict[str, Any]]]:
@@ -778,7 +929,8 @@ def fit_specs(
             storage under ``OUTPUT/ray_train``).
         specs: The calibrator specs; the fit-stage options (`FIT_OPTIONS`) are dropped.
         data: ``{spatial: (fit, heldout)}``: pointwise (P, C) / (P,) valid pixels under False,
-            maps under True, for the layouts the specs need.
+            maps under True, for the layouts the specs need; ``fit`` may be a `FitSource`
+            (the images stay in their shards: the workers, or this process, read them).
         indices: The specs' positions in ``cfg.calibrators`` (for error messages).
 
     Returns:
@@ -828,6 +980,8 @@ def fit_specs(
         if i in remote:
             continue
         fit, heldout = data[type(calibrator).spatial]
+        if isinstance(fit, FitSource):
+            fit = fit.load(cfg.fit)
         start = time.perf_counter()
         calibrator.fit(
             fit.logits, fit.labels, ignore_index=fit.ignore_index, images=fit.images,

@@ -82,6 +82,8 @@ def test_ray_fit_matches_local_heldout_nll(fitted, label, tolerance):
     local, ray = fitted["local"][label][1]["metrics"], fitted["ray"][label][1]["metrics"]
     assert (local["mode"], ray["mode"]) == ("local", "ray")
     assert ray["heldout"]["pixels"] == local["heldout"]["pixels"]
+    # The workers read and sample the fit images from the shards: the same pixels.
+    assert ray["fit_pixels"] == local["fit_pixels"]
     nll_local, nll_ray = local["heldout"]["nll"], ray["heldout"]["nll"]
     print(f"{label}: held-out NLL local {nll_local:.6f} ray {nll_ray:.6f} "
           f"|diff| {abs(nll_ray - nll_local):.2e}")
