@@ -23,11 +23,14 @@ checked by :func:`child`: one path component, never ``.`` or ``..``, resolving i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,3 +227,45 @@ def _running(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+OUTPUT_LOCK = ".segcal.lock"
+
+
+class OutputLockedError(RuntimeError):
+    """Another segcal process is writing the same output folder."""
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path) -> Iterator[Path]:
+    """Hold ``OUTPUT/.segcal.lock`` while stages write the folder; fail at once if taken.
+
+    ``fcntl.flock``: the kernel releases it when its holder dies, so a killed run never
+    leaves the folder locked.
+
+    Raises:
+        OutputLockedError: another process holds it (the message names the file and holder).
+    """
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / OUTPUT_LOCK
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise OutputLockedError(
+                f"Expected output folder {folder} to be free, but {holder} is writing it "
+                f"(lock file {path}); wait for that run to finish or use another `output`"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield path
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -193,6 +193,7 @@ def run_stages(
 
     Raises:
         ValueError: an unknown stage name.
+        OutputLockedError: another run is writing ``cfg.output``.
         Exception: whatever a stage raises; later stages do not run and its stamp is removed.
     """
     unknown = [s for s in stages if s not in STAGES]
@@ -200,9 +201,17 @@ def run_stages(
         raise ValueError(f"Expected stages from {list(STAGES)}, but got {unknown}")
     call = call or call_stage
     from pipeline.config import write_resolved_config
+    from pipeline.paths import output_lock
 
-    # What produced the outputs, beside them, before any stage writes.
-    write_resolved_config(cfg)
+    with output_lock(cfg.output):
+        # What produced the outputs, beside them, before any stage writes.
+        write_resolved_config(cfg)
+        return _run_locked(cfg, stages, force, call)
+
+
+def _run_locked(
+    cfg: JobConfig, stages: Sequence[str], force: bool, call: Callable[[JobConfig, str], Any]
+) -> dict[str, bool]:
     ran: dict[str, bool] = {}
     for stage in stages:
         if not force and is_current(cfg, stage):

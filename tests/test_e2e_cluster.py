@@ -292,7 +292,8 @@ def test_submit_run_then_refresh_twice(ray_head, project):
 
 
 def test_failing_job_exits_nonzero(ray_head, project):
-    # Valid config, but the images are not there on the cluster: the job itself fails.
+    # Valid config, but the images are not there on the cluster: the job itself fails, in its
+    # preflight (before Ray work), with the data-error exit code 2 that submit passes on.
     proc = _submit(
         ray_head,
         project,
@@ -302,5 +303,5 @@ def test_failing_job_exits_nonzero(ray_head, project):
         "--set",
         "datasets.0.images=/nonexistent/segcal-e2e",
     )
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "/nonexistent/segcal-e2e" in proc.stdout + proc.stderr

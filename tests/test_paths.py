@@ -130,3 +130,16 @@ def test_rewrite_takes_the_umask_not_the_old_mode(tmp_path, umask):
     atomic_write_json(target, {"new": True})
     assert _mode(target) == 0o644
     assert json.loads(target.read_text()) == {"new": True}
+
+
+def test_output_lock_refuses_a_second_writer_and_is_released(tmp_path):
+    from pipeline.paths import OutputLockedError, output_lock
+
+    with output_lock(tmp_path / "run") as lock:
+        assert f"pid {os.getpid()}" in lock.read_text()
+        second = output_lock(tmp_path / "run")
+        with pytest.raises(OutputLockedError, match=r"run to be free, but pid \d+ on .* "
+                                                    r"is writing it \(lock file .*\.segcal\.lock"):
+            second.__enter__()
+    with output_lock(tmp_path / "run"):  # released on exit
+        pass
