@@ -87,7 +87,9 @@ def _preflight(args: argparse.Namespace, cfg: JobConfig) -> None:
     quiet = getattr(args, "quiet", False)
     # On stderr: stdout stays the command's result (the report path, the decision).
     echo = None if quiet else (lambda line: print(f"check: {line}", file=sys.stderr, flush=True))
-    report = preflight(cfg, echo=echo)
+    # One image per dataset here (`segcal check --images N` scores more): a rerun with nothing
+    # to do should not wait on the model.
+    report = preflight(cfg, images_per_dataset=1, echo=echo)
     for warning in report.warnings:
         print(f"segcal {args.command}: warning: {warning}", file=sys.stderr)
 
