@@ -373,9 +373,10 @@ def render_markdown(content: Content) -> str:
                f"Pooled over {content.classes_where}. Calibrator columns: that calibrator's "
                "classwise ECE; mean p against pixel share is confidence against frequency.", "",
                _markdown_table(content.classes, 4), ""]
-    md += ["## Summary", "", _markdown_table(summary_rows(content.summary)), ""]
+    rows = summary_rows(content.summary)
+    md += ["## Summary", "", _markdown_table(rows), ""]
     md += ["## Glossary", ""]
-    md += [f"- `{k}`: {v}" for k, v in rd.GLOSSARY.items()] + [""]
+    md += [f"- `{k}`: {v}" for k, v in rd.glossary(rows.columns).items()] + [""]
     if content.figures:
         md += ["## Reliability diagrams", ""]
         for dataset, src in content.figures.items():

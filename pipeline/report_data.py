@@ -53,6 +53,11 @@ GLOSSARY: dict[str, str] = {
 }
 """Every column the report shows, in plain words."""
 
+def glossary(columns: Sequence[str]) -> dict[str, str]:
+    """The glossary entries of ``columns`` (those shown), in glossary order."""
+    return {k: v for k, v in GLOSSARY.items() if k in set(columns)}
+
+
 SUMMARY_SHOWN = (
     "calibrator", "n_images", "img_ece", "img_ece 95%", "ece", "mce", "ace", "sce", "nll",
     "brier", "miou", "pixel_acc", "boundary_ece", "ece_correct", "ece_incorrect", "msp_auroc",

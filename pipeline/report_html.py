@@ -212,11 +212,11 @@ def render_html(content: Content) -> str:
                  "first. Calibrator columns hold that calibrator's classwise ECE; mean p "
                  "against pixel share is the class's confidence against its frequency.</p>",
                  table_html(content.classes)]
+    rows = summary_rows(content.summary)
     body += ["<h2>Summary</h2>",
              '<p class="small">One group per dataset; click a header to sort within each '
-             "group.</p>", summary_html(summary_rows(content.summary)),
-             "<h2>Glossary</h2>", '<dl class="gl">']
-    body += [f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rd.GLOSSARY.items()]
+             "group.</p>", summary_html(rows), "<h2>Glossary</h2>", '<dl class="gl">']
+    body += [f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rd.glossary(rows.columns).items()]
     body.append("</dl>")
     if content.figures:
         body.append("<h2>Reliability diagrams</h2>")

@@ -69,6 +69,12 @@ def test_tables_in_the_report_are_the_csv_tables(reported):
     # One group (tbody) per dataset in the sortable summary.
     table = text[text.index('id="summary"'):]
     assert table.count("<tbody>") == summary.dataset.nunique()
+    # A glossary entry for every column shown.
+    head = table[table.index("<thead>"):table.index("</thead>")].replace("<wbr>", "")
+    columns = [c.split("</th>")[0] for c in head.split("<th>")[1:]]
+    assert "img_ece 95%" in columns
+    for column in columns:
+        assert f"<dt>{column}</dt>" in text
 
 
 def test_reliability_bins_are_the_summed_image_rows(reported):
