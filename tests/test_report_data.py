@@ -168,3 +168,11 @@ def test_corruption_families_from_names_with_the_reference_at_severity_zero():
         1: {"uncalibrated": 0.2, "temperature": 0.1},
         3: {"uncalibrated": 0.3, "temperature": 0.15}}
     assert list(curves["dark"].index) == [0, 5]
+
+
+def test_reference_columns_come_first_and_an_oracle_is_never_best():
+    summary = pd.DataFrame({
+        "dataset": ["fog"] * 4, "calibrator": ["temperature", "uncalibrated", "oracle_ts", "ets"],
+        "img_ece": [0.05, 0.1, 0.01, 0.06], "nll": [1.0] * 4})
+    assert rd.matrix_columns(summary) == ["uncalibrated", "oracle_ts", "temperature", "ets"]
+    assert rd.best_per_set(summary) == {"fog": "temperature"}
