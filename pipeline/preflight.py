@@ -32,12 +32,13 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import numpy as np
-import torch
-import torch.nn.functional as F  # noqa: N812
+from typing import TYPE_CHECKING
 
 from pipeline.config import DatasetConfig, JobConfig, ModelConfig
+
+if TYPE_CHECKING:  # imported where used: the CLI imports this module for every command
+    import numpy as np
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ def _load_model(m: ModelConfig):  # -> SegmentationModel
 
 def _check_channels(model, m: ModelConfig, batch: torch.Tensor, where: str) -> int:
     """Run the bare network once; the output's channel count must match exactly."""
+    import torch
+
     try:
         with torch.no_grad():
             out = model._select(model.net(model.preprocess(batch)))
@@ -224,6 +227,8 @@ def _check_channels(model, m: ModelConfig, batch: torch.Tensor, where: str) -> i
 
 
 def _scores(pred: np.ndarray, labels: np.ndarray, num_classes: int, ignore: int) -> np.ndarray:
+    import numpy as np
+
     valid = (labels != ignore) & (labels < num_classes)
     index = labels[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
     return np.bincount(index, minlength=num_classes * num_classes).reshape(
@@ -233,6 +238,8 @@ def _scores(pred: np.ndarray, labels: np.ndarray, num_classes: int, ignore: int)
 
 def _quick_metrics(confusion: np.ndarray) -> tuple[float, float, float] | None:
     """Pixel accuracy, mIoU over the classes in the labels, and the majority class's share."""
+    import numpy as np
+
     total = confusion.sum()
     if total == 0:
         return None
@@ -266,6 +273,10 @@ def preflight(
             labels, a model that does not load or outputs the wrong channel count, bad label
             values); the one-line message names the cause, the file and the fix.
     """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
     from pipeline.data import DataError, load_image, load_sample
 
     report = PreflightReport()

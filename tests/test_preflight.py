@@ -411,3 +411,14 @@ def test_stage_failure_is_one_line_traceback_only_with_v(data, monkeypatch, caps
     assert ("Traceback" in err) is verbose
     assert "rerun with -v" in last or verbose
     assert "Ray Data execution failed" in (data / "out" / "error.log").read_text()
+
+
+def test_importing_the_preflight_is_light():
+    # The CLI imports it for every command (to catch PreflightError), `segcal status` included.
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.preflight; print('torch' in sys.modules, 'ray' in sys.modules)"
+    root = Path(cli.__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert out.stdout.split() == ["False", "False"]
