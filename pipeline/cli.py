@@ -4,7 +4,8 @@ Commands (each has ``--help``; ``--set key=value`` overrides a config key, repea
 
     segcal check CONFIG            the preflight alone: datasets listed, one image of each through
                                    the model, channel count, input recipe, a quick mIoU
-    segcal run CONFIG              extract, fit, evaluate, report; skips stages that are current
+    segcal run CONFIG [--output DIR]   extract, fit, evaluate, report; skips stages that are
+                                   current
     segcal demo [--data DIR] [--weights FILE] [--quick]   CamVid + ESPNet (found or downloaded),
                                    all stages, then the headline table
     segcal extract|fit|evaluate|report CONFIG     one stage, always run
@@ -130,6 +131,8 @@ def _run_all(args: argparse.Namespace) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.output:  # resolved here: relative to the working directory, not to the config
+        args.overrides = [*args.overrides, f"output={Path(args.output).resolve()}"]
     print(_run_all(args) / "report.html")
     return OK
 
@@ -414,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", parents=[config, no_check], help="run all stages, skipping current ones"
     )
     p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument("--output", metavar="DIR", help="run folder (default: the config's output)")
     p.set_defaults(func=cmd_run)
 
     p = add(

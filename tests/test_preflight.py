@@ -422,3 +422,12 @@ def test_importing_the_preflight_is_light():
     root = Path(cli.__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_run_output_option(data, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "_init_ray", lambda: None)
+    monkeypatch.setattr(refresh_mod, "call_stage", lambda cfg, stage: None)
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = segcal("run", _config_file(data), "--output", "elsewhere", "-q", capsys=capsys)
+    assert code == cli.OK
+    assert out.strip().splitlines()[-1] == str(tmp_path / "elsewhere" / "report.html")
