@@ -33,7 +33,7 @@ import math
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +217,6 @@ class Content:
     classes: pd.DataFrame
     classes_where: str
     figures: dict[str, str]
-    notes: list[str] = field(default_factory=list)
 
 
 def build(
@@ -385,7 +384,13 @@ def render_markdown(content: Content) -> str:
 
 
 def render(
-    cfg: JobConfig, tables: dict[str, pd.DataFrame], figures: dict[str, str], **kwargs: object
+    cfg: JobConfig,
+    tables: Mapping[str, pd.DataFrame],
+    figures: Mapping[str, str],
+    *,
+    per_image: pd.DataFrame | None = None,
+    shift_figures: Mapping[str, str] | None = None,
+    cards: Mapping[str, Mapping] | None = None,
 ) -> tuple[str, str]:
     """The report as Markdown and as HTML.
 
@@ -393,14 +398,17 @@ def render(
         cfg: the run config (named in the header).
         tables: the evaluation tables by file name.
         figures: dataset -> figure path relative to the output folder.
-        **kwargs: passed to :func:`build` (per-image rows, shift figures, cards).
+        per_image: as for :func:`build`.
+        shift_figures: as for :func:`build`.
+        cards: as for :func:`build`.
 
     Returns:
         ``(markdown, html)``.
     """
     from pipeline.report_html import render_html
 
-    content = build(cfg, tables, figures, **kwargs)  # type: ignore[arg-type]
+    content = build(cfg, tables, figures, per_image=per_image, shift_figures=shift_figures,
+                    cards=cards)
     return render_markdown(content), render_html(content)
 
 
