@@ -143,8 +143,9 @@ def matrix_html(content: Content) -> str:
                 title = f"{c} on {dataset}: {_fmt(v)}" + (
                     f", 95% interval {interval}" if interval else "")
                 mark = " ★" if best else ""
+                attr = f' class="{" ".join(classes)}"' if classes else ""
                 tds.append(
-                    f'<td class="{" ".join(classes)}" style="background:{_colour(v, lo, hi)}" '
+                    f'<td{attr} style="background:{_colour(v, lo, hi)}" '
                     f'title="{esc(title)}">{_fmt(v, 3)}{mark}'
                     f'<span class="ci">{interval}</span></td>')
             row_cls = f' class="{cls}"' if cls else ""
