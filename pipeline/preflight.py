@@ -40,6 +40,9 @@ if TYPE_CHECKING:  # imported where used: the CLI imports this module for every 
     import numpy as np
     import torch
 
+    from pipeline.data import Sample
+    from pipeline.models import SegmentationModel
+
 logger = logging.getLogger(__name__)
 
 # Plausible normalised inputs: |mean| below this and std inside this range.
@@ -138,9 +141,8 @@ def recipe_advice(m: ModelConfig, mean: float, std: float) -> str | None:
     )
 
 
-def _list_dataset(
-    cfg: JobConfig, ds: DatasetConfig, report: PreflightReport
-) -> list:  # list[Sample]
+def _list_dataset(cfg: JobConfig, ds: DatasetConfig, report: PreflightReport) -> list[Sample]:
+    """List a dataset as extraction will; returns its selected samples that have a label."""
     from pipeline.data import DataError, list_all_samples, select_samples
     from pipeline.data.readers import missing_labels_message
 
@@ -150,7 +152,8 @@ def _list_dataset(
         listed = list_all_samples(ds)
         selected = select_samples(ds, listed)
     except DataError as err:
-        raise _fail(f"dataset {ds.name!r}: {err}; fix the dataset's paths in {cfg.source}") from err
+        where = cfg.source or "the config"
+        raise _fail(f"dataset {ds.name!r}: {err}; fix the dataset's paths in {where}") from err
     labelled = [s for s in selected if s.label_uri is not None]
     check.listed, check.selected, check.labelled = len(listed), len(selected), len(labelled)
     report.lines.append(
@@ -165,7 +168,7 @@ def _list_dataset(
     return labelled
 
 
-def _load_model(m: ModelConfig):  # -> SegmentationModel
+def _load_model(m: ModelConfig) -> SegmentationModel:
     from pipeline.models import load_model
 
     try:
@@ -182,7 +185,9 @@ def _load_model(m: ModelConfig):  # -> SegmentationModel
         ) from err
 
 
-def _check_channels(model, m: ModelConfig, batch: torch.Tensor, where: str) -> int:
+def _check_channels(
+    model: SegmentationModel, m: ModelConfig, batch: torch.Tensor, where: str
+) -> int:
     """Run the bare network once; the output's channel count must match exactly."""
     import torch
 
