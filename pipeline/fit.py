@@ -11,8 +11,9 @@ Two modes (``fit.mode``):
 
 - ``local``: ``calibrator.fit(..., heldout=...)`` in-process.
 - ``ray``: ``ray.train.torch.TorchTrainer`` runs for each group of calibrators that fit on the
-  same datasets: as many runs at once as the cluster has room for (`_concurrent_runs`), each
-  fitting its share of the group's calibrators in turn, so independent calibrators fit
+  same datasets: as many runs at once as the cluster has room for
+  (`pipeline.fit_ray.concurrent_runs`), each fitting its share of the group's calibrators in
+  turn, so independent calibrators fit
   concurrently and start-up is paid once per run. The driver keeps no fit pixels: it checks
   and counts the fit images and hands out references to them (`FitSource`); each worker gets
   its share with ``ray.train.get_dataset_shard``, reads those images from the shards and
@@ -33,6 +34,9 @@ removed before the calibrator is built. The held-out split is by image id, so an
 corrupted copies always fall on the same side; held-out metrics always come from the clean
 (uncorrupted) calibration images so that every calibrator is scored on the same pixels.
 
+Layout: `pipeline.sampling` (the split, pixel sampling, maps, `FitSource`) and
+`pipeline.fit_ray` (the Train worker loop and runs) are this stage's lower modules.
+
 Run it with ``segcal fit CONFIG`` or ``python jobs/fit.py CONFIG``.
 """
 
@@ -41,10 +45,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,19 +58,23 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from pipeline.calibrators import CALIBRATORS, Calibrator, FitData, build_calibrator, save
-from pipeline.calibrators.base import DistributedReduce
 from pipeline.config import CalibratorSpec, DatasetConfig, JobConfig
+from pipeline.fit_ray import concurrent_runs, fit_ray, train_loop_per_worker
 from pipeline.metrics import ece
 from pipeline.models import model_fingerprint
 from pipeline.paths import RunPaths
-from pipeline.shards import (
-    ImageRecord,
-    Manifest,
-    iter_dataset,
-    read_manifest,
-    read_shard,
-    upsample_logits,
+from pipeline.sampling import (
+    FitSource,
+    check_classes,
+    concat_fit_data,
+    fit_samples,
+    record_key,
+    record_map,
+    sample_pixel_indices,
+    sample_pixels,
+    split_heldout,
 )
+from pipeline.shards import Manifest, iter_dataset, read_manifest
 
 __all__ = [
     "FIT_OPTIONS",
@@ -92,200 +97,6 @@ logger = logging.getLogger(__name__)
 FIT_OPTIONS = ("use_corrupted", "augment_corruptions")
 # The Ray dataset of each layout: sampled pixels (pointwise calibrators) or maps (spatial ones).
 _LAYOUTS = {False: "pixels", True: "maps"}
-# Rows per Arrow block of the Ray dataset: enough blocks to balance workers, few enough to be cheap.
-_BLOCK_ROWS = 65536
-
-
-# --------------------------------------------------------------------------------------------
-# Splitting and sampling: pure functions of records and seeds, independent of shard order.
-
-
-def _digest(*parts: object) -> bytes:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-
-
-def split_heldout(image_ids: Iterable[str], fraction: float, seed: int) -> set[str]:
-    """Pick the held-out images: the ``round(fraction * n)`` ids with the smallest seeded hash.
-
-    The choice depends only on the set of ids and the seed (not on their order), and keeps at
-    least one image on each side when ``fraction > 0`` and there are two or more images.
-
-    Args:
-        image_ids: Image ids (duplicates, e.g. corrupted copies of one image, count once).
-        fraction: Share of images held out, in [0, 1).
-        seed: Seed of the hash.
-
-    Returns:
-        The held-out ids.
-
-    Raises:
-        ValueError: When ``fraction`` is outside [0, 1).
-
-    Example:
-        >>> ids = [f"img{i}" for i in range(10)]
-        >>> held = split_heldout(ids, 0.3, seed=0)
-        >>> len(held), held == split_heldout(reversed(ids), 0.3, seed=0)
-        (3, True)
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"Expected `heldout_fraction` in [0, 1), but got {fraction}")
-    ids = sorted(set(image_ids))
-    if fraction == 0.0 or len(ids) < 2:
-        return set()
-    k = min(max(round(fraction * len(ids)), 1), len(ids) - 1)
-    return set(sorted(ids, key=lambda i: (_digest(seed, i), i))[:k])
-
-
-def _image_rng(seed: int, image_id: str) -> np.random.Generator:
-    """A generator per (seed, image): samples do not depend on which shard an image is in."""
-    return np.random.default_rng([seed, int.from_bytes(_digest(image_id)[:8], "little")])
-
-
-def sample_pixel_indices(
-    labels: np.ndarray,
-    n: int,
-    rng: np.random.Generator,
-    *,
-    ignore_index: int | None,
-    mispredicted: np.ndarray | None = None,
-) -> np.ndarray:
-    """Draw up to ``n`` distinct valid pixels of one image, as sorted flat indices.
-
-    Without ``mispredicted`` the draw is uniform over valid pixels. With it, mispredicted
-    pixels are oversampled: up to half of the draw comes from them (all of them when fewer),
-    the rest from correct pixels, and mispredicted ones fill in when correct ones run out.
-
-    Args:
-        labels: (H, W) integer labels.
-        n: Pixels wanted (all valid pixels when fewer exist).
-        rng: The image's generator.
-        ignore_index: Label value never drawn, or None.
-        mispredicted: Optional (H, W) bool, True where the model's argmax is wrong.
-
-    Returns:
-        (min(n, #valid),) int64 flat indices into ``labels.ravel()``, sorted.
-
-    Example:
-        >>> labels = np.array([[0, 255], [1, 2]])
-        >>> sample_pixel_indices(labels, 5, np.random.default_rng(0), ignore_index=255)
-        array([0, 2, 3])
-    """
-    flat = labels.reshape(-1)
-    valid = np.flatnonzero(flat != ignore_index) if ignore_index is not None else np.arange(
-        flat.size
-    )
-    if mispredicted is None:
-        if len(valid) <= n:
-            return valid.astype(np.int64)
-        return np.sort(rng.choice(valid, n, replace=False)).astype(np.int64)
-    wrong_mask = mispredicted.reshape(-1)[valid]
-    wrong, right = valid[wrong_mask], valid[~wrong_mask]
-    n_wrong = min(len(wrong), max(n // 2, n - len(right)))
-    n_right = min(len(right), n - n_wrong)
-    picked = np.concatenate(
-        [rng.choice(wrong, n_wrong, replace=False), rng.choice(right, n_right, replace=False)]
-    )
-    return np.sort(picked).astype(np.int64)
-
-
-def _check_classes(record: ImageRecord, num_classes: int) -> None:
-    if record.logits.shape[0] != num_classes:
-        raise ValueError(
-            f"Expected logits with model.num_classes={num_classes} classes in dataset "
-            f"{record.dataset!r}, image {record.image_id!r}, but got {record.logits.shape[0]}"
-        )
-
-
-def sample_pixels(
-    records: Iterable[ImageRecord],
-    *,
-    pixels_per_image: int,
-    seed: int,
-    ignore_index: int | None,
-    oversample_mispredicted: bool = False,
-    num_classes: int | None = None,
-) -> FitData:
-    """Sample valid pixels of each image at label resolution (see `sample_pixel_indices`).
-
-    Logits are upsampled to the labels' size with `pipeline.shards.upsample_logits` first.
-    Pixels are ordered by (dataset, image id), so the result does not depend on record order.
-
-    Args:
-        records: The images.
-        pixels_per_image: Pixels drawn per image.
-        seed: Sampling seed (each image draws from its own generator).
-        ignore_index: Label value never drawn, or None.
-        oversample_mispredicted: Oversample pixels whose argmax is wrong.
-        num_classes: Expected class count; checked against every record when given.
-
-    Returns:
-        `FitData` with (P, C) float32 logits and (P,) int64 labels, valid pixels only.
-
-    Raises:
-        ValueError: When a record's class count differs from ``num_classes``, or no record
-            has a valid pixel.
-    """
-    parts: list[tuple[tuple[str, str], Tensor, Tensor]] = []
-    for record in records:
-        if num_classes is not None:
-            _check_classes(record, num_classes)
-        logits, labels = _sample_record(
-            record, pixels_per_image, seed, ignore_index, oversample_mispredicted
-        )
-        parts.append(((record.dataset, record.image_id), logits, labels))
-    parts.sort(key=lambda p: p[0])
-    if not parts or sum(len(p[2]) for p in parts) == 0:
-        raise ValueError(
-            f"Expected records with pixels not equal to `ignore_index`={ignore_index}, but got "
-            f"{len(parts)} images without any"
-        )
-    return FitData(torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
-
-
-def _sample_record(
-    record: ImageRecord,
-    n: int,
-    seed: int,
-    ignore_index: int | None,
-    oversample: bool,
-) -> tuple[Tensor, Tensor]:
-    logits = upsample_logits(record.logits, (record.height, record.width))
-    labels = record.labels.astype(np.int64)
-    mispredicted = logits.argmax(0).numpy() != labels if oversample else None
-    index = sample_pixel_indices(
-        labels, n, _image_rng(seed, record.image_id), ignore_index=ignore_index,
-        mispredicted=mispredicted,
-    )
-    points = logits.reshape(logits.shape[0], -1)[:, torch.from_numpy(index)].t().contiguous()
-    return points, torch.from_numpy(labels.reshape(-1)[index])
-
-
-def record_map(
-    record: ImageRecord, *, stride: int = 1
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One image's whole map at label resolution, subsampled by ``stride`` to bound memory.
-
-    Args:
-        record: The image.
-        stride: Keep every ``stride``-th row and column.
-
-    Returns:
-        (C, H', W') float32 logits, (H', W') int64 labels and the (3, H', W') float32 image in
-        [0, 1] (bilinearly resized from the stored one), or None when none is stored.
-    """
-    size = (record.height, record.width)
-    logits = upsample_logits(record.logits, size)[:, ::stride, ::stride]
-    labels = torch.from_numpy(record.labels.astype(np.int64))[::stride, ::stride]
-    image = None
-    if record.image is not None:
-        rgb = torch.from_numpy(np.array(record.image)).permute(2, 0, 1).float()  # a writable copy
-        rgb = F.interpolate(rgb[None] / 255.0, size=size, mode="bilinear", align_corners=False)
-        image = rgb[0, :, ::stride, ::stride].clamp(0.0, 1.0)
-    return logits.contiguous(), labels.contiguous(), image
-
-
-def _record_key(record: ImageRecord) -> tuple[str, str]:
-    return record.dataset, record.image_id
 
 
 def data_fingerprint(manifests: Iterable[Manifest]) -> str:
@@ -297,6 +108,7 @@ def data_fingerprint(manifests: Iterable[Manifest]) -> str:
     """
     lines = sorted(f"{m.dataset}/{s.file}:{s.sha256}" for m in manifests for s in m.shards)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,35 +247,6 @@ def _read_manifests(cfg: JobConfig, paths: RunPaths, names: Iterable[str]) -> di
 # Reading: one pass over every calibration dataset.
 
 
-@dataclass(frozen=True)
-class FitSource:
-    """Fit images left in their shards: in ``ray`` mode each worker reads and samples its own.
-
-    The driver keeps only these references (and the held-out samples); the pixels a worker
-    fits on are drawn there by the same seeded per-image rule as in-process (`_fit_samples`),
-    so both modes fit the same pixels.
-
-    Attributes:
-        images: ``(dataset dir, shard file, image id, the dataset's ignore index)`` per image.
-        spatial: Whole maps (True) or sampled pixels (False).
-        n_valid: Valid pixels the images yield (pixels sampled, or valid map pixels).
-        ignore_index: The maps' common ignore index (None for pixels: all valid).
-    """
-
-    images: tuple[tuple[str, str, str, int], ...]
-    spatial: bool
-    n_valid: int
-    ignore_index: int | None = None
-
-    def load(self, fit: Any) -> FitData:
-        """Read and sample the images here (``fit``: the config's ``fit`` section)."""
-        data = _load_images(self.images, fit, self.ignore_index, self.spatial)
-        if data is None:
-            raise ValueError(f"Expected fit images with valid pixels, but got none of "
-                             f"{len(self.images)}")
-        return data
-
-
 @dataclass
 class _Samples:
     """One calibration dataset's fit and held-out samples (fit: `FitSource` in ray mode)."""
@@ -473,49 +256,6 @@ class _Samples:
     fit_maps: FitData | FitSource | None
     heldout_maps: FitData | None
 
-
-def _fit_samples(
-    record: ImageRecord, fit: Any, ignore_index: int, common_ignore: int, *, held: bool,
-    pixels: bool, maps: bool,
-) -> tuple[FitData | None, FitData | None]:
-    """One image's sampled pixels and strided map (each None when not wanted or empty).
-
-    ``fit`` is the ``fit`` section of the config (``pixels_per_image``, ``seed``,
-    ``oversample_mispredicted``, ``map_stride``); held-out pixels are never oversampled.
-    """
-    points = grid = None
-    if pixels:
-        logits, labels = _sample_record(
-            record, fit.pixels_per_image, fit.seed, ignore_index,
-            fit.oversample_mispredicted and not held,
-        )
-        points = FitData(logits, labels) if len(labels) else None
-    if maps:
-        z, y, image = record_map(record, stride=fit.map_stride)
-        y[y == ignore_index] = common_ignore
-        grid = FitData(z[None], y[None], None if image is None else image[None], common_ignore)
-    return points, grid
-
-
-def _load_images(
-    images: Sequence[tuple[str, str, str, int]], fit: Any, common_ignore: int | None,
-    spatial: bool,
-) -> FitData | None:
-    """Read and sample `FitSource` images (each shard file once), ordered as in-process."""
-    by_file: dict[tuple[str, str], dict[str, int]] = {}
-    for directory, file, image_id, ignore in images:
-        by_file.setdefault((directory, file), {})[image_id] = ignore
-    parts = []
-    for (directory, file), wanted in sorted(by_file.items()):
-        for record in read_shard(Path(directory) / file):
-            if record.image_id in wanted:
-                points, grid = _fit_samples(
-                    record, fit, wanted[record.image_id], common_ignore, held=False,
-                    pixels=not spatial, maps=spatial,
-                )
-                if (grid if spatial else points) is not None:
-                    parts.append((_record_key(record), grid if spatial else points))
-    return _concat([data for _, data in sorted(parts, key=lambda p: p[0])])
 
 
 def _read_dataset(
@@ -541,8 +281,8 @@ def _read_dataset(
     counts = {"pixels": 0, "maps": 0}
     map_sizes = set()
     for record in iter_dataset(directory):
-        _check_classes(record, cfg.model.num_classes)
-        key, is_held = _record_key(record), record.image_id in heldout_ids
+        check_classes(record, cfg.model.num_classes)
+        key, is_held = record_key(record), record.image_id in heldout_ids
         if stream and not is_held:
             refs.append((str(directory), shard_of[record.image_id], record.image_id,
                          manifest.ignore_index))
@@ -553,7 +293,7 @@ def _read_dataset(
             counts["maps"] += int(valid[::step, ::step].sum())
             map_sizes.add(labels[::step, ::step].shape)
             continue
-        points, grid = _fit_samples(
+        points, grid = fit_samples(
             record, fit, manifest.ignore_index, common_ignore, held=is_held, pixels=True,
             maps=with_maps,
         )
@@ -581,7 +321,7 @@ def _read_dataset(
         )
 
     def ordered(parts: list[tuple[tuple[str, str], FitData]]) -> FitData | None:
-        return _concat([data for _, data in sorted(parts, key=lambda p: p[0])])
+        return concat_fit_data([data for _, data in sorted(parts, key=lambda p: p[0])])
 
     if stream:
         return _Samples(
@@ -591,36 +331,6 @@ def _read_dataset(
         )
     return _Samples(
         ordered(pixels[False]), ordered(pixels[True]), ordered(maps[False]), ordered(maps[True])
-    )
-
-
-def _concat(parts: Sequence[Any]) -> Any:
-    """Concatenate fit data along dim 0 (images only when every part has them); None if empty.
-
-    `FitSource` parts concatenate their image lists.
-
-    Raises:
-        ValueError: When maps of different sizes meet.
-    """
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        return None
-    if isinstance(parts[0], FitSource):
-        return FitSource(tuple(i for p in parts for i in p.images), parts[0].spatial,
-                         sum(p.n_valid for p in parts), parts[0].ignore_index)
-    if parts[0].logits.dim() == 4:
-        sizes = sorted({tuple(p.labels.shape[-2:]) for p in parts})
-        if len(sizes) > 1:
-            raise ValueError(
-                f"Expected calibration maps of one size for a spatial calibrator, but got "
-                f"{sizes}; extract the calibration data at one label size"
-            )
-    images = None
-    if all(p.images is not None for p in parts):
-        images = torch.cat([p.images for p in parts])
-    return FitData(
-        torch.cat([p.logits for p in parts]), torch.cat([p.labels for p in parts]), images,
-        parts[0].ignore_index,
     )
 
 
@@ -670,242 +380,6 @@ def _n_valid(data: FitData | FitSource) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Ray Train: every worker runs the calibrators' own `fit` on its shard, with the reduce hook.
-
-
-def _rows(data: FitData) -> dict[str, Tensor]:
-    """The Ray dataset columns of fit data: one row per pixel (pointwise) or per map."""
-    rows = {"logits": data.logits, "label": data.labels}
-    if data.images is not None:
-        rows["image"] = data.images
-    return rows
-
-
-def _padded(rows: dict[str, Tensor], multiple: int) -> dict[str, Tensor]:
-    """Pad rows to a multiple of the worker count, marking the copies in a ``pad`` column.
-
-    ``streaming_split(equal=True)`` drops the rows that do not divide evenly; the workers drop
-    the ``pad`` rows, so every fit row is used exactly once.
-    """
-    n = len(rows["label"])
-    extra = (-n) % multiple
-    out = {k: torch.cat([v, v[:1].expand(extra, *v.shape[1:])]) for k, v in rows.items()}
-    out["pad"] = torch.arange(n + extra) >= n
-    return out
-
-
-def _ray_dataset(rows: dict[str, Tensor]) -> Any:
-    """An in-memory Ray dataset of tensor columns, in Arrow blocks of ``_BLOCK_ROWS`` rows.
-
-    Built from blocks already in memory, so it needs no Ray Data tasks: the Train workers,
-    which hold their CPUs for the whole fit, cannot starve a read or map stage (the known hang
-    of Train + Data on small machines).
-    """
-    import pyarrow as pa
-    import ray.data
-
-    columns = {}
-    for key, value in rows.items():
-        array = value.cpu().numpy()
-        columns[key] = (pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
-                        if array.ndim > 1 else pa.array(array))
-    table = pa.table(columns)
-    return ray.data.from_arrow(
-        [table.slice(i, _BLOCK_ROWS) for i in range(0, table.num_rows, _BLOCK_ROWS)]
-    )
-
-
-def _source_dataset(source: FitSource, multiple: int) -> Any:
-    """A Ray dataset of `FitSource` image references (no tensors), padded like `_padded`."""
-    import ray.data
-
-    items = [{"dir": d, "file": f, "image_id": i, "ignore": g, "pad": False}
-             for d, f, i, g in source.images]
-    extra = (-len(items)) % multiple
-    items += [{**items[0], "pad": True} for _ in range(extra)]
-    return ray.data.from_items(items)
-
-
-def _source_rows(shard: Any, fit: Any, source: dict[str, Any]) -> dict[str, Tensor]:
-    """Read and sample this worker's share of `FitSource` images from their shards."""
-    images = [(row["dir"], row["file"], row["image_id"], int(row["ignore"]))
-              for batch in shard.iter_batches(batch_format="numpy")
-              for row in ({k: v[j] for k, v in batch.items()} for j in range(len(batch["pad"])))
-              if not row["pad"]]
-    data = FitSource(tuple(images), source["spatial"], 0, source["ignore_index"]).load(fit)
-    return _rows(data)
-
-
-def _shard_tensors(shard: Any) -> dict[str, Tensor]:
-    """Materialise this worker's shard without its ``pad`` rows (full-batch fits need it)."""
-    columns: dict[str, list[np.ndarray]] = {}
-    for batch in shard.iter_batches(batch_size=_BLOCK_ROWS, batch_format="numpy"):
-        for key, value in batch.items():
-            columns.setdefault(key, []).append(value)
-    tensors = {k: torch.from_numpy(np.concatenate(v)) for k, v in columns.items()}
-    keep = ~tensors.pop("pad")
-    return {k: v[keep] for k, v in tensors.items()}
-
-
-def _report(metrics: dict[str, Any], states: dict[str, dict[str, Tensor]] | None) -> None:
-    """``ray.train.report`` on every rank; rank 0 (``states`` given) attaches a checkpoint."""
-    import ray.train
-    import safetensors.torch
-
-    if states is None:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, state in enumerate(states.values()):
-            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-            safetensors.torch.save_file(tensors, str(Path(tmp) / f"{i}.safetensors"))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker: each calibrator's own ``fit`` on this worker's shard.
-
-    Runs inside a ``TorchTrainer`` worker (see `fit_specs`). ``config`` holds ``jobs`` (one
-    ``{"label", "name", "options", "layout"}`` per calibrator, fitted in order),
-    ``num_classes``, ``seed``, and per layout (``"pixels"`` / ``"maps"``) its ``ignore_index``
-    and ``heldout`` (an object ref of the held-out `FitData`, or None). The fit rows of a layout
-    come from ``ray.train.get_dataset_shard(layout)``; held-out data is whole on every worker.
-
-    Every rank calls ``fit(..., reduce=DistributedReduce())``, so sums, counts, loss values and
-    gradients over the fit rows are all-reduced and every rank takes the same steps; the
-    calibrator's optimiser, defaults, warm starts, grids, refits and early stopping are the
-    in-process ones. Rank 0 reports the fitted states as one checkpoint.
-    """
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
-    reduce = DistributedReduce()
-    start = time.perf_counter()
-    # Sorted: every worker must read the split datasets in the same order (a set's order
-    # depends on the process's hash seed), or each waits for the others forever.
-    layouts = sorted({job["layout"] for job in config["jobs"]})
-    shards = {
-        layout: _shard_tensors(ray.train.get_dataset_shard(layout))
-        if config["source"][layout] is None else
-        _source_rows(ray.train.get_dataset_shard(layout), config["fit"], config["source"][layout])
-        for layout in layouts
-    }
-    heldout = {layout: None if config["heldout"][layout] is None
-               else ray.get(config["heldout"][layout]) for layout in layouts}
-    metrics: dict[str, Any] = {"load_seconds": time.perf_counter() - start, "fit_seconds": {}}
-    states = {}
-    for job in config["jobs"]:
-        rows, layout = shards[job["layout"]], job["layout"]
-        calibrator = build_calibrator(job["name"], config["num_classes"], **job["options"])
-        start = time.perf_counter()
-        calibrator.to(device).fit(
-            rows["logits"], rows["label"], ignore_index=config["ignore_index"][layout],
-            images=rows.get("image"), heldout=heldout[layout], seed=config["seed"],
-            reduce=reduce,
-        )
-        metrics["fit_seconds"][job["label"]] = time.perf_counter() - start
-        states[job["label"]] = calibrator.state_dict()
-    _report(metrics, states if rank == 0 else None)
-
-
-def _concurrent_runs(cfg: JobConfig, n_jobs: int) -> int:
-    """TorchTrainer runs the cluster holds at once: each takes ``num_workers`` CPUs (GPUs).
-
-    One CPU per run stays free for Ray Data's split coordination (Train workers that hold
-    every CPU starve it). 1 when Ray is not started yet (the trainer starts it).
-    """
-    import ray
-
-    if not ray.is_initialized():
-        return 1
-    total = ray.cluster_resources()
-    workers = cfg.fit.num_workers
-    room = int(total.get("CPU", 0) // (workers + 1))
-    if cfg.fit.use_gpu:
-        room = min(room, int(total.get("GPU", 0) // workers))
-    return max(1, min(n_jobs, room))
-
-
-def _fit_ray(
-    cfg: JobConfig, jobs: list[dict[str, Any]],
-    data: dict[str, tuple[FitData | FitSource, FitData | None]],
-) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
-    """Fit ``jobs`` in one TorchTrainer run; returns their states and the run's timings."""
-    import ray
-    import ray.train
-    import safetensors.torch
-    from ray.data import ExecutionOptions
-    from ray.train.torch import TorchTrainer
-
-    layouts = sorted({job["layout"] for job in jobs})
-    sources = {k: data[k][0] if isinstance(data[k][0], FitSource) else None for k in layouts}
-    # Every worker needs rows: fewer maps (or images) than workers means fewer workers.
-    workers = min(cfg.fit.num_workers, *(
-        len(data[k][0].images) if sources[k] else len(data[k][0].labels) for k in layouts
-    ))
-    if workers < cfg.fit.num_workers:
-        logger.warning("%d fit rows for %d workers: fitting on %d", workers,
-                       cfg.fit.num_workers, workers)
-    config = {
-        "jobs": jobs,
-        "num_classes": cfg.model.num_classes,
-        "seed": cfg.fit.seed,
-        "ignore_index": {k: data[k][0].ignore_index for k in layouts},
-        "heldout": {k: None if data[k][1] is None else ray.put(data[k][1]) for k in layouts},
-        # Fit images each worker reads from the shards (None: rows from the driver's data).
-        "source": {k: None if sources[k] is None else
-                   {"spatial": sources[k].spatial, "ignore_index": sources[k].ignore_index}
-                   for k in layouts},
-        "fit": cfg.fit,
-    }
-    resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.fit.use_gpu else {})}
-    storage = Path(cfg.output).resolve() / "ray_train"
-    name = f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=cfg.fit.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-        ),
-        datasets={k: _source_dataset(sources[k], workers) if sources[k] else
-                  _ray_dataset(_padded(_rows(data[k][0]), workers)) for k in layouts},
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=layouts, execution_options=ExecutionOptions(verbose_progress=False),
-        ),
-    )
-    start = time.perf_counter()
-    result = trainer.fit()
-    wall = time.perf_counter() - start
-    if result.checkpoint is None:
-        raise RuntimeError(f"Expected a checkpoint from the Ray Train fit of "
-                           f"{[job['label'] for job in jobs]}, but the run reported none")
-    with result.checkpoint.as_directory() as directory:
-        states = [safetensors.torch.load_file(str(Path(directory) / f"{i}.safetensors"))
-                  for i in range(len(jobs))]
-    shutil.rmtree(storage / name, ignore_errors=True)
-    metrics = dict(result.metrics or {})
-    fit_seconds = metrics.get("fit_seconds", {})
-    timings = {
-        "workers": workers,
-        "calibrators_in_run": len(jobs),
-        "trainer_seconds": wall,
-        "load_seconds": metrics.get("load_seconds"),
-        # Worker group and process group start, dataset split and reporting: what a local fit
-        # does not pay.
-        "startup_seconds": wall - metrics.get("load_seconds", 0.0) - sum(fit_seconds.values()),
-        "fit_seconds": fit_seconds,
-    }
-    return states, timings
-
-
-# --------------------------------------------------------------------------------------------
 # The stage.
 
 
@@ -919,8 +393,9 @@ def fit_specs(
     """Fit calibrator specs on in-memory data, in ``cfg.fit.mode`` (what `run` does).
 
     ``local``: each calibrator's ``fit`` in this process. ``ray``: TorchTrainer runs of
-    ``cfg.fit.num_workers`` workers, as many at once as the cluster holds (`_concurrent_runs`),
-    fit them, each worker running the same ``fit`` on its shard of the rows (see
+    ``cfg.fit.num_workers`` workers, as many at once as the cluster holds
+    (`pipeline.fit_ray.concurrent_runs`), fit them, each worker running the same ``fit`` on
+    its shard of the rows (see
     `train_loop_per_worker`); a calibrator without the ``distributed`` capability is fitted
     here instead, with a warning.
 
@@ -954,7 +429,7 @@ def fit_specs(
     # Independent calibrators fit concurrently: as many TorchTrainer runs at once as the
     # cluster has room for, each fitting its share of the calibrators in turn. A run's driver
     # side only waits on its controller actor (TorchTrainer.fit supports non-main threads).
-    n_runs = _concurrent_runs(cfg, len(remote)) if remote else 0
+    n_runs = concurrent_runs(cfg, len(remote)) if remote else 0
     runs = [remote[k::n_runs] for k in range(n_runs)]
 
     def fit_run(run: list[int]) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
@@ -964,7 +439,7 @@ def fit_specs(
             for i in run
         ]
         layouts = {job["layout"] for job in jobs}
-        return _fit_ray(cfg, jobs, {_LAYOUTS[s]: part for s, part in data.items()
+        return fit_ray(cfg, jobs, {_LAYOUTS[s]: part for s, part in data.items()
                                     if _LAYOUTS[s] in layouts})
 
     with ThreadPoolExecutor(max_workers=max(len(runs), 1)) as pool:
@@ -1039,7 +514,7 @@ def run(cfg: JobConfig) -> dict[str, Path]:
 
     def parts(names: Iterable[str], spatial: bool, held: bool) -> FitData | None:
         attr = ("heldout" if held else "fit") + ("_maps" if spatial else "")
-        return _concat([getattr(samples[n], attr) for n in names])
+        return concat_fit_data([getattr(samples[n], attr) for n in names])
 
     # Every calibrator is scored on the same clean held-out images (the fit images when
     # nothing valid is held out).
