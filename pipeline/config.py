@@ -318,6 +318,8 @@ class EvalConfig(_Strict):
     seed: Int = 0
     include_heldout: Bool = True
     num_actors: Int | None = Field(default=None, ge=1)
+    # Score on a GPU per evaluation actor: auto takes one when the cluster has GPUs.
+    use_gpu: Literal["auto"] | Bool = "auto"
 
 
 class RefreshConfig(_Strict):

@@ -913,8 +913,8 @@ def _fsync(path: Path) -> None:
 
 
 def _use_gpu(cfg: JobConfig) -> object:
-    """``evaluate.use_gpu`` (auto, true or false); auto until the config has the field."""
-    return getattr(cfg.evaluate, "use_gpu", "auto")
+    """``evaluate.use_gpu``: auto, true or false."""
+    return cfg.evaluate.use_gpu
 
 
 def run(cfg: JobConfig, *, local: bool = False) -> Path:
