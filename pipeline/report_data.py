@@ -215,7 +215,9 @@ def recommend(heldout: pd.DataFrame, *, min_images: int = MIN_HELDOUT_IMAGES) ->
         return Recommendation(None, "no clear winner", [
             f"No clear winner on the held-out calibration data: {lead_text}, but its 95% "
             f"interval overlaps those of {names}.{plain}",
-            "Any of them is defensible; prefer the simplest (fewest parameters).",
+            "Any of them is defensible; prefer the simplest"
+            + (": temperature, with one parameter." if "temperature" in [leader, *tied]
+               else " (fewest parameters)."),
         ], tied=tied, **common)
     if leader == UNCALIBRATED:
         return Recommendation(UNCALIBRATED, "clear", [

@@ -39,6 +39,8 @@ def test_overlapping_intervals_give_no_clear_winner():
     assert rec.tied == ["uncalibrated", "temperature"]
     assert rec.lines[0].startswith("No clear winner on the held-out calibration data")
     assert "None is clearly better than uncalibrated." in rec.lines[0]
+    assert rec.lines[1] == ("Any of them is defensible; prefer the simplest: temperature, "
+                            "with one parameter.")
 
 
 def test_too_small_a_heldout_part_names_no_winner_and_states_the_threshold():
