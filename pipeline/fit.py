@@ -523,6 +523,8 @@ def run(cfg: JobConfig) -> dict[str, Path]:
         logger.warning("The held-out images hold no valid pixel; metrics are on fit data")
     scored = {spatial: parts(clean, spatial, split == "heldout")
               for spatial in {job.spatial for job in jobs}}
+    # Nothing held out in ray mode: the fit images are scored, so the driver reads them after all.
+    scored = {k: v.load(cfg.fit) if isinstance(v, FitSource) else v for k, v in scored.items()}
     # Calibrators that fit on the same datasets share one fit (one Ray Train run).
     groups: dict[tuple[str, ...], list[_Job]] = {}
     for job in jobs:

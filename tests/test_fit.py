@@ -493,16 +493,21 @@ def test_ray_mode_fits_a_calibrator_without_a_sharded_fit_in_the_driver(tmp_path
     assert "no distributed fit" in caplog.text
 
 
-def test_ray_mode_run_reads_the_fit_images_in_the_driver_for_such_a_calibrator(tmp_path,
-                                                                                 monkeypatch):
+@pytest.mark.parametrize("heldout_fraction", [0.3, 0.0], ids=["heldout", "scored-on-fit"])
+def test_ray_mode_run_reads_the_fit_images_in_the_driver_for_such_a_calibrator(
+    tmp_path, monkeypatch, heldout_fraction
+):
     # In ray mode the driver keeps only references to the fit images; a calibrator fitted in
-    # the driver reads them from the shards, and fits exactly what local mode fits.
+    # the driver reads them from the shards, and fits exactly what local mode fits (also
+    # when nothing is held out and the fit images are scored).
     monkeypatch.setattr(CALIBRATORS["temperature"], "distributed", False)
     write_dataset(tmp_path / "run", "cal", make_records("cal", 6, size=(12, 12)))
     cards = {}
     for mode in ("local", "ray"):
-        out = fit.run(make_cfg(tmp_path, mode=mode, num_workers=2))
+        out = fit.run(make_cfg(tmp_path, mode=mode, num_workers=2,
+                               heldout_fraction=heldout_fraction))
         cards[mode] = json.loads((out["temperature"] / "calibrator.json").read_text())
     assert cards["ray"]["metrics"]["mode"] == "local"
     assert cards["ray"]["sha256"] == cards["local"]["sha256"]
+    assert cards["ray"]["metrics"]["split"] == cards["local"]["metrics"]["split"]
     assert cards["ray"]["metrics"]["fit_pixels"] == cards["local"]["metrics"]["fit_pixels"]
