@@ -284,7 +284,7 @@ def _read_dataset(
         check_classes(record, cfg.model.num_classes)
         key, is_held = record_key(record), record.image_id in heldout_ids
         if stream and not is_held:
-            refs.append((str(directory), shard_of[record.image_id], record.image_id,
+            refs.append((str(directory.resolve()), shard_of[record.image_id], record.image_id,
                          manifest.ignore_index))
             labels = record.labels.astype(np.int64)
             valid = labels != manifest.ignore_index
