@@ -46,6 +46,21 @@ window.addEventListener('load', function () {
       return [i.getAttribute('src'), i.naturalWidth];
     })
   };
+  // Sort the summary by its nll column (one click: ascending), as a reader would.
+  var table = document.getElementById('summary');
+  var heads = Array.prototype.map.call(table.querySelectorAll('thead th'),
+                                       function (th) { return th.textContent; });
+  var column = heads.indexOf('nll');
+  function values() {
+    return Array.prototype.map.call(table.querySelectorAll('tbody'), function (tb) {
+      return Array.prototype.map.call(tb.querySelectorAll('tr.r'), function (tr) {
+        return parseFloat(tr.cells[column].textContent);
+      });
+    });
+  }
+  out.unsorted = values();
+  table.querySelectorAll('thead th')[column].click();
+  out.sorted = values();
   var pre = document.createElement('pre');
   pre.id = 'probe';
   pre.textContent = JSON.stringify(out);
@@ -92,6 +107,16 @@ def test_report_fits_1400px_and_shows_the_matrix_and_the_plots(page):
     assert images["plots/shift-fog.png"] > 0  # loaded, not a broken image
     assert all(width > 0 for width in images.values())
     assert set(images) >= {"plots/shift-fog.png", "plots/day.png", "plots/cal-heldout.png"}
+
+
+def test_clicking_a_header_sorts_each_dataset_group(page):
+    seen = probe(page)
+    groups = seen["sorted"]
+    assert len(groups) == 4  # cal-heldout, day, fog-1, fog-3
+    assert groups != seen["unsorted"]  # the click changed an order
+    for values in groups:
+        assert len(values) == 2
+        assert values == sorted(values)
 
 
 def test_the_probe_sees_an_overflow(page):
