@@ -327,7 +327,8 @@ def _num(value: Any) -> str:
         value = float(value)
         if abs(value) >= 1e6:
             return f"{value:.0e}"
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        # Three significant digits, trailing zeros kept: T = 1.30, not 1.3.
+        return f"{value:#.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
 
 

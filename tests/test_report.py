@@ -179,7 +179,7 @@ def test_shift_curves_fitted_values_and_classes(shifted):
     assert "![fog](plots/shift-fog.png)" in (output / "report.md").read_text()
     assert "In-domain vs shifted" in text
     card = json.loads((output / "artifacts" / "temperature" / "calibrator.json").read_text())
-    assert f"one temperature, T = {card['summary']['temperature']:.3g}" in text
+    assert f"one temperature, T = {card['summary']['temperature']:#.3g}" in text
     # Classwise ECE per class, pooled over the unshifted test set: its mean is the set's SCE.
     summary = pd.read_csv(output / "summary.csv")
     per_image = report.read_per_image(output / "per_image.parquet")

@@ -133,22 +133,22 @@ def test_several_heldout_sets_are_pooled_image_by_image():
 @pytest.mark.parametrize(("card", "words"), [
     ({"name": "temperature", "summary": {"temperature": 1.3124}}, "one temperature, T = 1.31"),
     ({"name": "ets", "summary": {"temperature": 1.5, "weights": [0.9, 0.08, 0.02]}},
-     "one temperature, T = 1.5, mixed with the raw and the uniform distribution (weights "
-     "0.9 / 0.08 / 0.02)"),
+     "one temperature, T = 1.50, mixed with the raw and the uniform distribution (weights "
+     "0.900 / 0.0800 / 0.0200)"),
     ({"name": "selective", "options": {"gate": "hard", "features": "logprobs"},
       "summary": {"t_mis": 1e10, "t_cor": 1.0}},
      "a selector flags likely-wrong pixels (hard gate, features logprobs); flagged pixels get "
-     "T_mis = 1e+10 (the uniform distribution), the others T_cor = 1; flags 12.5% of the "
+     "T_mis = 1e+10 (the uniform distribution), the others T_cor = 1.00; flags 12.5% of the "
      "held-out pixels"),
     ({"name": "selective", "options": {"gate": "soft", "features": "rich", "base": "temperature"},
       "summary": {"t_mis": 2.5, "t_cor": 1.0, "base": {"temperature": 1.29}}},
      "a selector flags likely-wrong pixels (soft gate, features rich); flagged pixels get "
-     "T_mis = 2.5, the others T_cor = 1; on top of temperature (one temperature, T = 1.29); "
+     "T_mis = 2.50, the others T_cor = 1.00; on top of temperature (one temperature, T = 1.29); "
      "flags 12.5% of the held-out pixels"),
     ({"name": "meta_cal", "summary": {"temperature": 1.2, "threshold": None}},
-     "one temperature, T = 1.2; nothing gated"),
+     "one temperature, T = 1.20; nothing gated"),
     ({"name": "mystery", "summary": {"alpha": 0.5, "beta": [1.0, 3.0]}},
-     "alpha = 0.5, beta = mean 2, range 1 to 3"),
+     "alpha = 0.500, beta = mean 2.00, range 1.00 to 3.00"),
 ])
 def test_fitted_values_in_plain_words(card, words):
     assert rd.describe_card(card, flagged=0.125) == words
