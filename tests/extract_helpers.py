@@ -84,3 +84,18 @@ class _NodeRecording(nn.Module):
 def node_recording_net(num_classes: int = NUM_CLASSES) -> nn.Module:
     """tiny_net that records the node it was built on (see `_NodeRecording`)."""
     return _NodeRecording(num_classes)
+
+
+def write_pairs(folder, count: int, size: tuple[int, int], seed: int = 0) -> None:
+    """``count`` seeded random image/label PNG pairs ``f00.png``... in ``folder/img``, ``/lab``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for sub in ("img", "lab"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+            folder / "img" / f"f{i:02d}.png")
+        Image.fromarray(rng.integers(0, NUM_CLASSES, size, dtype=np.uint8)).save(
+            folder / "lab" / f"f{i:02d}.png")

@@ -31,7 +31,7 @@ from pipeline.config import load_config
 from pipeline.models import load_model, model_fingerprint
 from pipeline.paths import RunPaths
 from pipeline.shards import iter_dataset, read_manifest
-from tests.extract_helpers import NUM_CLASSES
+from tests.extract_helpers import NUM_CLASSES, write_pairs
 from tests.test_e2e_cluster import _free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -117,14 +117,7 @@ def two_nodes(tmp_path_factory):
 
 def test_extract_on_two_nodes_with_actors_on_the_second(two_nodes):
     base, env = two_nodes["base"], two_nodes["env"]
-    rng = np.random.default_rng(0)
-    for sub in ("img", "lab"):
-        (base / "data" / sub).mkdir(parents=True)
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(
-            base / "data" / "img" / f"f{i}.png")
-        Image.fromarray(rng.integers(0, NUM_CLASSES, (12, 16), dtype=np.uint8)).save(
-            base / "data" / "lab" / f"f{i}.png")
+    write_pairs(base / "data", 10, (12, 16))
     config = base / "run.yaml"
     config.write_text(yaml.safe_dump({
         "output": str(base / "out"),

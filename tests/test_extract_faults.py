@@ -26,7 +26,7 @@ from pipeline.config import load_config
 from pipeline.models import load_model, model_fingerprint
 from pipeline.paths import RunPaths
 from pipeline.shards import iter_dataset, read_manifest
-from tests.extract_helpers import NUM_CLASSES
+from tests.extract_helpers import NUM_CLASSES, write_pairs
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -62,14 +62,7 @@ def _records(config: Path) -> dict:
 
 def test_driver_killed_during_extraction_resumes_to_the_clean_result(tmp_path):
     (tmp_path / "home").mkdir()
-    rng = np.random.default_rng(0)
-    for sub in ("img", "lab"):
-        (tmp_path / "data" / sub).mkdir(parents=True)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
-            tmp_path / "data" / "img" / f"f{i:02d}.png")
-        Image.fromarray(rng.integers(0, NUM_CLASSES, (48, 64), dtype=np.uint8)).save(
-            tmp_path / "data" / "lab" / f"f{i:02d}.png")
+    write_pairs(tmp_path / "data", 40, (48, 64))
     env = _env(tmp_path)
     killed = _config(tmp_path, "killed")
     directory = RunPaths(tmp_path / "killed", model_fingerprint(
