@@ -444,7 +444,9 @@ def write(cfg: JobConfig) -> Path:
         curves = rd.family_curves(summary, rd.families(cfg, summary))
         shift_figures = {}
         if curves:
-            top = max(float(np.nanmax(c.to_numpy())) for c in curves.values())
+            values = np.concatenate([c.to_numpy(dtype=float).ravel() for c in curves.values()])
+            values = values[np.isfinite(values)]
+            top = float(values.max()) if values.size and values.max() > 0 else 1.0
             for kind, curve in curves.items():
                 name = f"{PLOTS}/shift-{kind}.png"
                 plot_family(kind, curve, (0.0, 1.05 * top), tmp / name)

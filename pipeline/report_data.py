@@ -145,7 +145,7 @@ def heldout_table(
             mine = per_image_ece[(per_image_ece["calibrator"] == calibrator)
                                  & per_image_ece["dataset"].isin(set(g["dataset"]))]
             values = mine.sort_values(["dataset", "image_id"])["img_ece"].to_numpy()
-            mean = float(values.mean())
+            mean = float(np.nanmean(values)) if len(values) else math.nan
             lo, hi = _interval(values, resamples, seed)
         records[calibrator] = {"img_ece": mean, "lo": lo, "hi": hi, "nll": nll, "n_images": n}
     return pd.DataFrame.from_dict(records, orient="index", columns=columns)
@@ -455,7 +455,9 @@ def selector_sentence(summary: pd.DataFrame) -> str:
 
 def flagged_share(per_image: pd.DataFrame) -> dict[str, float]:
     """Calibrator -> share of held-out pixels its selector flags (score > 0.5)."""
-    out = {}
+    out: dict[str, float] = {}
+    if not {"mis_hist_cor", "mis_hist_inc", "role"} <= set(per_image.columns):
+        return out
     rows = per_image[per_image["dataset"].str.endswith(HELDOUT_SUFFIX)
                      | (per_image["role"] == "calibration")]
     for calibrator, g in rows.groupby("calibrator", sort=False):
@@ -479,6 +481,9 @@ def class_table(
     Returns:
         ``(table, where)``: ``where`` names the pooled sets.
     """
+    needed = {"role", "reference", "num_classes", "cls_count", "cls_conf_sum", "cls_correct_sum"}
+    if not needed <= set(per_image.columns):
+        return pd.DataFrame(), ""
     test = per_image[per_image["role"] == "test"]
     plain = test[test["reference"].isna() | (test["reference"] == "")]
     rows = plain if not plain.empty else test

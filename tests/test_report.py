@@ -207,3 +207,15 @@ def test_sections_with_nothing_to_show_are_left_out(reported, tmp_path):
     markdown = (Path(cfg.output) / "report.md").read_text()
     assert "## In-domain vs shifted" not in markdown
     assert "## Glossary" in markdown
+
+
+def test_render_without_per_image_rows_leaves_out_what_needs_them(reported):
+    cfg, _ = reported
+    tables = report.read_tables(Path(cfg.output))
+    markdown, page = report.render(cfg, tables, {})
+    assert "Classwise ECE" not in page
+    assert "Classwise ECE" not in markdown
+    assert 'id="matrix"' in page
+    bare = pd.DataFrame({"dataset": ["day"], "calibrator": ["uncalibrated"]})
+    assert report_data.flagged_share(bare) == {}
+    assert report_data.class_table(bare, [], ["uncalibrated"])[0].empty
