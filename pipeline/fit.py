@@ -284,10 +284,12 @@ def _read_dataset(
         check_classes(record, cfg.model.num_classes)
         key, is_held = record_key(record), record.image_id in heldout_ids
         if stream and not is_held:
-            refs.append((str(directory.resolve()), shard_of[record.image_id], record.image_id,
-                         manifest.ignore_index))
             labels = record.labels.astype(np.int64)
             valid = labels != manifest.ignore_index
+            if not valid.any():  # no pixel to fit (a fully ignored map adds nothing either)
+                continue
+            refs.append((str(directory.resolve()), shard_of[record.image_id], record.image_id,
+                         manifest.ignore_index))
             counts["pixels"] += min(fit.pixels_per_image, int(valid.sum()))
             step = fit.map_stride
             counts["maps"] += int(valid[::step, ::step].sum())

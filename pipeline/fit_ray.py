@@ -78,22 +78,36 @@ def _ray_dataset(rows: dict[str, Tensor]) -> Any:
 
 
 def _source_dataset(source: FitSource, multiple: int) -> Any:
-    """A Ray dataset of `FitSource` image references (no tensors), padded like `_padded`."""
+    """A Ray dataset of `FitSource` image references (no tensors), padded like `_padded`.
+
+    One row per run of consecutive images of one shard file (about ``2 * multiple`` runs in
+    all, cut at shard boundaries), so that a worker decodes the few shard files its images
+    are in rather than every file. Ray Data hands rows to the workers in turn.
+    """
     import ray.data
 
-    items = [{"dir": d, "file": f, "image_id": i, "ignore": g, "pad": False}
-             for d, f, i, g in source.images]
-    extra = (-len(items)) % multiple
-    items += [{**items[0], "pad": True} for _ in range(extra)]
+    size = max(1, len(source.images) // (2 * multiple))
+    items: list[dict[str, Any]] = []
+    for d, f, i, g in source.images:
+        last = items[-1] if items else None
+        if last and (last["dir"], last["file"]) == (d, f) and len(last["ids"]) < size:
+            last["ids"].append(i)
+        else:
+            items.append({"dir": d, "file": f, "ids": [i], "ignore": g, "pad": False})
+    items = [{**item, "ids": "\n".join(item["ids"])} for item in items]
+    items += [{**items[0], "pad": True} for _ in range((-len(items)) % multiple)]
     return ray.data.from_items(items)
 
 
 def _source_rows(shard: Any, fit: Any, source: dict[str, Any]) -> dict[str, Tensor]:
     """Read and sample this worker's share of `FitSource` images from their shards."""
-    images = [(row["dir"], row["file"], row["image_id"], int(row["ignore"]))
-              for batch in shard.iter_batches(batch_format="numpy")
-              for row in ({k: v[j] for k, v in batch.items()} for j in range(len(batch["pad"])))
-              if not row["pad"]]
+    images = []
+    for batch in shard.iter_batches(batch_format="numpy"):
+        for j in range(len(batch["pad"])):
+            if not batch["pad"][j]:
+                where = (str(batch["dir"][j]), str(batch["file"][j]))
+                images += [(*where, i, int(batch["ignore"][j]))
+                           for i in str(batch["ids"][j]).split("\n")]
     data = FitSource(tuple(images), source["spatial"], 0, source["ignore_index"]).load(fit)
     return _rows(data)
 
