@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from pipeline import registry
 from pipeline.paths import atomic_write_text, scratch_dir
@@ -74,6 +75,7 @@ def plot_domain(domain: str, rows: pd.DataFrame, promoted: list[int], path: Path
         ax.axvline(step, color="#2a7", lw=1, alpha=0.6)
     ax.set(title=domain, xlabel="decision (green: promoted)", ylabel="image-wise ECE",
            ylim=(0, None))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2,
               frameon=False)
