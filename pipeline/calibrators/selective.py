@@ -278,7 +278,8 @@ def train_with_early_stopping(
         reduce.sync(module)
         module.eval()
         with torch.no_grad():
-            value = reduce.agree(heldout_loss())
+            # Every worker holds the same state and held-out data: rank 0 scores, all follow.
+            value = reduce.agree(heldout_loss() if reduce.rank == 0 else math.inf)
         module.train()
         if value < best["loss"]:
             best.update(loss=value, state=copy.deepcopy(module.state_dict()), stale=0)
