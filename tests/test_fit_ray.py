@@ -10,8 +10,8 @@ vanish, which moves their held-out NLL by up to ~3e-5; mini-batch fits (selector
 draw other batches from two shards than from one, so they agree within their own sampling
 noise. Measured when written (|held-out NLL ray - local|, the workers reading their images
 from the shards): temperature 0, vector 0, matrix 0, meta_cal 0, ibts 6e-8, ets 2e-7,
-dirichlet 8e-6, lts 5e-5, selective_refine 2e-4, selective 2e-3, selective_spatial 2e-3 to 8e-3 (whose
-local fit moves by up to 0.2 between seeds on data this small).
+dirichlet 8e-6, lts 5e-5, selective_refine 2e-4, selective 2e-3, selective_spatial 2e-3 to
+8e-3 (whose local fit moves by up to 0.2 between seeds on data this small).
 """
 
 from __future__ import annotations
