@@ -1,6 +1,6 @@
 """Stage 1: run the model over every dataset with Ray Data and store the logits as shards.
 
-Per dataset::
+Per dataset, on a cluster with GPUs::
 
     listing + source fingerprints (driver)
       -> ray.data.from_items, one block per model batch
@@ -12,8 +12,11 @@ Per dataset::
                      batch_size=rows_per_shard)  write each shard atomically where it is
       -> driver: shard metadata only -> shards.write_manifest, last
 
-Work happens where the data is: decoding on every free CPU, inference on every GPU, shard
-compression and writes on CPU workers, so no logit passes through the driver. The output
+On a CPU-only cluster every step competes for the same cores, so the three run in one
+:class:`ExtractWorker` actor per CPU (a block of up to ``rows_per_shard`` images decoded,
+inferred and written in one process): no trip through the object store between steps and one
+Ray task per block instead of three. Either way work happens where the data is, and no logit
+passes through the driver. The output
 folder must therefore be one every node reaches (a shared file system; on one machine, any
 folder). Decode and write tasks ask for other CPU amounts than the actors, which keeps Ray Data
 from fusing decoding into the actor stage, where it would run serially with the model.
@@ -277,6 +280,44 @@ class LogitPredictor:
         if self.cfg.store_image:
             out["image"] = batch["image"]
         return out
+
+
+class ExtractWorker:
+    """Ray Data actor for CPU-only clusters: decode, model and shard writes in one process.
+
+    Without GPUs every step competes for the same cores, so splitting them into separate
+    Ray Data stages buys no overlap and costs a trip through the object store and a task
+    per stage: each block (up to ``rows_per_shard`` images) is decoded, run through the model
+    in batches of ``batch_size`` and written here. One single-threaded worker per CPU.
+
+    Args:
+        model_cfg: the model to load.
+        extract_cfg: storage options (stride, label resolution, precision, batch size).
+        dataset: the dataset's config (decoding).
+        batch_size: images per model call.
+        threads: torch intra-op threads.
+        write: keyword arguments of :func:`write_shards` (folder, names, fingerprint).
+    """
+
+    def __init__(
+        self, model_cfg: ModelConfig, extract_cfg: ExtractConfig, dataset: DatasetConfig,
+        batch_size: int, threads: int, write: dict[str, Any],
+    ) -> None:
+        self.predictor = LogitPredictor(model_cfg, extract_cfg, threads=threads)
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.write = write
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Listed rows in (``image_id``, ``uri``, ``label_uri``, ``source``), metadata out."""
+        decoded = decode_batch(batch, self.dataset, self.predictor.num_classes)
+        n, step = len(decoded["image_id"]), self.batch_size
+        parts = [self.predictor({k: v[i : i + step] for k, v in decoded.items()})
+                 for i in range(0, n, step)]
+        joined = {k: [row for part in parts for row in part[k]] for k in parts[0]}
+        rows = {k: _column(v) if k in ("labels", "logits", "image") else np.array(v, object)
+                for k, v in joined.items()}
+        return write_shards(rows, **self.write)
 
 
 def _stored_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -600,48 +641,72 @@ def _stream(
     items = [{"image_id": s.image_id, "uri": s.uri, "label_uri": s.label_uri or "",
               "source": sources[s.image_id]} for s in todo]
     num_classes = cfg.model.num_classes
-    batch_size = cfg.extract.batch_size or default_batch_size(
-        ray.available_resources().get("GPU", 0.0) >= 1)
-    # [1] input blocks sized from the image count and the CPUs: decode tasks spread over
-    #     every free CPU and run ahead of inference, each big enough to amortise Ray's
-    #     per-task cost; actors beyond the block count would only sit idle.
-    rows = block_rows(len(items), float(ray.available_resources().get("CPU", 1.0)),
-                      batch_size, _image_bytes(todo[0].uri))
-    blocks = math.ceil(len(items) / rows)
-    pool = _pool_resources(cfg.extract.num_actors, blocks, cfg.extract.actor_resources)
-    task_cpus = pool["task_cpus"]
-    dataset = (
-        ray.data.from_items(items, override_num_blocks=blocks)
-        .map_batches(decode_batch, fn_kwargs={"cfg": ds, "num_classes": num_classes},
-                     batch_size=batch_size, batch_format="numpy", num_cpus=task_cpus)
-        # [2] the model: one actor per GPU (else per two CPUs), logits reduced on the device
-        .map_batches(
-            LogitPredictor,
-            fn_constructor_kwargs={
-                "model_cfg": cfg.model, "extract_cfg": cfg.extract,
-                "threads": pool["threads"], "use_gpu": pool["num_gpus"] > 0,
-            },
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool["size"]),
-            num_cpus=pool["num_cpus"],
-            num_gpus=pool["num_gpus"],
-            resources=cfg.extract.actor_resources or None,
+    gpu = ray.available_resources().get("GPU", 0.0) >= 1
+    batch_size = cfg.extract.batch_size or default_batch_size(gpu)
+    write = {"directory": str(directory), "dataset": ds.name, "domain": ds.domain,
+             "role": ds.role, "fingerprint": fingerprint, "store_image": cfg.extract.store_image}
+    if not gpu:
+        dataset = _cpu_dataset(cfg, ds, items, batch_size, write)
+    else:
+        # [1] input blocks sized from the image count and the CPUs: decode tasks spread over
+        #     every free CPU and run ahead of inference, each big enough to amortise Ray's
+        #     per-task cost; actors beyond the block count would only sit idle.
+        rows = block_rows(len(items), float(ray.available_resources().get("CPU", 1.0)),
+                          batch_size, _image_bytes(todo[0].uri))
+        blocks = math.ceil(len(items) / rows)
+        pool = _pool_resources(cfg.extract.num_actors, blocks, cfg.extract.actor_resources)
+        task_cpus = pool["task_cpus"]
+        dataset = (
+            ray.data.from_items(items, override_num_blocks=blocks)
+            .map_batches(decode_batch, fn_kwargs={"cfg": ds, "num_classes": num_classes},
+                         batch_size=batch_size, batch_format="numpy", num_cpus=task_cpus)
+            # [2] the model: one actor per GPU, logits reduced and cast on the device
+            .map_batches(
+                LogitPredictor,
+                fn_constructor_kwargs={
+                    "model_cfg": cfg.model, "extract_cfg": cfg.extract,
+                    "threads": pool["threads"], "use_gpu": True,
+                },
+                batch_size=batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+                num_cpus=pool["num_cpus"],
+                num_gpus=pool["num_gpus"],
+                resources=cfg.extract.actor_resources or None,
+            )
+            # [3] shards written by CPU workers where the logits are; only metadata returns
+            .map_batches(write_shards, fn_kwargs=write,
+                         batch_size=cfg.extract.rows_per_shard, batch_format="numpy",
+                         num_cpus=task_cpus)
         )
-        # [3] shards written by CPU workers where the logits are; only metadata comes back
-        .map_batches(
-            write_shards,
-            fn_kwargs={"directory": str(directory), "dataset": ds.name, "domain": ds.domain,
-                       "role": ds.role, "fingerprint": fingerprint,
-                       "store_image": cfg.extract.store_image},
-            batch_size=cfg.extract.rows_per_shard, batch_format="numpy", num_cpus=task_cpus,
-        )
-    )
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for meta in batch["meta"]:
             yield json.loads(meta)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("%s: Ray Data execution:\n%s", ds.name, dataset.stats())
+
+
+def _cpu_dataset(
+    cfg: JobConfig, ds: DatasetConfig, items: list[dict[str, str]], batch_size: int,
+    write: dict[str, Any],
+) -> Any:
+    """CPU-only clusters: one stage of :class:`ExtractWorker` actors, one per free CPU."""
+    cpus = float(ray.available_resources().get("CPU", 1.0))
+    rows = min(block_rows(len(items), cpus, batch_size, _image_bytes(items[0]["uri"])),
+               cfg.extract.rows_per_shard)
+    blocks = math.ceil(len(items) / rows)
+    pool = _pool_resources(cfg.extract.num_actors, blocks, cfg.extract.actor_resources)
+    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        ExtractWorker,
+        fn_constructor_kwargs={"model_cfg": cfg.model, "extract_cfg": cfg.extract,
+                               "dataset": ds, "batch_size": batch_size,
+                               "threads": pool["threads"], "write": write},
+        batch_size=rows,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool["size"]),
+        num_cpus=pool["num_cpus"],
+        resources=cfg.extract.actor_resources or None,
+    )
 
 
 def run(cfg: JobConfig) -> dict[str, Path]:
