@@ -80,8 +80,11 @@ def _default(env: str, fallback: Path) -> Path | None:
 
 def _link_camvid(data: Path, dest: Path, n: int) -> None:
     """``n`` image/label pairs under ``dest/img`` and ``dest/lab`` as symlinks to CamVid."""
-    pairs = [(p, data / f"{split}annot" / p.name)
-             for split in ("train", "val", "test") for p in sorted((data / split).glob("*.png"))]
+    if (data / "images").is_dir():  # a flat images/ + labels/ copy (the device bundle)
+        pairs = [(p, data / "labels" / p.name) for p in sorted((data / "images").glob("*.png"))]
+    else:
+        pairs = [(p, data / f"{split}annot" / p.name) for split in ("train", "val", "test")
+                 for p in sorted((data / split).glob("*.png"))]
     (dest / "img").mkdir(parents=True)
     (dest / "lab").mkdir(parents=True)
     for i in range(n):
@@ -297,15 +300,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", type=Path, default=_default(
         "SEGCAL_ESPNET_WEIGHTS", SHARED / "models" / "espnet" / "espnet_p_2_q_8_camvid.pth"))
     parser.add_argument("--synthetic", action="store_true", help="generated images, not CamVid")
+    parser.add_argument("--stats", action="store_true",
+                        help="print Ray Data's per-stage statistics of the stage run")
     parser.add_argument("--profile", action="store_true",
                         help="also print CPU ms per image of each step (in-process)")
     args = parser.parse_args(argv)
     args.model = args.model or ("espnet" if args.weights is not None else "null")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    import logging
+
     import ray
 
     from pipeline import extract
+
+    if args.stats:
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("pipeline.extract").setLevel(logging.DEBUG)
 
     cpus = args.num_cpus or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -40,15 +40,16 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 
 from pipeline.paths import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:  # torch is imported where logits are upsampled, not by shard writers
+    import torch
 
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "part-*.parquet"
@@ -358,6 +359,9 @@ def upsample_logits(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) ->
         >>> upsample_logits(np.ones((2, 3, 4), np.float16), (6, 8)).shape
         torch.Size([2, 6, 8])
     """
+    import torch
+    import torch.nn.functional as F
+
     if isinstance(logits, np.ndarray):
         # A copy: shard arrays are read-only views of Arrow buffers, which torch warns about.
         x = torch.from_numpy(np.array(logits, dtype=np.float32))

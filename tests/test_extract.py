@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline import extract
+from pipeline import extract, extract_io
 from pipeline.config import CorruptionConfig, parse_config
 from pipeline.data import DataError, list_samples
-from pipeline.extract import LogitPredictor, content_hash, decode_row
+from pipeline.extract import LogitPredictor, content_hash
+from pipeline.extract_io import decode_row
 from pipeline.models import load_model, model_fingerprint
 from pipeline.paths import RunPaths
 from pipeline.shards import (
@@ -98,11 +99,11 @@ def test_predictor_and_writer_store_logits_at_the_configured_resolution(tmp_path
         np.testing.assert_array_equal(out["labels"][i], batch["labels"][i])
 
     # The writer resizes the images to the logits' resolution and writes one shard.
-    meta = extract.write_shards(out, directory=str(tmp_path / "shards"), dataset="toy",
+    meta = extract_io.write_shards(out, directory=str(tmp_path / "shards"), dataset="toy",
                                 domain="day", role="calibration", fingerprint="f" * 64,
                                 store_image=True)["meta"]
     (shard,) = [json.loads(m)["shard"] for m in meta]
-    assert shard["file"] == extract.shard_name(["a", "b", "c"])
+    assert shard["file"] == extract_io.shard_name(["a", "b", "c"])
     records = {r.image_id: r for r in read_shard(tmp_path / "shards" / shard["file"])}
     for i, image in enumerate(batch["image"]):
         r = records[batch["image_id"][i]]
@@ -168,8 +169,8 @@ def test_writer_records_failed_rows_and_writes_one_shard_per_shape(tmp_path):
               np.ones((NUM_CLASSES, 3, 2), np.float16), np.zeros((NUM_CLASSES, 0, 0), np.float16)]
     batch = {"image_id": np.array(["a", "b", "c", "d"]), "uri": np.array(list("abcd")),
              "error": np.array(["", "", "", "bad file d"], dtype=object),
-             "labels": extract._column(labels), "logits": extract._column(logits)}
-    meta = [json.loads(m) for m in extract.write_shards(
+             "labels": extract_io._column(labels), "logits": extract_io._column(logits)}
+    meta = [json.loads(m) for m in extract_io.write_shards(
         batch, directory=str(tmp_path), dataset="toy", domain="day", role="test",
         fingerprint="f" * 64, store_image=False)["meta"]]
     assert {"skipped": {"uri": "d", "reason": "bad file d"}} in meta
