@@ -422,6 +422,9 @@ def fit_specs(
     extras: list[dict[str, Any]] = [{"mode": "local"} for _ in specs]
     remote = []
     if cfg.fit.mode == "ray":
+        from pipeline.runtime import init_ray
+
+        init_ray()  # before Ray Train would start Ray itself, on every interface
         for i, calibrator in enumerate(calibrators):
             if calibrator.distributed:
                 remote.append(i)
