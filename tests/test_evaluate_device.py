@@ -10,6 +10,8 @@ ulps) and the pixel counts exactly.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -80,7 +82,9 @@ def test_numba_backend_refuses_another_device(calibrators):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_rows_match_cpu_rows(calibrators):
-    on_gpu = {k: None if v is None else v.to("cuda") for k, v in calibrators.items()}
+    # Module.to moves in place: copies, so the CPU reference keeps its calibrators on the CPU.
+    on_gpu = {k: None if v is None else copy.deepcopy(v).to("cuda")
+              for k, v in calibrators.items()}
     for seed in range(3):
         want = rows(calibrators, seed)
         got = rows(on_gpu, seed, device="cuda")
