@@ -350,9 +350,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"runs: {len(registry.list_runs(root))}")
     for entry in registry.history(root, args.last):
         print(
-            f"{entry.get('time')}  {entry.get('action'):<8} {entry.get('decision'):<9} "
+            f"{entry.get('time')}  {entry.get('action')!s:<8} {entry.get('decision')!s:<9} "
             f"{entry.get('challenger')}  {entry.get('reason')}"
         )
+    if args.html:
+        from pipeline import report_history
+
+        print(f"history page: {report_history.write(root)}")
     return code
 
 
@@ -516,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", help="show the current champion and the last decisions")
     p.add_argument("registry", help="registry folder")
     p.add_argument("--last", type=int, default=10, help="decisions to show (default 10)")
+    p.add_argument("--html", action="store_true",
+                   help="also write REGISTRY/history.html: image-wise ECE per domain over the "
+                        "decisions, promotions marked")
     p.set_defaults(func=cmd_status)
     return parser
 

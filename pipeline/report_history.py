@@ -52,6 +52,8 @@ def history_table(root: str | Path) -> tuple[list[dict[str, Any]], pd.DataFrame]
             summary = registry.read_summary(root, run)
         except (registry.RegistryError, ValueError, OSError):
             continue
+        if not {"domain", "calibrator", "img_ece", "n_images"} <= set(summary.columns):
+            continue  # not a summary evaluate wrote (a stub, or a run from before domains)
         test = summary[summary["role"] == "test"] if "role" in summary else summary
         for (domain, calibrator), g in test.groupby(["domain", "calibrator"], sort=False):
             records.append({

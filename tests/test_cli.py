@@ -279,6 +279,12 @@ def test_refresh_promote_status_roundtrip(config, stages, tmp_path, capsys):
     assert "refresh  kept" in lines[2]
     assert "ops override" in lines[3]
 
+    code, out, err = segcal("status", reg, "--html", capsys=capsys)
+    assert code == cli.OK, err
+    page = reg / "history.html"
+    assert out.strip().splitlines()[-1] == f"history page: {page}"
+    assert "promoted" in page.read_text()
+
 
 def test_promote_unknown_run_exits_3(config, stages, tmp_path, capsys):
     reg = tmp_path / "reg"
