@@ -405,8 +405,11 @@ def _extract_dataset(
     if changed or removed:
         logger.info("%s: %d images changed at the source, %d removed", ds.name, len(changed),
                     len(removed))
-    if todo:
+    if not todo:
+        logger.info("%s: nothing new to extract (%d images stored)", ds.name, len(done))
+    else:
         logger.info("%s: %d images to extract (%d already stored)", ds.name, len(todo), len(done))
+        init_ray()  # only now: a rerun with nothing new never starts Ray
         for meta in _stream(cfg, ds, todo, sources, directory, fingerprint):
             if "shard" in meta:
                 written.append(ShardInfo(**meta["shard"]))
@@ -611,8 +614,9 @@ def _cpu_dataset(
 def run(cfg: JobConfig) -> dict[str, Path]:
     """Extract logits of every configured dataset into shards under ``cfg.output``.
 
-    Starts local Ray, on loopback, when none is running (``RAY_ADDRESS`` connects to a
-    cluster instead; see :func:`pipeline.runtime.init_ray`).
+    Starts local Ray, on loopback, when none is running and some image needs extracting
+    (``RAY_ADDRESS`` connects to a cluster instead; see :func:`pipeline.runtime.init_ray`);
+    a rerun with nothing new says so and never starts Ray.
 
     Args:
         cfg: the run config.
@@ -633,5 +637,4 @@ def run(cfg: JobConfig) -> dict[str, Path]:
     fingerprint = model_fingerprint(cfg.model)
     paths = RunPaths(Path(cfg.output), fingerprint)
     chash = config_hash(cfg)
-    init_ray()
     return {ds.name: _extract_dataset(cfg, ds, paths, fingerprint, chash) for ds in cfg.datasets}

@@ -99,3 +99,30 @@ def write_pairs(folder, count: int, size: tuple[int, int], seed: int = 0) -> Non
             folder / "img" / f"f{i:02d}.png")
         Image.fromarray(rng.integers(0, NUM_CLASSES, size, dtype=np.uint8)).save(
             folder / "lab" / f"f{i:02d}.png")
+
+
+PID_LOG = "/tmp/segcal-test-actor-pids"
+
+
+class _PidRecording(nn.Module):
+    """tiny_net that notes its process id in PID_LOG, then runs slowly enough to be killed."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        import os
+
+        self.net = tiny_net(num_classes)
+        if os.path.isdir(PID_LOG):
+            with open(os.path.join(PID_LOG, str(os.getpid())), "w") as f:
+                f.write(str(os.getpid()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.05)
+        return self.net(x)
+
+
+def pid_recording_net(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """tiny_net whose builders leave their pid in PID_LOG (see `_PidRecording`)."""
+    return _PidRecording(num_classes)

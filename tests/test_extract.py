@@ -272,7 +272,7 @@ def shard_files(directory):
 
 
 @pytest.mark.ray
-def test_extract_end_to_end_incremental_and_failure_safe(ray_local, tmp_path):
+def test_extract_end_to_end_incremental_and_failure_safe(ray_local, tmp_path, monkeypatch):
     add_images(tmp_path, ["f0", "f1", "f2", "f3"])
     cfg = make_cfg(tmp_path)
     fp = model_fingerprint(cfg.model)
@@ -295,9 +295,11 @@ def test_extract_end_to_end_incremental_and_failure_safe(ray_local, tmp_path):
         assert (r.dataset, r.domain, r.role, r.height, r.width) == ("toy", "day",
                                                                     "calibration", H, W)
 
-    # A rerun finds everything stored and writes no shard.
+    # A rerun finds everything stored, writes no shard and never starts Ray.
     before = {p.name: p.stat().st_mtime_ns for p in directory.glob("part-*.parquet")}
-    extract.run(cfg)
+    with monkeypatch.context() as m:
+        m.setattr(extract, "init_ray", lambda: pytest.fail("Ray started with nothing to do"))
+        extract.run(cfg)
     assert {p.name: p.stat().st_mtime_ns for p in directory.glob("part-*.parquet")} == before
     assert read_manifest(directory).n_images == 4
 

@@ -1,4 +1,5 @@
-"""Extraction killed mid-run: the driver SIGKILLed while shards are being written, then rerun.
+"""Extraction under faults: the driver SIGKILLed while shards are written, then rerun; a model
+actor SIGKILLed mid-run, which Ray Data replaces and retries.
 
 ``segcal extract`` runs as its own process (its own local Ray, on loopback); the test kills
 its whole process group with SIGKILL once the first shards exist, reruns the same command, and
@@ -93,3 +94,56 @@ def test_driver_killed_during_extraction_resumes_to_the_clean_result(tmp_path):
         np.testing.assert_allclose(r.logits, expected, rtol=1e-3, atol=1e-5)
     assert read_manifest(directory).n_images == 40
     assert not [p for p in directory.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.ray
+def test_a_model_actor_killed_mid_extraction_is_replaced_and_the_result_complete(ray_local,
+                                                                                 tmp_path):
+    import shutil
+    import threading
+
+    from pipeline import extract
+    from pipeline.config import parse_config
+    from tests.extract_helpers import PID_LOG
+
+    shutil.rmtree(PID_LOG, ignore_errors=True)
+    Path(PID_LOG).mkdir()
+    write_pairs(tmp_path / "data", 48, (24, 32))
+    cfg = parse_config({
+        "output": str(tmp_path / "out"),
+        "model": {"kind": "python", "path": "tests.extract_helpers:pid_recording_net",
+                  "num_classes": NUM_CLASSES},
+        "datasets": [{"name": "toy", "role": "test", "domain": "day",
+                      "images": str(tmp_path / "data" / "img"),
+                      "labels": str(tmp_path / "data" / "lab")}],
+        "extract": {"batch_size": 2, "rows_per_shard": 2},
+    })
+    directory = RunPaths(tmp_path / "out", model_fingerprint(cfg.model)).dataset_dir("toy")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            extract.run(cfg)
+        except BaseException as err:  # reported by the assertion below
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not list(directory.glob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim = int(sorted(Path(PID_LOG).iterdir())[0].name)
+    assert not (directory / "manifest.json").exists()  # still running
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=300)
+    shutil.rmtree(PID_LOG, ignore_errors=True)
+    assert not errors, errors
+    manifest = read_manifest(directory)
+    assert sorted(manifest.image_ids()) == [f"f{i:02d}" for i in range(48)]
+    ids = [i for shard in manifest.shards for i in shard.image_ids]
+    assert len(ids) == len(set(ids)) == 48  # every image once, whatever was retried
+    model = load_model(cfg.model)
+    for r in iter_dataset(directory):
+        image = np.array(Image.open(r.uri))
+        expected = model(torch.from_numpy(image)[None])[0].half().numpy()
+        np.testing.assert_allclose(r.logits, expected, rtol=1e-3, atol=1e-5)
