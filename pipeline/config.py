@@ -277,7 +277,8 @@ class CalibratorSpec(_Strict):
     In a config, a plain registry name stands for ``{name: NAME}``:
     ``calibrators: [temperature, {name: selective, options: {gate: soft}}]``. The artifact
     folder is named after :attr:`key`, so ``label`` (and ``name``) must match
-    :data:`NAME_PATTERN`.
+    :data:`NAME_PATTERN`. A preset name (:mod:`pipeline.presets`) expands to its registry
+    name and options, labelled with the preset's name.
     """
 
     name: str = Field(pattern=NAME_PATTERN)
@@ -287,7 +288,10 @@ class CalibratorSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _plain_name(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
+        from pipeline.presets import expand
+
+        data = {"name": data} if isinstance(data, str) else data
+        return expand(data) if isinstance(data, dict) else data
 
     @property
     def key(self) -> str:

@@ -12,6 +12,8 @@ from pipeline.config import (
     write_resolved_config,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+
 BASE = {
     "output": "runs/x",
     "model": {"kind": "espnet", "path": "w.pth", "num_classes": 3},
@@ -387,3 +389,28 @@ def test_write_resolved_config_round_trips(tmp_path, monkeypatch):
     again = load_config(path)
     assert again.model_dump() == cfg.model_dump()
     assert config_hash(again) == config_hash(cfg)
+
+
+def test_presets_expand_to_their_calibrator_and_options():
+    from pipeline.config import CalibratorSpec
+    from pipeline.presets import PRESETS, list_presets
+
+    assert "selective_plus" in list_presets()
+    plain = CalibratorSpec.model_validate("selective_plus")
+    base, options, _ = PRESETS["selective_plus"]
+    assert (plain.name, plain.key, plain.options) == (base, "selective_plus", options)
+    custom = CalibratorSpec.model_validate(
+        {"name": "selective_plus", "label": "sp2", "options": {"batch_size": 4096}})
+    assert custom.key == "sp2"
+    assert custom.options == {**options, "batch_size": 4096}
+
+
+def test_the_demo_configs_name_presets_with_unchanged_calibrators():
+    from pipeline.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "camvid_espnet.yaml")
+    specs = {s.key: s for s in cfg.calibrators}
+    assert specs["selective_plus"].name == "selective"
+    assert specs["selective_plus"].options["gate"] == "soft"
+    assert specs["selective_published"].options == {
+        "t_mis": 1e10, "t_cor": 1.0, "gate": "hard", "features": "logprobs"}
