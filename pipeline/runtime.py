@@ -149,6 +149,18 @@ def _watch_node() -> None:
     )
 
 
+def _quiet_ray_logs() -> None:
+    """Ray's own INFO lines (Ray Data's plans and progress) only when segcal logs INFO (-v).
+
+    Ray configures its loggers at import; their warnings and errors still show.
+    """
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        import ray.data  # noqa: F401  (its logger is configured on import)
+
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def init_ray() -> None:
     """Join the Ray runtime at ``RAY_ADDRESS``, or start a local one on loopback.
 
@@ -164,6 +176,7 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
+    _quiet_ray_logs()
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address and address != "local":
         ray.init()  # reads RAY_ADDRESS

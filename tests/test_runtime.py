@@ -260,3 +260,19 @@ def test_killed_driver_leaves_no_ray_process(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_ray_info_lines_only_with_verbose_logging(monkeypatch):
+    import logging
+
+    from pipeline import runtime
+
+    data = logging.getLogger("ray.data")
+    monkeypatch.setattr(data, "level", logging.INFO)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.INFO)  # segcal -v
+    runtime._quiet_ray_logs()
+    assert data.level == logging.INFO
+    monkeypatch.setattr(root, "level", logging.WARNING)  # the default
+    runtime._quiet_ray_logs()
+    assert data.level == logging.WARNING
