@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/fit.py
 	$(PY) benchmarks/evaluate.py
 	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/shards.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

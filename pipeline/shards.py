@@ -23,10 +23,10 @@ metadata ``segcal.tensor`` holds its shape, dtype and layout as JSON. Multi-byte
 stored as byte planes (all first bytes of the image, then all second bytes: Parquet's
 byte-stream split done by hand), which zstd compresses well: the float16 logits' sign and
 exponent bytes sit together. One binary value per image, instead of a Parquet list with one
-repetition/definition level per element, makes writing about 4x and reading about 5x cheaper
-(``benchmarks/extract.py --profile``). Shards written before this layout, with Arrow's
-``arrow.fixed_shape_tensor`` columns, are read as well. Every shard holds one shape per tensor
-column; the writer groups records by shape.
+repetition/definition level per element, made writing 2.4x and reading 2.9x cheaper in CPU
+time and files 13% smaller on CamVid-size records (``benchmarks/shards.py``). Shards written
+before this layout, with Arrow's ``arrow.fixed_shape_tensor`` columns, are read as well. Every
+shard holds one shape per tensor column; the writer groups records by shape.
 
 Logits are stored at the model's output resolution (optionally reduced by ``store_stride``) and
 brought back to label resolution with :func:`upsample_logits`.
