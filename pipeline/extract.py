@@ -16,10 +16,10 @@ On a CPU-only cluster every step competes for the same cores, so the three run i
 :class:`ExtractWorker` actor per CPU (a block of up to ``rows_per_shard`` images decoded,
 inferred and written in one process): no trip through the object store between steps and one
 Ray task per block instead of three. Either way work happens where the data is, and no logit
-passes through the driver. The output
-folder must therefore be one every node reaches (a shared file system; on one machine, any
-folder). Decode and write tasks ask for other CPU amounts than the actors, which keeps Ray Data
-from fusing decoding into the actor stage, where it would run serially with the model.
+passes through the driver. The output folder must therefore be one every node reaches (a
+shared file system; on one machine, any folder). The GPU actors' request for a GPU keeps Ray
+Data from fusing the decode tasks into their stage, where decoding would run serially with the
+model.
 
 Shard names derive from the image ids they hold (:func:`shard_name`), so writers on any node
 need no coordination. Writes are atomic and the manifest comes last, so a killed or failed run

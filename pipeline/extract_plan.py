@@ -62,12 +62,10 @@ def _pool_resources(
     """Actor pool size and per-actor resources, from what the cluster has free now.
 
     GPU clusters get one actor per GPU, each with one CPU for its host-side work; decode and
-    write tasks take the other CPUs. On CPU-only clusters the pool has one single-threaded
-    actor per free CPU: torch threads that wait for work spin, and beside concurrent decode
-    tasks two threads per actor burnt three times the CPU of one for the same images
-    (``benchmarks/extract.py``). The actors' logical CPUs then add up to all but one, and
-    decode and write tasks ask for half a logical CPU each, so the cores are shared by the OS
-    as the work comes. At least one logical CPU always stays outside the pool: Ray Data hangs
+    write tasks (``task_cpus`` each) take the other CPUs. On CPU-only clusters the pool has one
+    single-threaded actor per free CPU that decodes, infers and writes itself: torch threads
+    that wait for work spin, so more threads per actor than cores per actor only burn CPU.
+    At least one logical CPU always stays outside the pool: Ray Data hangs
     when an actor pool holds every CPU (ray-project/ray#44687). Never more actors than input
     blocks, since extra ones would only start up to sit idle, nor than the free amount of
     each custom resource in ``actor_resources`` allows.
@@ -99,16 +97,10 @@ def _pool_resources(
             stacklevel=3,
         )
     total_cpus = float(ray.cluster_resources().get("CPU", cpus))
-    num_cpus = max(0.01, min(1.0, (cpus - reserve) / size))
-    task_cpus = min(reserve, 1.0 if gpus >= 1 else 0.5)
-    if num_cpus == task_cpus:
-        # Equal requests would let Ray Data fuse decoding into the actor stage, where it runs
-        # serially with the model; a hair less for the actors keeps the stages apart.
-        num_cpus = round(num_cpus * 0.99, 4)
     return {
         "size": size,
         "num_gpus": 1 if gpus >= 1 else 0,
-        "num_cpus": num_cpus,
+        "num_cpus": max(0.01, min(1.0, (cpus - reserve) / size)),
         "threads": 1 if gpus >= 1 else max(1, int(total_cpus // size)),
-        "task_cpus": task_cpus,
+        "task_cpus": min(reserve, 1.0 if gpus >= 1 else 0.5),
     }

@@ -210,13 +210,13 @@ def test_content_hash_tracks_row_changing_options(tmp_path):
 @pytest.mark.parametrize(
     ("free", "expected"),
     [
-        pytest.param({"CPU": 2.0}, {"size": 2, "num_gpus": 0, "num_cpus": 0.495, "threads": 1,
+        pytest.param({"CPU": 2.0}, {"size": 2, "num_gpus": 0, "num_cpus": 0.5, "threads": 1,
                                     "task_cpus": 0.5}, id="2cpu"),
         pytest.param({"CPU": 4.0}, {"size": 4, "num_gpus": 0, "num_cpus": 0.75, "threads": 1,
                                     "task_cpus": 0.5}, id="4cpu"),
-        pytest.param({"CPU": 1.0}, {"size": 1, "num_gpus": 0, "num_cpus": 0.495, "threads": 1,
+        pytest.param({"CPU": 1.0}, {"size": 1, "num_gpus": 0, "num_cpus": 0.5, "threads": 1,
                                     "task_cpus": 0.5}, id="1cpu"),
-        pytest.param({"CPU": 16.0, "GPU": 2.0}, {"size": 2, "num_gpus": 1, "num_cpus": 0.99,
+        pytest.param({"CPU": 16.0, "GPU": 2.0}, {"size": 2, "num_gpus": 1, "num_cpus": 1.0,
                                                  "threads": 1, "task_cpus": 1.0}, id="gpu"),
     ],
 )
