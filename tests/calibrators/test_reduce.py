@@ -77,6 +77,10 @@ def _worker(rank, world, init_file, out_file):
             states[name] = calibrator.state_dict()
         if rank == 0:
             torch.save({"checks": checks, "states": states}, out_file)
+        # Both ranks finish their collectives before either tears gloo down: a rank that
+        # destroys the group while its peer still holds the connection can abort in gloo's
+        # threads ("terminate called without an active exception", seen once in make test).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
