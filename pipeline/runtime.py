@@ -149,16 +149,26 @@ def _watch_node() -> None:
     )
 
 
-def _quiet_ray_logs() -> None:
-    """Ray's own INFO lines (Ray Data's plans and progress) only when segcal logs INFO (-v).
+def _ray_logging_level() -> int:
+    """The level of Ray's own loggers: INFO when segcal logs INFO (-v), else WARNING.
 
-    Ray configures its loggers at import; their warnings and errors still show.
+    Also quiets Ray's notice that token authentication is on (a warning Ray prints whenever
+    ``RAY_AUTH_MODE`` is unset; the runtime segcal starts keeps Ray's default, token auth on),
+    so a run without -v prints only what needs the user. ``ray.init`` sets the ``ray`` logger's
+    level itself (its ``logging_level``), so `init_ray` passes this level on.
     """
-    if logging.getLogger().getEffectiveLevel() > logging.INFO:
-        import ray.data  # noqa: F401  (its logger is configured on import)
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        return logging.INFO
+    import ray.data  # noqa: F401  (its logger is configured on import)
 
-        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(_TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
+    return logging.WARNING
+
+
+# Ray 2.60's logger for "Token authentication is enabled for this Ray cluster ..."
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def init_ray() -> None:
@@ -176,16 +186,16 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
-    _quiet_ray_logs()
+    level = _ray_logging_level()
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address and address != "local":
-        ray.init()  # reads RAY_ADDRESS
+        ray.init(logging_level=level)  # reads RAY_ADDRESS
         return
     if bind_mode() == "all":
         logger.warning("%s=all: the local Ray runtime listens on every network interface", BIND_ENV)
-        ray.init(address="local")
+        ray.init(address="local", logging_level=level)
         _watch_node()
         return
     _keep_on_loopback()
-    ray.init(address="local", dashboard_host=LOOPBACK)
+    ray.init(address="local", dashboard_host=LOOPBACK, logging_level=level)
     _watch_node()

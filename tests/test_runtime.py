@@ -268,11 +268,41 @@ def test_ray_info_lines_only_with_verbose_logging(monkeypatch):
     from pipeline import runtime
 
     data = logging.getLogger("ray.data")
+    auth = logging.getLogger(runtime._TOKEN_AUTH_LOGGER)
     monkeypatch.setattr(data, "level", logging.INFO)
+    monkeypatch.setattr(auth, "level", logging.NOTSET)
     root = logging.getLogger()
     monkeypatch.setattr(root, "level", logging.INFO)  # segcal -v
-    runtime._quiet_ray_logs()
+    assert runtime._ray_logging_level() == logging.INFO
     assert data.level == logging.INFO
+    assert auth.level == logging.NOTSET
     monkeypatch.setattr(root, "level", logging.WARNING)  # the default
-    runtime._quiet_ray_logs()
+    assert runtime._ray_logging_level() == logging.WARNING
     assert data.level == logging.WARNING
+    assert auth.level == logging.ERROR
+
+
+_START_RAY = """
+import logging, sys
+logging.basicConfig(level=getattr(logging, sys.argv[1]))
+import ray
+from pipeline.runtime import init_ray
+init_ray()
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("level", ["WARNING", "INFO"])
+def test_starting_ray_prints_its_notices_only_when_verbose(level):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _START_RAY, level], capture_output=True, text=True, env=env,
+        timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    quiet = level == "WARNING"
+    assert ("Started a local Ray instance" in out) is not quiet, out
+    assert ("Token authentication is enabled" in out) is not quiet, out
