@@ -1,0 +1,380 @@
+"""Label-free estimates for unlabelled (``role: monitor``) sets: drift, accuracy and calibration.
+
+New images arrive every night with labels for almost none of them. From the logits alone this
+module answers three questions about a set, against the labelled held-out part of the
+calibration set (the *reference*):
+
+- has the data moved? :func:`drift`, a two-sample statistic on per-image confidence and entropy
+  with an alarm threshold bootstrapped from the reference alone;
+- how accurate is the model there? :func:`estimate`'s ``est_pixel_acc`` (ATC, average
+  thresholded confidence, Garg et al. 2022) and ``est_pixel_acc_doc`` (DoC, difference of
+  confidences, Guillory et al. 2021);
+- how miscalibrated is a calibrator there? :func:`estimate`'s ``est_img_ece``.
+
+Everything works on per-image sums (:func:`image_features`, the columns
+:data:`FEATURE_COLUMNS` of ``per_image.parquet``), so sets aggregate exactly and no per-pixel
+value is ever kept. Pure numpy/pandas/torch; nothing here imports a pipeline stage.
+
+References:
+    Garg et al., "Leveraging Unlabeled Data to Predict Out-of-Distribution Performance",
+    ICLR 2022. Guillory et al., "Predicting with Confidence on Unseen Distributions",
+    ICCV 2021.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def _conf_edges() -> np.ndarray:
+    # Equal steps of 1/60 up to 14/15 (so every edge k/15 of the default 15-bin ECE is an
+    # edge here), then steps of 0.1 in -log10(1 - c) up to 1 - 1e-6: a segmentation model puts
+    # most pixels above 0.9, where ATC's threshold and the ECE's top bins need resolution.
+    linear = np.arange(57) / 60.0
+    x = np.linspace(math.log10(15.0), 6.0, 50)[1:]
+    return np.concatenate([linear, 1.0 - 10.0 ** (-x), [1.0]])
+
+
+CONF_EDGES: np.ndarray = _conf_edges()
+"""Edges (float64, increasing, from 0 to 1) of the top-label confidence histogram. Bin ``k``
+holds confidences in ``(CONF_EDGES[k], CONF_EDGES[k + 1]]`` (0 goes to the first bin)."""
+
+N_CONF_BINS = len(CONF_EDGES) - 1
+
+FEATURE_COLUMNS = ("lf_n_pixels", "lf_conf_sum", "lf_entropy_sum", "lf_conf_hist")
+"""Per-image label-free features (columns of ``per_image.parquet``): pixel count, sum of
+top-label confidences, sum of predictive entropies (nats) and the confidence histogram over
+:data:`CONF_EDGES` (int64 counts)."""
+
+LABEL_FREE_COLUMNS = (
+    "dataset", "domain", "reference", "role", "calibrator", "n_images", "drift_score",
+    "drift_threshold", "drift_alarm", "est_pixel_acc", "est_pixel_acc_doc", "est_img_ece",
+    "true_pixel_acc", "true_img_ece",
+)
+"""Columns of ``label_free.csv``: one row per (test or monitor set, calibrator)."""
+
+# The reference's confidence histogram is kept by the threshold search in float64 fractions.
+_EDGES_T: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per image: probabilities -> sums
+
+
+def _interior_edges(device: torch.device) -> torch.Tensor:
+    key = (str(device), torch.float64)
+    if key not in _EDGES_T:
+        _EDGES_T[key] = torch.as_tensor(CONF_EDGES[1:-1], dtype=torch.float64, device=device)
+    return _EDGES_T[key]
+
+
+def image_features(probs: torch.Tensor) -> dict[str, Any]:
+    r"""One image's label-free features from its softmax probabilities, over every pixel.
+
+    There is no label mask: monitor sets have no labels, and labelled sets are treated the
+    same way so that the two are comparable. Sums rather than means, so that the features of
+    a set are the sums of its images'.
+
+    .. math:: c_p = \max_k p_{kp}, \qquad H_p = -\sum_k p_{kp} \log p_{kp} \quad (0 \log 0 = 0)
+
+    Args:
+        probs: Probabilities (C, H, W), float, on any device; each pixel's sum to 1.
+
+    Returns:
+        ``{"lf_n_pixels": int, "lf_conf_sum": float, "lf_entropy_sum": float,
+        "lf_conf_hist": np.ndarray}``, the histogram int64 of length ``len(CONF_EDGES) - 1``.
+
+    Raises:
+        TypeError: If ``probs`` is not a floating-point tensor.
+        ValueError: If ``probs`` is not 3-d with at least one class and pixel.
+
+    Example:
+        >>> f = image_features(torch.tensor([[[1.0, 0.5]], [[0.0, 0.5]]]))
+        >>> f["lf_n_pixels"], f["lf_conf_sum"], round(f["lf_entropy_sum"], 4)
+        (2, 1.5, 0.6931)
+    """
+    if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
+        got = probs.dtype if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise TypeError(f"Expected `probs` to be a floating-point torch.Tensor, but got {got}")
+    if probs.ndim != 3 or 0 in probs.shape:
+        raise ValueError(
+            f"Expected `probs` of shape (C, H, W) with C, H, W > 0, but got {tuple(probs.shape)}"
+        )
+    flat = probs.reshape(probs.shape[0], -1)
+    conf = flat.amax(0).double()
+    plogp = torch.where(flat > 0, flat * torch.log(flat.clamp_min(torch.finfo(flat.dtype).tiny)),
+                        torch.zeros((), dtype=flat.dtype, device=flat.device))
+    entropy = -plogp.sum(0, dtype=torch.float64)
+    index = torch.bucketize(conf.clamp(0.0, 1.0), _interior_edges(conf.device), right=False)
+    hist = torch.bincount(index, minlength=N_CONF_BINS)
+    sums = torch.stack([conf.sum(), entropy.sum()]).cpu().tolist()
+    return {
+        "lf_n_pixels": int(conf.numel()),
+        "lf_conf_sum": float(sums[0]),
+        "lf_entropy_sum": float(sums[1]),
+        "lf_conf_hist": hist.cpu().numpy().astype(np.int64),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _check_frame(images: object, name: str, columns: tuple[str, ...] = FEATURE_COLUMNS) -> None:
+    if not isinstance(images, pd.DataFrame):
+        raise TypeError(f"Expected `{name}` to be a pandas DataFrame, but got "
+                        f"{type(images).__name__}")
+    missing = [c for c in columns if c not in images.columns]
+    if missing:
+        raise ValueError(f"Expected `{name}` to have the columns {list(columns)}, but "
+                         f"{missing} are missing (got {list(images.columns)})")
+    if len(images) == 0:
+        raise ValueError(f"Expected `{name}` to have at least one image row, but got none")
+
+
+def _hists(images: pd.DataFrame, name: str) -> np.ndarray:
+    """The ``lf_conf_hist`` column as an (N, N_CONF_BINS) int64 array."""
+    try:
+        hist = np.stack([np.asarray(h, dtype=np.int64) for h in images["lf_conf_hist"]])
+    except ValueError as err:
+        raise ValueError(f"Expected every `lf_conf_hist` of `{name}` to have "
+                         f"{N_CONF_BINS} bins, but got ragged lengths") from err
+    if hist.ndim != 2 or hist.shape[1] != N_CONF_BINS:
+        raise ValueError(f"Expected `lf_conf_hist` of `{name}` with {N_CONF_BINS} bins "
+                         f"(len(CONF_EDGES) - 1), but got shape {hist.shape[1:]}")
+    n = images["lf_n_pixels"].to_numpy(dtype=np.int64)
+    if (n <= 0).any():
+        raise ValueError(f"Expected `lf_n_pixels` of `{name}` to be positive, but got "
+                         f"{int(n.min())}")
+    if not np.array_equal(hist.sum(1), n):
+        raise ValueError(f"Expected each `lf_conf_hist` of `{name}` to sum to its "
+                         f"`lf_n_pixels`, but got {hist.sum(1)[:3]} vs {n[:3]} (first rows)")
+    return hist
+
+
+def _check_level(level: object) -> float:
+    if not isinstance(level, (int, float)) or not 0.0 < float(level) < 1.0:
+        raise ValueError(f"Expected `level` to be a float in (0, 1), but got {level!r}")
+    return float(level)
+
+
+# ---------------------------------------------------------------------------------------------
+# ATC threshold on the confidence histogram
+
+
+def _position_above(hist: np.ndarray, fraction: float) -> float:
+    """Fractional bin position ``k + f`` where the share of pixels above it equals ``fraction``.
+
+    Pixels are taken as spread uniformly inside a bin, so the share above a position is
+    piecewise linear in it and the position is found exactly.
+    """
+    total = hist.sum()
+    above = np.concatenate([np.cumsum(hist[::-1])[::-1], [0]]) / total  # share above edge k
+    fraction = min(max(fraction, 0.0), 1.0)
+    # above is non-increasing from 1 (edge 0) to 0 (last edge): the first edge at or below.
+    k = int(np.searchsorted(-above, -fraction, side="left"))
+    if k == 0:
+        return 0.0
+    lo, hi = above[k - 1], above[k]  # lo >= fraction >= hi
+    inside = 0.0 if lo == hi else (lo - fraction) / (lo - hi)
+    return float(k - 1 + inside)
+
+
+def _share_above(hist: np.ndarray, position: float) -> np.ndarray:
+    """Share of pixels above a fractional bin position, per row of ``hist`` (N, bins)."""
+    hist = np.atleast_2d(hist).astype(np.float64)
+    k = min(int(position), hist.shape[1] - 1)
+    inside = position - k
+    above = hist[:, k + 1:].sum(1) + (1.0 - inside) * hist[:, k]
+    return above / hist.sum(1)
+
+
+def _position_value(position: float) -> float:
+    k = min(int(position), N_CONF_BINS - 1)
+    return float(CONF_EDGES[k] + (position - k) * (CONF_EDGES[k + 1] - CONF_EDGES[k]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference and estimates
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the estimators keep from one calibrator's labelled reference images.
+
+    Attributes:
+        pixel_acc: True pixel accuracy of the reference images.
+        mean_conf: Mean top-label confidence over every reference pixel.
+        atc_position: ATC's threshold as a fractional position in the histogram bins.
+        atc_threshold: The same threshold as a confidence.
+        n_images: Number of reference images.
+    """
+
+    pixel_acc: float
+    mean_conf: float
+    atc_position: float
+    atc_threshold: float
+    n_images: int
+
+
+def fit_reference(images: pd.DataFrame, pixel_acc: float) -> Reference:
+    """Fit the label-free estimators on one calibrator's labelled reference images.
+
+    ATC's threshold ``t`` is the confidence above which the share of the reference's pixels
+    equals the reference pixel accuracy (interpolating inside a histogram bin); DoC keeps the
+    reference accuracy and mean confidence.
+
+    Args:
+        images: Per-image rows with :data:`FEATURE_COLUMNS` (the calibration held-out images,
+            under this calibrator).
+        pixel_acc: Their true pixel accuracy, in [0, 1].
+
+    Returns:
+        The :class:`Reference`.
+
+    Raises:
+        ValueError: On missing columns, no rows, inconsistent histograms, or ``pixel_acc``
+            outside [0, 1].
+    """
+    _check_frame(images, "images")
+    if not isinstance(pixel_acc, (int, float)) or not 0.0 <= float(pixel_acc) <= 1.0:
+        raise ValueError(f"Expected `pixel_acc` in [0, 1], but got {pixel_acc!r}")
+    hist = _hists(images, "images").sum(0)
+    position = _position_above(hist, float(pixel_acc))
+    n = float(images["lf_n_pixels"].sum())
+    return Reference(
+        pixel_acc=float(pixel_acc),
+        mean_conf=float(images["lf_conf_sum"].sum()) / n,
+        atc_position=position,
+        atc_threshold=_position_value(position),
+        n_images=len(images),
+    )
+
+
+def estimate(images: pd.DataFrame, ref: Reference) -> dict[str, float]:
+    """Label-free pixel accuracy and image-wise ECE of one set under one calibrator.
+
+    - ``est_pixel_acc`` (ATC): the share of the set's pixels whose confidence is above the
+      reference's threshold.
+    - ``est_pixel_acc_doc`` (DoC): the reference accuracy minus the drop in mean confidence,
+      clipped to [0, 1].
+    - ``est_img_ece``: the mean over images of ``|mean confidence - ATC accuracy|`` of each
+      image. It is the image's ECE when every bin errs in the same direction (the usual case
+      under shift, over-confidence everywhere); it misses errors that cancel across bins of
+      one image (biased low in-domain, where the true image-wise ECE is mostly such noise) and
+      adds the per-image ATC error inside the absolute value (biased high for small images).
+
+    Args:
+        images: Per-image rows with :data:`FEATURE_COLUMNS` of one set under the calibrator.
+        ref: The calibrator's :class:`Reference`.
+
+    Returns:
+        ``{"est_pixel_acc": float, "est_pixel_acc_doc": float, "est_img_ece": float}``.
+
+    Raises:
+        ValueError: On missing columns, no rows or inconsistent histograms.
+    """
+    _check_frame(images, "images")
+    if not isinstance(ref, Reference):
+        raise TypeError(f"Expected `ref` to be a Reference, but got {type(ref).__name__}")
+    hist = _hists(images, "images")
+    n = images["lf_n_pixels"].to_numpy(dtype=np.float64)
+    conf = images["lf_conf_sum"].to_numpy(dtype=np.float64)
+    atc_img = _share_above(hist, ref.atc_position)
+    atc = float((atc_img * n).sum() / n.sum())
+    doc = ref.pixel_acc - (ref.mean_conf - conf.sum() / n.sum())
+    return {
+        "est_pixel_acc": atc,
+        "est_pixel_acc_doc": float(min(max(doc, 0.0), 1.0)),
+        "est_img_ece": float(np.mean(np.abs(conf / n - atc_img))),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Drift
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A set's drift against the reference.
+
+    Attributes:
+        score: The two-sample statistic (see :func:`drift`).
+        threshold: Its alarm threshold, the ``1 - level`` bootstrap quantile under no drift.
+        alarm: ``score > threshold``.
+    """
+
+    score: float
+    threshold: float
+    alarm: bool
+
+
+def _drift_features(images: pd.DataFrame) -> np.ndarray:
+    """Per-image drift features (N, 2): mean confidence and mean entropy."""
+    n = images["lf_n_pixels"].to_numpy(dtype=np.float64)
+    return np.stack([images["lf_conf_sum"].to_numpy(dtype=np.float64) / n,
+                     images["lf_entropy_sum"].to_numpy(dtype=np.float64) / n], axis=1)
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest two-sample Kolmogorov-Smirnov distance over the feature columns."""
+    out = 0.0
+    for j in range(a.shape[1]):
+        x, y = np.sort(a[:, j]), np.sort(b[:, j])
+        grid = np.concatenate([x, y])
+        fa = np.searchsorted(x, grid, side="right") / len(x)
+        fb = np.searchsorted(y, grid, side="right") / len(y)
+        out = max(out, float(np.abs(fa - fb).max()))
+    return out
+
+
+def drift(
+    reference: pd.DataFrame, images: pd.DataFrame, *, level: float = 0.05, seed: int = 0,
+    n_boot: int = 1000,
+) -> Drift:
+    """Drift of a set against the reference, from uncalibrated per-image features.
+
+    The score is the largest two-sample Kolmogorov-Smirnov distance between the reference
+    and the set over two per-image features: mean confidence and mean entropy. The threshold
+    is the ``1 - level`` quantile of the same statistic between two samples drawn with
+    replacement from the reference alone, of the reference's and the set's sizes, so a set
+    drawn from the reference's distribution raises the alarm about ``level`` of the time.
+
+    Frames of one video are correlated: a set of consecutive frames varies less than the same
+    number of independent frames, and one from a sequence absent from the reference differs
+    from it by more than sampling noise, so such in-domain sets raise the alarm more often
+    than ``level``.
+
+    Args:
+        reference: Uncalibrated per-image rows of the calibration held-out images.
+        images: Uncalibrated per-image rows of the set.
+        level: The false-alarm rate aimed at, in (0, 1).
+        seed: Seed of the bootstrap; the result is deterministic given it.
+        n_boot: Number of bootstrap draws.
+
+    Returns:
+        The :class:`Drift`.
+
+    Raises:
+        ValueError: On missing columns, empty frames or a ``level`` outside (0, 1).
+    """
+    cols = ("lf_n_pixels", "lf_conf_sum", "lf_entropy_sum")
+    _check_frame(reference, "reference", cols)
+    _check_frame(images, "images", cols)
+    level = _check_level(level)
+    ref, tgt = _drift_features(reference), _drift_features(images)
+    score = _ks(ref, tgt)
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    for i in range(n_boot):
+        a = ref[rng.integers(0, len(ref), len(ref))]
+        b = ref[rng.integers(0, len(ref), len(tgt))]
+        stats[i] = _ks(a, b)
+    threshold = float(np.quantile(stats, 1.0 - level, method="higher"))
+    return Drift(score=score, threshold=threshold, alarm=bool(score > threshold))
