@@ -102,7 +102,8 @@ def _load_torchvision(cfg: ModelConfig) -> nn.Module:
         # missing operators, so both cases get the same advice.
         raise ImportError(
             "model kind 'torchvision' needs torchvision built for the installed torch "
-            f"{torch.__version__}: install the matching release (see "
+            f"{torch.__version__}: pip install 'segcal[torchvision]' (the release matching the "
+            "pinned torch), or torchvision from wherever this torch came from (see "
             f"https://pytorch.org/get-started/previous-versions/); import failed with: {err}"
         ) from err
     available = sorted(
@@ -133,7 +134,7 @@ def _load_hf(cfg: ModelConfig) -> nn.Module:
     except ImportError as err:
         raise ImportError(
             "model kind 'hf' needs the `transformers` package, which is not installed: "
-            "pip install transformers"
+            "pip install 'segcal[hf]'"
         ) from err
     path = weights_path(cfg)
     if not path.is_dir():

@@ -259,15 +259,30 @@ def test_hf_wiring_with_a_stand_in_module(tmp_path, monkeypatch, toy_nets):
 @pytest.mark.parametrize(
     ("kind", "module", "match"),
     [
-        pytest.param("torchvision", "torchvision", "torchvision built for the installed torch",
+        pytest.param("torchvision", "torchvision",
+                     r"torchvision built for the installed torch.*segcal\[torchvision\]",
                      id="torchvision"),
-        pytest.param("hf", "transformers", "needs the `transformers` package", id="hf"),
+        pytest.param("hf", "transformers", r"needs the `transformers` package.*segcal\[hf\]",
+                     id="hf"),
     ],
 )
 def test_missing_optional_package_message(tmp_path, monkeypatch, kind, module, match):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(ImportError, match=match):
         load_model(make_cfg(kind=kind, arch="fcn_resnet50", path=str(tmp_path)))
+
+
+def test_the_torchvision_extra_pins_the_release_built_for_the_pinned_torch():
+    """torchvision 0.(m + 15) is built for torch 2.m: bumping one pin without the other fails."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    torch_pin = [d for d in project["dependencies"] if d.startswith("torch==")]
+    vision_pin = project["optional-dependencies"]["torchvision"]
+    assert len(torch_pin) == 1, project["dependencies"]
+    assert len(vision_pin) == 1, vision_pin
+    torch_minor = int(torch_pin[0].removeprefix("torch==").split(".")[1])
+    major, minor = vision_pin[0].removeprefix("torchvision==").split(".")[:2]
+    assert (int(major), int(minor)) == (0, torch_minor + 15), (torch_pin, vision_pin)
 
 
 # --- output selection and checks --------------------------------------------------------------
