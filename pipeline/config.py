@@ -182,13 +182,27 @@ class CorruptionConfig(_Strict):
 
 
 class DatasetConfig(_Strict):
-    """One labelled dataset: where it lives, its role and its domain.
+    """One dataset: where it lives, its role and its domain.
+
+    ``role`` says what the run does with it:
+
+    - ``calibration``: labelled; the calibrators are fitted on it (a held-out part is
+      evaluated as ``<name>-heldout``).
+    - ``test``: labelled; every calibrator is evaluated on it (``summary.csv``) and its
+      label-free estimates are checked against the truth (``label_free.csv``).
+    - ``monitor``: unlabelled new data (the nightly reality): extraction stores the logits and
+      the image only, and evaluation gives it per-image label-free features and
+      ``label_free.csv`` rows (drift score, estimated accuracy and calibration), but no
+      ``summary.csv`` rows. ``labels`` may be left out (folder format: ``images`` alone;
+      manifest: no ``label`` column; Cityscapes: no ``gtFine``); when given it is ignored and
+      never read: to measure a labelled set's estimates against its labels, make it a
+      ``test`` set.
 
     ``name`` becomes a folder name (the dataset's shards), so it must match :data:`NAME_PATTERN`.
     """
 
     name: str = Field(pattern=NAME_PATTERN)
-    role: Literal["calibration", "test"]
+    role: Literal["calibration", "test", "monitor"]
     domain: str
     reference: str | None = None
     format: Literal["folder", "cityscapes", "manifest"] = "folder"
@@ -212,8 +226,13 @@ class DatasetConfig(_Strict):
     def _check_source(self) -> DatasetConfig:
         if self.format == "manifest" and not self.manifest:
             raise ValueError("Expected `manifest` to be set for format 'manifest', but got None")
-        if self.format == "folder" and not (self.images and self.labels):
-            raise ValueError("Expected `images` and `labels` to be set for format 'folder'")
+        if self.format == "folder" and not self.images:
+            raise ValueError("Expected `images` to be set for format 'folder', but got None")
+        if self.format == "folder" and not self.labels and self.role != "monitor":
+            raise ValueError(
+                f"Expected `labels` to be set for format 'folder' and role {self.role!r} "
+                "(only role 'monitor' goes without labels), but got None"
+            )
         if self.format == "cityscapes" and not self.images:
             raise ValueError("Expected `images` (the Cityscapes root) for format 'cityscapes'")
         if self.label_pattern is not None:

@@ -377,6 +377,7 @@ def _extract_dataset(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         content_hash=content,
         changes=changes,
+        labelled=ds.role != "monitor",
     )
     stored = manifest.stored_ids()
     manifest.selected = [s.image_id for s in samples if s.image_id in stored]

@@ -12,7 +12,9 @@ succeed with meaningless numbers) after Ray's start-up:
   exactly ``num_classes`` channels, or ``num_classes + len(drop_channels)`` with
   ``model.drop_channels`` (an error otherwise, naming both counts and the fix);
 - the first few labelled images of each dataset are decoded and checked as extraction would
-  (label values against ``num_classes`` and ``ignore_index``, sizes);
+  (label values against ``num_classes`` and ``ignore_index``, sizes); a ``monitor`` set has no
+  labels and none are looked for: its first images are decoded and run through the model
+  (the degenerate-prediction check applies, the accuracy checks cannot);
 - the normalised input ``(x * scale - mean) / std`` should have a plausible mean and std
   (:data:`MEAN_LIMIT`, :data:`STD_RANGE`); when it does not, a warning names the likely fix
   (mean/std in 0-255 units with ``scale: 1/255``, or 0-1 units with ``scale: 1``);
@@ -142,7 +144,8 @@ def recipe_advice(m: ModelConfig, mean: float, std: float) -> str | None:
 
 
 def _list_dataset(cfg: JobConfig, ds: DatasetConfig, report: PreflightReport) -> list[Sample]:
-    """List a dataset as extraction will; returns its selected samples that have a label."""
+    """List a dataset as extraction will; returns its selected samples that have a label (a
+    ``monitor`` set's selected samples: it has no labels)."""
     from pipeline.data import DataError, list_all_samples, select_samples
     from pipeline.data.readers import missing_labels_message
 
@@ -156,6 +159,12 @@ def _list_dataset(cfg: JobConfig, ds: DatasetConfig, report: PreflightReport) ->
         raise _fail(f"dataset {ds.name!r}: {err}; fix the dataset's paths in {where}") from err
     labelled = [s for s in selected if s.label_uri is not None]
     check.listed, check.selected, check.labelled = len(listed), len(selected), len(labelled)
+    if ds.role == "monitor":
+        report.lines.append(
+            f"dataset {ds.name} ({ds.role}, {ds.format}): {len(listed)} images listed, "
+            f"{len(selected)} selected, unlabelled (labels are not read for a monitor set)"
+        )
+        return selected
     report.lines.append(
         f"dataset {ds.name} ({ds.role}, {ds.format}): {len(listed)} images listed, "
         f"{len(selected)} selected, {len(labelled)} with a label"
@@ -373,6 +382,10 @@ def preflight(
                 "the weights and `model.output_index`"
             )
             suspicious = suspicious or ds.corruption is None
+        if ds.role == "monitor":
+            line(f"dataset {ds.name}: {len(samples)} unlabelled image(s) decoded and run "
+                 "through the model")
+            continue
         if metrics is None:
             line(f"dataset {ds.name}: no labelled pixel in the first {len(samples)} image(s)")
             continue

@@ -8,12 +8,13 @@ column             Arrow type                            meaning
 ================== ===================================== ======================================
 dataset            string                                dataset name
 domain             string                                domain tag (e.g. ``day``)
-role               string                                ``calibration`` or ``test``
+role               string                                ``calibration``, ``test`` or ``monitor``
 image_id           string                                id unique within the dataset
 uri                string                                where the image was read from
 height, width      int32                                 label resolution
 model_fingerprint  string                                model that produced the logits
-labels             tensor: uint8 or uint16 [H, W]        labels at label resolution
+labels             tensor: uint8 or uint16 [H, W]        labels at label resolution (all
+                                                         ``ignore_index`` for unlabelled images)
 logits             tensor: float16 [C, h, w]             logits at stored resolution
 image (optional)   tensor: uint8 [h, w, 3]               RGB image at the logits' resolution
 ================== ===================================== ======================================
@@ -27,6 +28,10 @@ repetition/definition level per element, made writing 2.4x and reading 2.9x chea
 time and files 13% smaller on CamVid-size records (``benchmarks/shards.py``). Shards written
 before this layout, with Arrow's ``arrow.fixed_shape_tensor`` columns, are read as well. Every
 shard holds one shape per tensor column; the writer groups records by shape.
+
+A ``monitor`` set's images have no labels: their rows carry a label plane of ``ignore_index``
+at the image's resolution (the schema stays one schema, and zstd stores the constant plane in
+a few hundred bytes), and their manifest says ``labelled: false``.
 
 Logits are stored at the model's output resolution (optionally reduced by ``store_stride``) and
 brought back to label resolution with :func:`upsample_logits`.
@@ -72,13 +77,14 @@ class ImageRecord:
     Args:
         dataset: dataset name.
         domain: domain tag.
-        role: ``calibration`` or ``test``.
+        role: ``calibration``, ``test`` or ``monitor``.
         image_id: id unique within the dataset.
         uri: where the image was read from.
         height: label height H.
         width: label width W.
         model_fingerprint: fingerprint of the model that produced ``logits``.
-        labels: (H, W) uint8 or uint16 labels, already remapped.
+        labels: (H, W) uint8 or uint16 labels, already remapped (all ``ignore_index`` for an
+            unlabelled image).
         logits: (C, h, w) float16 logits at the stored resolution.
         image: (h, w, 3) uint8 RGB at the logits' resolution, or None.
         source: fingerprint of the image and label files the row was made from (see
@@ -123,7 +129,9 @@ class Manifest:
     mixing incompatible shards. ``changes`` counts what the run that wrote it did: images
     ``added``, ``changed`` (source files rewritten since) and ``removed`` (sources gone).
     ``selected`` lists the images the config chose (``include``/``limit``), which fit and
-    evaluate read; the shards may hold more.
+    evaluate read; the shards may hold more. ``labelled`` is False for a ``monitor`` set, whose
+    rows hold no labels (label planes of ``ignore_index``); manifests written before it was
+    recorded read as labelled.
     """
 
     dataset: str
@@ -141,6 +149,7 @@ class Manifest:
     content_hash: str = ""
     changes: dict[str, int] = field(default_factory=dict)
     selected: list[str] | None = None
+    labelled: bool = True
 
     @property
     def n_images(self) -> int:

@@ -414,3 +414,18 @@ def test_the_demo_configs_name_presets_with_unchanged_calibrators():
     assert specs["selective_plus"].options["gate"] == "soft"
     assert specs["selective_published"].options == {
         "t_mis": 1e10, "t_cor": 1.0, "gate": "hard", "features": "logprobs"}
+
+
+def test_monitor_sets_go_without_labels_but_other_roles_need_them():
+    monitor = {"name": "night", "role": "monitor", "domain": "night", "images": "im3"}
+    cfg = parse_config({**BASE, "datasets": [*BASE["datasets"], monitor]})
+    assert cfg.datasets_with_role("monitor")[0].labels is None
+    for role in ("calibration", "test"):
+        unlabelled = {**monitor, "role": role}
+        with pytest.raises(ConfigError) as err:
+            parse_config({**BASE, "datasets": [*BASE["datasets"][:1], unlabelled]}, source="c.yaml")
+        text = str(err.value)
+        assert "datasets.1" in text
+        assert f"Expected `labels` to be set for format 'folder' and role '{role}'" in text
+    with pytest.raises(ConfigError, match=r"datasets\.0.*Expected `images` to be set"):
+        parse_config({**BASE, "datasets": [{**monitor, "images": None}]})

@@ -16,6 +16,7 @@ from pipeline.data.decode import (
     load_label,
     load_sample,
     prepare_labels,
+    unlabelled_plane,
 )
 from pipeline.data.readers import (
     DataError,
@@ -41,4 +42,5 @@ __all__ = [
     "prepare_labels",
     "select_samples",
     "source_fingerprint",
+    "unlabelled_plane",
 ]

@@ -155,10 +155,30 @@ def prepare_labels(
     return values.astype(label_dtype(num_classes, cfg.ignore_index))
 
 
+def unlabelled_plane(shape: tuple[int, int], cfg: DatasetConfig, num_classes: int) -> np.ndarray:
+    """The label map stored for an image without labels (a ``monitor`` set): all ``ignore_index``.
+
+    It keeps the shard schema one schema (every row has an (H, W) label plane at label
+    resolution, so ``height``/``width`` and upsampling work as for labelled rows) and costs
+    nothing on disk: zstd compresses a constant plane to a few hundred bytes. Every label metric
+    of such an image is empty (all its pixels are ignored).
+
+    Example:
+        >>> from pipeline.config import DatasetConfig
+        >>> ds = DatasetConfig(name="n", role="monitor", domain="night", images="i")
+        >>> unlabelled_plane((2, 3), ds, 11)
+        array([[255, 255, 255],
+               [255, 255, 255]], dtype=uint8)
+    """
+    return np.full(shape, cfg.ignore_index, label_dtype(num_classes, cfg.ignore_index))
+
+
 def load_sample(
     sample: Sample, cfg: DatasetConfig, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read, corrupt (when configured) and validate one image/label pair.
+
+    A ``monitor`` set's images have no labels: their label map is :func:`unlabelled_plane`.
 
     Args:
         sample: the listed image.
@@ -169,18 +189,23 @@ def load_sample(
         The (H, W, 3) uint8 RGB image and its (H, W) uint8/uint16 labels.
 
     Raises:
-        DataError: no label, unreadable/corrupt files, size mismatch or bad label values; the
-            message names the file.
+        DataError: no label (except for a ``monitor`` set), unreadable/corrupt files, size
+            mismatch or bad label values; the message names the file.
     """
-    if sample.label_uri is None:
+    if cfg.role == "monitor":
+        image = load_image(sample.uri)
+        labels = unlabelled_plane(image.shape[:2], cfg, num_classes)
+    elif sample.label_uri is None:
         raise DataError(f"Expected a label file for image {sample.uri}, but found none")
-    image = load_image(sample.uri)
-    labels = prepare_labels(load_label(sample.label_uri), cfg, num_classes, uri=sample.label_uri)
-    if image.shape[:2] != labels.shape:
-        raise DataError(
-            f"Expected label {sample.label_uri} to match image {sample.uri} in size "
-            f"{image.shape[:2]}, but got {labels.shape}"
-        )
+    else:
+        image = load_image(sample.uri)
+        labels = prepare_labels(load_label(sample.label_uri), cfg, num_classes,
+                                uri=sample.label_uri)
+        if image.shape[:2] != labels.shape:
+            raise DataError(
+                f"Expected label {sample.label_uri} to match image {sample.uri} in size "
+                f"{image.shape[:2]}, but got {labels.shape}"
+            )
     if cfg.corruption is not None:
         c = cfg.corruption
         image = corrupt(image, c.kind, c.severity, seed=c.seed, key=sample.image_id)

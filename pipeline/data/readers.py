@@ -13,6 +13,10 @@ Three layouts, chosen by ``DatasetConfig.format``:
   or any fsspec/pyarrow filesystem URL; relative ones are relative to the manifest) and an
   optional ``image_id``.
 
+A ``monitor`` dataset (unlabelled) lists its images only: every sample's ``label_uri`` is None,
+whatever ``labels`` (or a manifest's ``label`` column) says; its folder format needs no
+``labels`` folder and its manifest no ``label`` column.
+
 Listing only looks at names; files are opened later, in :mod:`pipeline.data.decode`, inside
 Ray read tasks.
 """
@@ -91,11 +95,18 @@ def label_rule(cfg: DatasetConfig) -> str:
 
 def _listing_folder(cfg: DatasetConfig) -> list[Sample]:
     images, labels = Path(cfg.images or ""), Path(cfg.labels or "")
-    for key, folder in (("images", images), ("labels", labels)):
+    unlabelled = cfg.role == "monitor"
+    folders = (("images", images),) if unlabelled else (("images", images), ("labels", labels))
+    for key, folder in folders:
         if not folder.is_dir():
             raise DataError(
                 f"Expected `{key}` of dataset {cfg.name!r} to be a folder, but got {folder}"
             )
+    if unlabelled:
+        return [
+            Sample(p.relative_to(images).with_suffix("").as_posix(), str(p), None)
+            for p in sorted(images.glob(cfg.glob)) if p.is_file()
+        ]
     label_index, label_names = _label_index(labels)
     pattern = cfg.label_pattern
     exact = pattern is not None and Path(pattern).suffix.lower() in IMAGE_SUFFIXES
@@ -158,14 +169,15 @@ def suggest_label_pattern(sample: Sample, near: list[str]) -> str | None:
 
 def missing_labels_message(cfg: DatasetConfig, samples: list[Sample]) -> str | None:
     """One line on the samples without a label: the folder searched, the rule, the count, near
-    misses and the likely fix; None when every sample has a label.
+    misses and the likely fix; None when every sample has a label (or the set is a ``monitor``
+    set, which has none by design).
 
     Args:
         cfg: the dataset's config.
         samples: its listed samples.
     """
     unmatched = [s for s in samples if s.label_uri is None]
-    if not unmatched:
+    if not unmatched or cfg.role == "monitor":
         return None
     first = unmatched[0]
     where = cfg.labels if cfg.format != "manifest" else cfg.manifest
@@ -203,7 +215,8 @@ def _listing_cityscapes(cfg: DatasetConfig) -> list[Sample]:
     for p in sorted(image_dir.glob(f"*/*{_CS_IMAGE_SUFFIX}")):
         image_id = p.name[: -len(_CS_IMAGE_SUFFIX)]
         label = label_dir / p.parent.name / f"{image_id}{_CS_LABEL_SUFFIX}"
-        samples.append(Sample(image_id, str(p), str(label) if label.is_file() else None))
+        found = cfg.role != "monitor" and label.is_file()
+        samples.append(Sample(image_id, str(p), str(label) if found else None))
     return samples
 
 
@@ -229,15 +242,20 @@ def _read_manifest_table(uri: str, name: str) -> pa.Table:
 def _listing_manifest(cfg: DatasetConfig) -> list[Sample]:
     uri = cfg.manifest or ""
     table = _read_manifest_table(uri, cfg.name)
-    missing = [c for c in ("image", "label") if c not in table.column_names]
+    unlabelled = cfg.role == "monitor"
+    required = ["image"] if unlabelled else ["image", "label"]
+    missing = [c for c in required if c not in table.column_names]
     if missing:
         raise DataError(
-            f"Expected manifest {uri} to have columns ['image', 'label'], but {missing} are "
+            f"Expected manifest {uri} to have columns {required}, but {missing} are "
             f"missing (columns: {table.column_names})"
         )
     base = posixpath.dirname(uri)
     images = table.column("image").cast(pa.string()).to_pylist()
-    labels = table.column("label").cast(pa.string()).to_pylist()
+    if unlabelled:
+        labels: list[str | None] = [None] * len(images)
+    else:
+        labels = table.column("label").cast(pa.string()).to_pylist()
     if "image_id" in table.column_names:
         ids = table.column("image_id").cast(pa.string()).to_pylist()
     else:
@@ -351,5 +369,6 @@ def source_fingerprint(sample: Sample, mode: str = "stat") -> str:
         >>> source_fingerprint(Sample("a", "/nonexistent/a.png", None))
         'missing|-'
     """
+    # An unlabelled (monitor) image has no label file: "-" stands for it.
     label = "-" if sample.label_uri is None else _file_fingerprint(sample.label_uri, mode)
     return f"{_file_fingerprint(sample.uri, mode)}|{label}"
