@@ -12,9 +12,11 @@ Commands (each has ``--help``; ``--set key=value`` overrides a config key, repea
     segcal export CONFIG           TorchScript files of the fitted calibrators (optionally + model)
     segcal submit CONFIG [STAGE] --address http://HOST:8265 [--follow] [--env K=V]
                    [--env-from-cluster NAME] [--skip-check] [-- ARGS]
-    segcal refresh CONFIG [--registry DIR]        nightly refresh with champion/challenger promotion
+    segcal refresh CONFIG [--registry DIR] [--allow-adaptive] [--no-drift-exit]
+                                   nightly refresh with champion/challenger promotion
     segcal promote DIR RUN_ID      point DIR/current at a stored run (by hand, e.g. to roll back)
-    segcal status DIR              the current champion and the last decisions
+    segcal status DIR [--html]     the current champion, the last decisions and the last
+                                   night's drift alarms and label-free estimates
 
 ``run``, ``extract`` and ``refresh`` run the preflight (:mod:`pipeline.preflight`) before Ray
 starts (``--no-check`` skips it). ``-v`` (tracebacks, INFO logs) and ``-q`` (no preflight
@@ -33,6 +35,8 @@ Exit codes, for scripts:
        downloadable, with what to set)
     3  the cluster or the registry is unavailable: unreachable address, credentials refused,
        registry locked by another refresh, broken ``current``, unknown run
+    4  ``refresh`` only: the refresh succeeded (promoted or kept as usual, recorded) but a drift
+       alarm fired on a monitor or test set (``--no-drift-exit``: 0 instead)
 
 Stage commands connect to ``RAY_ADDRESS`` when set (inside a Ray job it is; ``RAY_ADDRESS=auto``
 joins a ``ray start`` cluster on this machine) and otherwise start Ray on this machine, listening
@@ -54,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
 
-OK, FAILED, USAGE, UNAVAILABLE = 0, 1, 2, 3
+OK, FAILED, USAGE, UNAVAILABLE, DRIFT = 0, 1, 2, 3, 4
 RAY_STAGES = ("extract", "fit", "evaluate")
 
 logger = logging.getLogger("segcal")
@@ -111,6 +115,40 @@ def _print_decision(entry: dict) -> None:
         where = f"{row['dataset']}/{row['calibrator']}"
         print(f"  {where:<40} {row['champion']:.4f} -> {chall} {mark}")
     print(f"current: {entry.get('current')}")
+    for line in label_free_lines(entry):
+        print(line)
+
+
+def _cell(value: object, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def label_free_lines(entry: dict) -> list[str]:
+    """A history entry's drift alarms and label-free estimates, one line per set.
+
+    Empty when the entry recorded none (no ``label_free.csv`` that night, or an older entry).
+    """
+    record = entry.get("label_free")
+    if not isinstance(record, dict):
+        return []
+    sets = record.get("sets") or []
+    alarms = record.get("alarms") or []
+    calibrator = record.get("calibrator")
+    head = (f"drift alarm on {len(alarms)} of {len(sets)} sets: {', '.join(alarms)}" if alarms
+            else f"drift alarm on none of {len(sets)} sets")
+    lines = [f"{head}; estimates of {calibrator or 'no calibrator (not measured)'}"]
+    lines.append(f"  {'set':<24} {'role':<8} {'drift/threshold':>15} {'alarm':<5} "
+                 f"{'acc ATC':>7} {'DoC':>6} {'true':>6} {'imgECE':>7} {'true':>6}")
+    for s in sets:
+        drift = f"{_cell(s.get('drift_score'))}/{_cell(s.get('drift_threshold'))}"
+        alarm = {True: "ALARM", False: "ok"}.get(s.get("drift_alarm"), "–")
+        lines.append(
+            f"  {str(s.get('dataset')):<24} {str(s.get('role') or '–'):<8} {drift:>15} "
+            f"{alarm:<5} {_cell(s.get('est_pixel_acc')):>7} {_cell(s.get('est_pixel_acc_doc')):>6} "
+            f"{_cell(s.get('true_pixel_acc')):>6} {_cell(s.get('est_img_ece'), 4):>7} "
+            f"{_cell(s.get('true_img_ece'), 4):>6}"
+        )
+    return lines
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -296,7 +334,12 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         raise UsageError("Expected a registry: pass --registry DIR or set refresh.registry")
     _preflight(args, cfg)
     _init_ray()
-    _print_decision(refresh(cfg, root))
+    entry = refresh(cfg, root, allow_adaptive=args.allow_adaptive)
+    _print_decision(entry)
+    if entry.get("drift_alarm") and not args.no_drift_exit:
+        print(f"segcal refresh: drift alarm on {', '.join(entry['label_free']['alarms'])} "
+              f"(exit code {DRIFT}; the decision above stands)", file=sys.stderr)
+        return DRIFT
     return OK
 
 
@@ -348,11 +391,17 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"current: {champion} (created {meta.get('created')}, config {meta.get('config')})"
             )
     print(f"runs: {len(registry.list_runs(root))}")
-    for entry in registry.history(root, args.last):
+    entries = registry.history(root)
+    for entry in entries[-args.last:] if args.last else entries:
         print(
             f"{entry.get('time')}  {entry.get('action')!s:<8} {entry.get('decision')!s:<9} "
             f"{entry.get('challenger')}  {entry.get('reason')}"
         )
+    checked = [e for e in entries if isinstance(e.get("label_free"), dict)]
+    if checked:
+        print(f"last label-free check: {checked[-1].get('time')} ({checked[-1].get('decision')})")
+        for line in label_free_lines(checked[-1]):
+            print(line)
     if args.html:
         from pipeline import report_history
 
@@ -369,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segcal",
         description="Calibrate semantic-segmentation models on Ray.",
         epilog="Exit codes: 0 ok, 1 stage or job failed, 2 usage/config error, "
-        "3 cluster or registry unavailable.",
+        "3 cluster or registry unavailable, 4 refresh done but a drift alarm fired.",
     )
     _add_verbosity(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -509,6 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
         "refresh", parents=[config, no_check], help="nightly refresh with safe promotion"
     )
     p.add_argument("--registry", help="registry folder (default: refresh.registry in the config)")
+    p.add_argument(
+        "--allow-adaptive", action="store_true",
+        help="let the target-adapted calibrators (adaptive*) count in the promotion and be the "
+        "run's calibrator (default: stored with the run, never chosen)",
+    )
+    p.add_argument(
+        "--no-drift-exit", action="store_true",
+        help="exit 0 when a drift alarm fires (default: exit code 4; the alarm is recorded "
+        "either way)",
+    )
     p.set_defaults(func=cmd_refresh)
 
     p = add("promote", help="point the registry's current at a stored run")
@@ -517,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="manual promotion", help="recorded in history.jsonl")
     p.set_defaults(func=cmd_promote)
 
-    p = add("status", help="show the current champion and the last decisions")
+    p = add("status", help="show the current champion, the last decisions and drift alarms")
     p.add_argument("registry", help="registry folder")
     p.add_argument("--last", type=int, default=10, help="decisions to show (default 10)")
     p.add_argument("--html", action="store_true",

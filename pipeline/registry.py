@@ -29,6 +29,9 @@ Crash safety. Every writer holds :func:`lock`; taking it first repairs what a ki
 Decisions (:func:`compare`) use image-wise ECE (the mean over images of each image's ECE) from
 the runs' ``summary.csv``: the challenger is promoted only if, on every dataset and calibrator the
 champion was measured on, its image-wise ECE is no worse than the champion's plus a tolerance.
+Rows that measure no shippable calibrator are left out: ``uncalibrated`` (the model), oracle
+bounds (``oracle_ts``: a temperature fitted on each test set's own labels) and, unless the
+refresh allows them, the target-adapted calibrators (``adaptive*``).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ LOCK = ".lock"
 JOURNAL = ".promotion.json"
 RUN_META = "run.json"
 SUMMARY = "summary.csv"
+LABEL_FREE = "label_free.csv"  # drift and label-free estimates (written by pipeline.evaluate)
 ARTIFACTS = "artifacts"
 # What a run's artifact set is: the fitted calibrators and every table/report describing them.
 # Shards (logits) are the run's inputs, not its product, and stay in the run's output folder.
@@ -66,6 +70,7 @@ RUN_FILES = (
     SUMMARY,
     "domain_shift.csv",
     "best.csv",
+    LABEL_FREE,
     "per_image.parquet",
     "report.md",
     "report.html",
@@ -78,6 +83,9 @@ REQUIRED = (ARTIFACTS, SUMMARY)
 KEY_COLUMNS = ("dataset", "calibrator")
 METRIC = "img_ece"
 UNCALIBRATED = "uncalibrated"
+ADAPTIVE_PREFIX = "adaptive"
+"""Calibrators named ``adaptive*`` adapt to the unlabelled target domain: they count in a
+decision, and can be the run's calibrator, only when the refresh is told to (``allow_adaptive``)."""
 # Files of an artifact folder that describe the fit's execution, not its result (wall-clock
 # timings): left out of `artifact_digest`, so identical calibrators are recognised.
 VOLATILE_FILES = ("timings.json",)
@@ -117,25 +125,63 @@ class Decision:
 # --- decision ----------------------------------------------------------------------------------
 
 
-def _metric_table(summary: pd.DataFrame, name: str) -> pd.Series:
+def is_bound(calibrator: str) -> bool:
+    """Whether ``calibrator`` names a bound (``oracle_ts``: fitted on the test set's own labels)."""
+    return "oracle" in calibrator.lower()
+
+
+def is_adaptive(calibrator: str) -> bool:
+    """Whether ``calibrator`` names a target-adapted calibrator (``adaptive*``)."""
+    return calibrator.startswith(ADAPTIVE_PREFIX)
+
+
+def is_candidate(calibrator: str, *, allow_adaptive: bool = False) -> bool:
+    """Whether ``calibrator`` can count in a decision and be the run's calibrator.
+
+    Never ``uncalibrated`` (the model itself) or a bound; an adaptive calibrator only when
+    ``allow_adaptive``.
+
+    Example:
+        >>> [is_candidate(c) for c in ("temperature", "oracle_ts", "adaptive_ts", UNCALIBRATED)]
+        [True, False, False, False]
+        >>> is_candidate("adaptive_ts_gated", allow_adaptive=True)
+        True
+    """
+    return (
+        calibrator != UNCALIBRATED
+        and not is_bound(calibrator)
+        and (allow_adaptive or not is_adaptive(calibrator))
+    )
+
+
+def _metric_table(summary: pd.DataFrame, name: str, allow_adaptive: bool) -> pd.Series:
     missing = [c for c in (*KEY_COLUMNS, METRIC) if c not in summary.columns]
     if missing:
         raise ValueError(
             f"Expected the {name} summary to have columns {[*KEY_COLUMNS, METRIC]}, "
             f"but it lacks {missing}"
         )
-    table = summary[summary["calibrator"] != UNCALIBRATED]
+    keep = summary["calibrator"].astype(str).map(
+        lambda c: is_candidate(c, allow_adaptive=allow_adaptive)
+    ).astype(bool)
+    table = summary[keep]
     return table.set_index(list(KEY_COLUMNS))[METRIC].astype(float)
 
 
 def compare(
-    challenger: pd.DataFrame, champion: pd.DataFrame | None, *, tolerance: float
+    challenger: pd.DataFrame,
+    champion: pd.DataFrame | None,
+    *,
+    tolerance: float,
+    allow_adaptive: bool = False,
 ) -> Decision:
     """Decide whether the challenger replaces the champion.
 
-    Every (dataset, calibrator) row of the champion's summary is compared; the ``uncalibrated``
-    rows are skipped (they measure the model, not the calibrators). The challenger wins only if
-    it has every such row and none is worse than ``champion + tolerance``. Rows only the
+    Every (dataset, calibrator) row of the champion's summary is compared, except those that
+    measure no shippable calibrator (:func:`is_candidate`): ``uncalibrated`` (the model),
+    oracle bounds (fitted on each test set's own labels, the same in both runs) and, unless
+    ``allow_adaptive``, the target-adapted ``adaptive*`` calibrators. The challenger wins only
+    if it has every such row and none is worse than ``champion + tolerance``. Rows only the
     challenger has (a new dataset or calibrator) cannot be compared and do not count; with no
     calibrated champion row at all nothing is established and the champion stays.
 
@@ -144,6 +190,7 @@ def compare(
             ``img_ece``; one row per dataset x calibrator).
         champion: the current champion's summary, or None when there is no champion yet.
         tolerance: how much worse (absolute image-wise ECE) a row may be and still pass.
+        allow_adaptive: count the ``adaptive*`` calibrators' rows too (default False).
 
     Returns:
         The decision with one :class:`Comparison` per champion row.
@@ -162,10 +209,10 @@ def compare(
     """
     if tolerance < 0:
         raise ValueError(f"Expected `tolerance` to be >= 0, but got {tolerance}")
-    new = _metric_table(challenger, "challenger")
+    new = _metric_table(challenger, "challenger", allow_adaptive)
     if champion is None:
         return Decision(True, "no champion yet", tolerance)
-    old = _metric_table(champion, "champion")
+    old = _metric_table(champion, "champion", allow_adaptive)
     if old.empty:
         reason = "no calibrator in common with the champion; promote by hand if intended"
         return Decision(False, reason, tolerance)

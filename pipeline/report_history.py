@@ -5,8 +5,10 @@ every decision that stored a challenger run, that run's ``summary.csv``; it writ
 ``REGISTRY/history.html`` and one small plot per test domain, ``REGISTRY/history/<domain>.png``:
 the domain's image-wise ECE (pooled over its test sets, weighted by images) per calibrator, one
 point per decision, with the promotions marked by vertical lines. The page also lists every
-decision (time, decision, run, reason). Like the run report, it is one HTML file with its
-images beside it and opens offline.
+decision (time, decision, run, drift alarms, reason) and, when a refresh recorded them, the last
+night's drift alarms and label-free estimates per set (``label_free`` in the history entry,
+see :func:`pipeline.refresh.label_free_record`). Like the run report, it is one HTML file with
+its images beside it and opens offline.
 
 Only the decisions that name a stored run (``challenger``) have numbers; failed refreshes are
 listed without.
@@ -87,13 +89,55 @@ def plot_domain(domain: str, rows: pd.DataFrame, promoted: list[int], path: Path
     return path
 
 
+def _alarms(entry: dict[str, Any]) -> str:
+    record = entry.get("label_free")
+    if not isinstance(record, dict):
+        return "–"
+    alarms = record.get("alarms") or []
+    return ", ".join(map(str, alarms)) if alarms else "none"
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def label_free_html(entry: dict[str, Any]) -> str:
+    """One history entry's drift alarms and label-free estimates as a table, one row per set."""
+    esc = html.escape
+    record = entry.get("label_free")
+    if not isinstance(record, dict) or not record.get("sets"):
+        return ""
+    calibrator = record.get("calibrator") or "no calibrator (estimates not measured)"
+    rows = []
+    for s in record["sets"]:
+        alarm = {True: "<b>ALARM</b>", False: "ok"}.get(s.get("drift_alarm"), "–")
+        cls = ' class="alarm"' if s.get("drift_alarm") else ""
+        rows.append(
+            f"<tr{cls}><td>{esc(str(s.get('dataset')))}</td><td>{esc(str(s.get('role') or '–'))}"
+            f"</td><td>{_cell(s.get('drift_score'))}</td><td>{_cell(s.get('drift_threshold'))}"
+            f"</td><td>{alarm}</td><td>{_cell(s.get('est_pixel_acc'))}</td>"
+            f"<td>{_cell(s.get('est_pixel_acc_doc'))}</td><td>{_cell(s.get('true_pixel_acc'))}"
+            f"</td><td>{_cell(s.get('est_img_ece'), 4)}</td>"
+            f"<td>{_cell(s.get('true_img_ece'), 4)}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in (
+        "set", "role", "drift score", "threshold", "alarm", "pixel acc (ATC)", "pixel acc (DoC)",
+        "true pixel acc", "image-wise ECE (est.)", "true image-wise ECE"))
+    return (f'<p>{esc(str(entry.get("time", "")))} ({esc(str(entry.get("decision", "")))}): '
+            f"drift alarm on {esc(_alarms(entry))}; estimates of <b>{esc(calibrator)}</b>, the "
+            "current run's calibrator, from the logits alone (the truth where the set has "
+            "labels).</p>"
+            f'<table id="label-free"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
+
+
 def render(entries: list[dict[str, Any]], figures: dict[str, str], title: str) -> str:
-    """The history page: the plots, then every decision as a table row."""
+    """The history page: the plots, the last label-free check, then every decision."""
     esc = html.escape
     rows = "".join(
         f"<tr><td>{i}</td><td>{esc(str(e.get('time', '')))}</td>"
         f"<td>{esc(str(e.get('decision', e.get('action', ''))))}</td>"
         f"<td>{esc(str(e.get('challenger') or '–'))}</td>"
+        f"<td>{esc(_alarms(e))}</td>"
         f"<td>{esc(str(e.get('reason', '')))}</td></tr>"
         for i, e in enumerate(entries))
     plots = "".join(f'<img src="{esc(src)}" alt="image-wise ECE of {esc(domain)} over time">'
@@ -103,13 +147,19 @@ def render(entries: list[dict[str, Any]], figures: dict[str, str], title: str) -
            ".plots img{width:320px;max-width:100%}table{border-collapse:collapse;width:100%;"
            "font-size:12px}th,td{padding:3px 6px;border-bottom:1px solid #e4e4e4;"
            "text-align:left;vertical-align:top}td:last-child{overflow-wrap:anywhere}"
-           "th{background:#f4f4f4}")
+           "th{background:#f4f4f4}tr.alarm td{background:#fdecea}"
+           "#label-free td:nth-child(n+3),#label-free th:nth-child(n+3){text-align:right}")
     body = [f"<h1>{esc(title)}</h1>"]
     if figures:
         body += ["<h2>Image-wise ECE per domain, decision by decision</h2>",
                  f'<div class="plots" id="history-plots">{plots}</div>']
+    checked = [e for e in entries if isinstance(e.get("label_free"), dict)]
+    last = label_free_html(checked[-1]) if checked else ""
+    if last:
+        body += ["<h2>Last night without labels: drift and label-free estimates</h2>", last]
     body += ["<h2>Decisions</h2>",
              "<table><thead><tr><th>#</th><th>time</th><th>decision</th><th>run</th>"
+             "<th>drift alarms</th>"
              f"<th>reason</th></tr></thead><tbody>{rows}</tbody></table>"]
     return "\n".join(["<!DOCTYPE html>", '<html lang="en">', '<head><meta charset="utf-8">',
                       f"<title>{esc(title)}</title><style>{css}</style></head>", "<body>",
