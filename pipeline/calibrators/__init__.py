@@ -1,5 +1,11 @@
 """Post-hoc calibrators: one registry, one interface (see `Calibrator`), pickle-free artifacts.
 
+Layout: `base` (the interface, input checks, the reduce hook, the optimisation loop),
+`registry` (`register`, `build_calibrator`), `training` (the training loop and samplers that the
+network calibrators share), one module per family, and `artifacts` (save, load, export). Each
+calibrator module registers its classes with ``@register``; importing this package imports them
+all, so `CALIBRATORS` is complete.
+
 Example:
     >>> import torch
     >>> ts = build_calibrator("temperature", num_classes=3)
@@ -10,10 +16,22 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
-from pipeline.calibrators import selective
+# Every calibrator module, for its registrations (the names are re-exported below).
+from pipeline.calibrators import (  # noqa: F401
+    adaptive,
+    ets,
+    lts,
+    matrix,
+    meta_cal,
+    selective,
+    selective_spatial,
+    temperature,
+    vector,
+)
+from pipeline.calibrators.adaptive import (
+    AdaptiveTemperatureScaling,
+    GatedAdaptiveTemperatureScaling,
+)
 from pipeline.calibrators.artifacts import (
     export_torchscript,
     export_with_model,
@@ -22,12 +40,13 @@ from pipeline.calibrators.artifacts import (
     save,
 )
 from pipeline.calibrators.base import Calibrator, FitData, optimise
-from pipeline.calibrators.ets import EnsembleTemperatureScaling
-from pipeline.calibrators.lts import ImageBasedTemperatureScaling, LocalTemperatureScaling
-from pipeline.calibrators.matrix import DirichletScaling, MatrixScaling
-from pipeline.calibrators.meta_cal import MetaCalScaling
-from pipeline.calibrators.temperature import TemperatureScaling, fit_temperature
-from pipeline.calibrators.vector import VectorScaling
+from pipeline.calibrators.registry import (
+    CALIBRATORS,
+    build_calibrator,
+    list_calibrators,
+    register,
+)
+from pipeline.calibrators.temperature import fit_temperature
 
 __all__ = [
     "CALIBRATORS",
@@ -41,55 +60,9 @@ __all__ = [
     "load",
     "optimise",
     "read_card",
+    "register",
     "save",
 ]
 
-CALIBRATORS: dict[str, type[Calibrator]] = {
-    cls.name: cls
-    for cls in (
-        TemperatureScaling,
-        VectorScaling,
-        MatrixScaling,
-        DirichletScaling,
-        EnsembleTemperatureScaling,
-        MetaCalScaling,
-        LocalTemperatureScaling,
-        ImageBasedTemperatureScaling,
-    )
-}
-CALIBRATORS.update(selective.REGISTRY)  # "selective" and its variants
-
-
-def list_calibrators() -> list[str]:
-    """The registry names, sorted."""
-    return sorted(CALIBRATORS)
-
-
-def build_calibrator(name: str, num_classes: int, **options: Any) -> Calibrator:
-    """Build an unfitted calibrator by registry name.
-
-    Args:
-        name: A name from `list_calibrators`.
-        num_classes: The class count C.
-        **options: The calibrator's constructor options.
-
-    Returns:
-        The new calibrator.
-
-    Raises:
-        ValueError: On an unknown name or option, or a bad option value.
-        TypeError: On an option of the wrong type.
-    """
-    if name not in CALIBRATORS:
-        raise ValueError(f"Unknown calibrator {name!r}: expected one of {list_calibrators()}")
-    cls = CALIBRATORS[name]
-    parameters = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in parameters if p not in ("self", "num_classes")]
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {unknown} for calibrator {name!r}: expected some of "
-                f"{sorted(accepted)}"
-            )
-    return cls(num_classes, **options)
+for _cls in (AdaptiveTemperatureScaling, GatedAdaptiveTemperatureScaling):
+    register(_cls)  # idempotent: a no-op once the module registers them itself

@@ -9,11 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.calibrators.base import LOCAL, Calibrator, FitData, Reduce, check_int, optimise
+from pipeline.calibrators.registry import register
 from pipeline.calibrators.temperature import fit_temperature
 
 __all__ = ["EnsembleTemperatureScaling"]
 
 
+@register
 class EnsembleTemperatureScaling(Calibrator):
     """ETS: ``p = w0 softmax(z / T) + w1 softmax(z) + w2 / C``; calibrated logits are ``log p``.
 

@@ -26,16 +26,17 @@ from pipeline.calibrators.base import (
     check_float,
     check_int,
 )
-from pipeline.calibrators.selective import (
-    _chunked_mean,
-    _map_batches,
-    _require_images,
-    _require_maps,
-    _spatial_input,
-    _with_valid_pixels,
-    train_with_early_stopping,
-)
+from pipeline.calibrators.registry import register
 from pipeline.calibrators.temperature import fit_temperature
+from pipeline.calibrators.training import (
+    chunked_mean,
+    map_batches,
+    require_images,
+    require_maps,
+    spatial_input,
+    train_with_early_stopping,
+    with_valid_pixels,
+)
 
 __all__ = ["ImageBasedTemperatureScaling", "LocalTemperatureScaling"]
 
@@ -73,6 +74,7 @@ class _TemperatureNet(nn.Module):
         return F.softplus(self.head(hidden)) + self.t_min
 
 
+@register
 class LocalTemperatureScaling(Calibrator):
     """Local temperature scaling (LTS): ``logits / T(x, y)`` with T from a conv net.
 
@@ -153,8 +155,8 @@ class LocalTemperatureScaling(Calibrator):
         return _TemperatureNet(in_channels, opts["hidden"], self._per_image, t_init, opts["t_min"])
 
     def _temperature(self, logits: Tensor, image: Tensor | None) -> Tensor:
-        logits = _require_maps(logits, self.kind)
-        return self.net(_spatial_input(logits.log_softmax(1), image, self.use_image, self.kind))
+        logits = require_maps(logits, self.kind)
+        return self.net(spatial_input(logits.log_softmax(1), image, self.use_image, self.kind))
 
     def temperature(self, logits: Tensor, image: Tensor | None = None) -> Tensor:
         """The predicted temperatures.
@@ -178,8 +180,8 @@ class LocalTemperatureScaling(Calibrator):
 
     def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
         opts = self.options
-        _require_images(data, heldout, self.use_image)
-        data = _with_valid_pixels(data)
+        require_images(data, heldout, self.use_image)
+        data = with_valid_pixels(data)
         t_init = 1.0
         if opts["ts_init"]:
             labels = data.labels.reshape(-1)
@@ -195,7 +197,7 @@ class LocalTemperatureScaling(Calibrator):
         size, steps, weight = batch_plan(len(data.labels), opts["batch_size"], reduce)
         # Each worker shuffles its own shard: the same seed, offset by rank (0 in-process).
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())) + reduce.rank)
-        batches = _map_batches(len(data.labels), size, generator, data.labels.device)
+        batches = map_batches(len(data.labels), size, generator, data.labels.device)
 
         def batch_loss() -> Tensor:
             index = next(batches)
@@ -204,7 +206,7 @@ class LocalTemperatureScaling(Calibrator):
                 data.logits[index], data.labels[index], image, ignore_index=data.ignore_index
             )
 
-        heldout_loss = None if heldout is None else lambda: _chunked_mean(
+        heldout_loss = None if heldout is None else lambda: chunked_mean(
             heldout, size, lambda z, y, im: self.loss(z, y, im, ignore_index=heldout.ignore_index)
         )
 
@@ -220,6 +222,7 @@ class LocalTemperatureScaling(Calibrator):
         return {"init_temperature": float(self.t_init)}
 
 
+@register
 class ImageBasedTemperatureScaling(LocalTemperatureScaling):
     """Image-based temperature scaling (IBTS): one temperature per image from a conv net.
 

@@ -19,6 +19,7 @@ from pipeline.calibrators.base import (
     check_int,
     optimise,
 )
+from pipeline.calibrators.registry import register
 
 __all__ = ["DirichletScaling", "MatrixScaling"]
 
@@ -138,6 +139,7 @@ class _LinearScaling(Calibrator):
         }
 
 
+@register
 class MatrixScaling(_LinearScaling):
     """Matrix scaling: ``W @ logits + b`` per pixel, full W (C x C), ODIR-regularised.
 
@@ -162,6 +164,7 @@ class MatrixScaling(_LinearScaling):
         return logits
 
 
+@register
 class DirichletScaling(_LinearScaling):
     """Dirichlet calibration: ``W @ log_softmax(logits) + b`` per pixel, ODIR-regularised.
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from pipeline.calibrators.base import LOCAL, Calibrator, FitData, Reduce, check_float
+from pipeline.calibrators.registry import register
 from pipeline.calibrators.temperature import fit_temperature
 
 __all__ = ["MetaCalScaling"]
@@ -23,6 +24,7 @@ def _entropy(log_probs: Tensor) -> Tensor:
     return -(log_probs.exp() * log_probs).sum(dim=1)
 
 
+@register
 class MetaCalScaling(Calibrator):
     """Meta-Cal-style gate on temperature scaling: high-entropy pixels become (near) uniform.
 

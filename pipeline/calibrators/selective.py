@@ -22,21 +22,19 @@ in ``tests/calibrators/test_selective.py``:
   e.g. a dark, foggy or noisy frame), and with ``local=False`` nothing but the pixel and those
   means, which makes it independent of the resolution it is scored at.
 
-Fitted on calibration images together with seeded corrupted copies of them (the fit stage's
-``use_corrupted``), ``selective_spatial`` with ``context``, ``local=False``, a soft gate, fitted
-temperatures, ``base="temperature"`` and ``refine`` is the variant that the ablation in
-``benchmarks/selective_ablation.py`` recommends (see the README).
+The recipe the demo recommends is the preset ``selective_plus`` (`pipeline.presets`: a soft
+gate on rich features over temperature scaling, measured by ``benchmarks/selective_ablation.py``).
+The shared options of the family live in one place, `SelectiveOptions`.
 
 The published form is ``build_calibrator("selective", C, t_mis=1e10)``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -63,15 +61,20 @@ from pipeline.calibrators.base import (
     optimise,
     to_points,
 )
+from pipeline.calibrators.registry import build_calibrator, register
+from pipeline.calibrators.training import (
+    chunked_mean,
+    map_batches,
+    pixel_batches,
+    train_with_early_stopping,
+    with_valid_pixels,
+)
 
 __all__ = [
-    "REGISTRY",
+    "SHARED_OPTIONS",
     "SelectiveScaling",
-    "SpatialSelectiveScaling",
-    "balanced_order",
     "fit_group_temperatures",
     "selector_features",
-    "train_with_early_stopping",
 ]
 
 # Rich features added beside the C log-probabilities: max probability, margin, entropy.
@@ -79,9 +82,29 @@ _N_RICH = 3
 # Least T_cor weight (pixels) for a class to get its own T_cor when `per_class_t_cor`.
 _MIN_CLASS_PIXELS = 100
 
+SHARED_OPTIONS: dict[str, Any] = {
+    "t_mis": "fit",
+    "t_cor": 1.0,
+    "per_class_t_cor": False,
+    "t_min": 0.05,
+    "gate": "hard",
+    "features": "logprobs",
+    "base": None,
+    "base_options": None,
+    "lr": 1e-3,
+    "weight_decay": 1e-6,
+    "patience": 3,
+    "oversample": True,
+    "refine": False,
+}
+"""The options every selective calibrator takes, with their defaults: the one definition of
+the family's temperatures, gate, features, base, optimiser and refinement (documented on
+`SelectiveScaling`). Each class adds its own (``epochs``, ``batch_size``, the selector's shape).
+"""
+
 
 # --------------------------------------------------------------------------------------------
-# Pure pieces: features, the balanced sampler, the temperature fit, the training loop.
+# Pure pieces: the selector's features and the group temperature fit.
 
 
 def selector_features(logits: Tensor, rich: bool) -> Tensor:
@@ -111,34 +134,6 @@ def selector_features(logits: Tensor, rich: bool) -> Tensor:
     top2 = torch.where(ties, top1, probs.masked_fill(is_top, 0.0).amax(1, keepdim=True))
     entropy = -(probs * log_probs).sum(1, keepdim=True)
     return torch.cat([log_probs, top1, top1 - top2, entropy], 1)
-
-
-def balanced_order(targets: Tensor, generator: torch.Generator) -> Tensor:
-    """A shuffled epoch of indices in which the minority target is duplicated to balance.
-
-    Every index of the majority class appears once; the minority class is repeated
-    ``majority // minority`` times plus a random remainder drawn without replacement, so both
-    classes appear exactly ``majority`` times (the paper's duplication of mispredicted pixels).
-
-    Args:
-        targets: (P,) int64 in {0, 1} (1 = mispredicted), both values present.
-        generator: The CPU generator for the remainder and the shuffle.
-
-    Returns:
-        (2 * majority,) int64 indices into ``targets``, on ``targets``' device.
-
-    Example:
-        >>> order = balanced_order(torch.tensor([0, 0, 0, 0, 1]), torch.Generator().manual_seed(0))
-        >>> torch.tensor([0, 0, 0, 0, 1])[order].bincount().tolist()
-        [4, 4]
-    """
-    cpu = targets.cpu()
-    groups = [torch.nonzero(cpu == 0).squeeze(1), torch.nonzero(cpu == 1).squeeze(1)]
-    major, minor = sorted(groups, key=len, reverse=True)
-    repeats, remainder = divmod(len(major), len(minor))
-    extra = minor[torch.randperm(len(minor), generator=generator)[:remainder]]
-    order = torch.cat([major, minor.repeat(repeats), extra])
-    return order[torch.randperm(len(order), generator=generator)].to(targets.device)
 
 
 def fit_group_temperatures(
@@ -236,105 +231,6 @@ def fit_group_temperatures(
     return fitted_cor.expand(num_classes).clone(), fitted_mis
 
 
-def train_with_early_stopping(
-    module: nn.Module,
-    batch_loss: Callable[[], Tensor],
-    *,
-    steps_per_epoch: int,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    heldout_loss: Callable[[], float] | None,
-    patience: int,
-    weight: float = 1.0,
-    reduce: Reduce = LOCAL,
-) -> None:
-    """AdamW mini-batch epochs on ``module``; keep the state with the lowest held-out loss.
-
-    ``heldout_loss`` runs with ``module`` in eval mode and without gradients before training
-    (so an initialisation that is already good, e.g. at the TS solution, can win) and after
-    each epoch; training stops after ``patience`` epochs without improvement. Across workers
-    each worker's batch loss counts with ``weight`` (its share of the global batch, see
-    `batch_plan`), gradients are summed, buffers (BatchNorm statistics) are averaged before
-    each held-out evaluation, and rank 0's held-out value decides, so all stop together.
-
-    Args:
-        module: The network whose parameters are trained and whose state is kept.
-        batch_loss: Draws the next mini-batch and returns its loss.
-        steps_per_epoch: Mini-batches per epoch.
-        epochs: The most epochs.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        heldout_loss: The held-out model-pick loss, or None to train all epochs.
-        patience: Epochs without improvement before stopping.
-        weight: This worker's weight of its batch loss (1.0 in-process).
-        reduce: The reduce hook.
-    """
-    best: dict[str, Any] = {"loss": math.inf, "state": None, "stale": 0}
-
-    def evaluate() -> bool:
-        if heldout_loss is None:
-            return False
-        reduce.sync(module)
-        module.eval()
-        with torch.no_grad():
-            # Every worker holds the same state and held-out data: rank 0 scores, all follow.
-            value = reduce.agree(heldout_loss() if reduce.rank == 0 else math.inf)
-        module.train()
-        if value < best["loss"]:
-            best.update(loss=value, state=copy.deepcopy(module.state_dict()), stale=0)
-            return False
-        best["stale"] += 1
-        return best["stale"] >= patience
-
-    evaluate()
-    optimise(
-        batch_loss if weight == 1.0 else lambda: batch_loss() * weight, module.parameters(),
-        method="adamw", max_iter=epochs * steps_per_epoch, lr=lr, weight_decay=weight_decay,
-        callback=lambda step, _: (step + 1) % steps_per_epoch == 0 and evaluate(),
-        reduce=reduce,
-    )
-    if best["state"] is not None:
-        module.load_state_dict(best["state"])
-    else:
-        reduce.sync(module)
-    module.eval()
-
-
-def _batches(
-    targets: Tensor, batch_size: int, balance: bool, generator: torch.Generator,
-    reduce: Reduce = LOCAL,
-) -> tuple[Iterator[Tensor], int, float]:
-    """Endless mini-batches of pixel indices, reshuffled (and rebalanced) every epoch.
-
-    Returns the iterator, the number of batches per epoch (of the global epoch, see
-    `batch_plan`) and this worker's loss weight; a short last batch is dropped, since
-    BatchNorm cannot train on a single pixel. A worker balances its own shard.
-    """
-    n_wrong = int(targets.sum())
-    n_right = len(targets) - n_wrong
-    balance_here = balance and n_wrong > 0 and n_right > 0
-    epoch_len = 2 * max(n_wrong, n_right) if balance_here else len(targets)
-    global_len = epoch_len
-    if reduce is not LOCAL and balance:
-        # Steps per epoch follow the global balanced epoch, as in one process.
-        wrong, right = reduce.sum_floats(float(n_wrong), float(n_right))
-        global_len = 2 * int(max(wrong, right))
-    size, steps, weight = batch_plan(epoch_len, batch_size, reduce, min_size=2)
-    if global_len != epoch_len:
-        steps = global_len // min(batch_size, global_len)
-
-    def draw() -> Iterator[Tensor]:
-        while True:
-            if balance_here:
-                order = balanced_order(targets, generator)
-            else:
-                order = torch.randperm(len(targets), generator=generator).to(targets.device)
-            yield from order[: epoch_len // size * size].split(size)
-
-    return draw(), steps, weight
-
-
 # --------------------------------------------------------------------------------------------
 # Selector networks.
 
@@ -353,49 +249,11 @@ def _mlp_selector(dim: int) -> nn.Sequential:
     )
 
 
-class _GlobalContext(nn.Module):
-    """Appends the map-wide mean of every input channel to each pixel: (N, D, H, W) -> 2D.
-
-    A map mean does not depend on the resolution the map is scored at, unlike a conv's
-    neighbourhood, so it carries image-level evidence of a shift (a dark, foggy or noisy image
-    changes the mean confidence, entropy and image statistics) from the strided fit maps to
-    full-resolution inference unchanged.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, D, H, W) -> (N, 2D, H, W): the input, then its per-map channel means."""
-        return torch.cat([x, x.mean((2, 3), keepdim=True).expand_as(x)], 1)
-
-
-def _conv_selector(
-    dim: int, hidden: int, context: bool = False, local: bool = True
-) -> nn.Sequential:
-    """A 1x1 conv at the identity (the MLP's first layer), then two 3x3 convs (one dilated).
-
-    With ``context`` the map-wide channel means are appended first (`_GlobalContext`); without
-    ``local`` the two 3x3 convs become 1x1 (no neighbourhood, so nothing depends on the scale
-    the map is scored at).
-    """
-    head: list[nn.Module] = [_GlobalContext()] if context else []
-    dim = 2 * dim if context else dim
-    first = nn.Conv2d(dim, dim, 1)
-    with torch.no_grad():
-        first.weight.copy_(torch.eye(dim)[:, :, None, None])
-        first.bias.zero_()
-    size, pad = (3, 1) if local else (1, 0)
-    return nn.Sequential(
-        *head, first, nn.BatchNorm2d(dim), nn.ReLU(),
-        nn.Conv2d(dim, hidden, size, padding=pad), nn.BatchNorm2d(hidden), nn.ReLU(),
-        nn.Conv2d(hidden, hidden, size, padding=2 * pad, dilation=2), nn.BatchNorm2d(hidden),
-        nn.ReLU(),
-        nn.Conv2d(hidden, 2, 1),
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # The calibrators.
 
 
+@register
 class SelectiveScaling(Calibrator):
     """Selective scaling: logits of pixels a selector flags as wrong are divided by T_mis.
 
@@ -408,7 +266,8 @@ class SelectiveScaling(Calibrator):
     held-out (class-balanced) selector loss, and the temperatures marked ``"fit"`` are fitted
     on held-out pixels. The argmax of the selective step's input never changes.
 
-    Args:
+    Args (``epochs`` and ``batch_size`` are this class's own; the rest are the family's
+    `SHARED_OPTIONS`, passed as keywords):
         num_classes: The class count C.
         t_mis: T_mis, or ``"fit"`` to fit it by held-out NLL. The paper uses a large fixed
             value (1e10: flagged pixels become uniform). Defaults to ``"fit"``.
@@ -455,55 +314,31 @@ class SelectiveScaling(Calibrator):
     # Rows per chunk when scoring held-out data.
     _chunk = 65536
 
+    shared_options = SHARED_OPTIONS
+
     def __init__(
-        self,
-        num_classes: int,
-        *,
-        t_mis: float | Literal["fit"] = "fit",
-        t_cor: float | Literal["fit"] = 1.0,
-        per_class_t_cor: bool = False,
-        t_min: float = 0.05,
-        gate: Literal["hard", "soft"] = "hard",
-        features: Literal["logprobs", "rich"] = "logprobs",
-        base: str | None = None,
-        base_options: dict[str, Any] | None = None,
-        epochs: int = 10,
-        batch_size: int = 4096,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-6,
-        patience: int = 3,
-        oversample: bool = True,
-        refine: bool = False,
+        self, num_classes: int, *, epochs: int = 10, batch_size: int = 4096, **options: Any
     ) -> None:
         check_int("batch_size", batch_size, ge=2)
-        self._setup(
-            num_classes, t_mis=t_mis, t_cor=t_cor, per_class_t_cor=per_class_t_cor, t_min=t_min,
-            gate=gate, features=features, base=base, base_options=base_options, epochs=epochs,
-            batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-            oversample=oversample, refine=refine,
-        )
+        self._setup(num_classes, {"epochs": epochs, "batch_size": batch_size}, options)
 
-    def _setup(
-        self,
-        num_classes: int,
-        *,
-        t_mis: float | str,
-        t_cor: float | str,
-        per_class_t_cor: bool,
-        t_min: float,
-        gate: str,
-        features: str,
-        base: str | None,
-        base_options: dict[str, Any] | None,
-        epochs: int,
-        lr: float,
-        weight_decay: float,
-        patience: int,
-        oversample: bool,
-        refine: bool,
-        **extra: Any,
-    ) -> None:
-        """Check the shared options, store all options, build the base and the selector."""
+    def _setup(self, num_classes: int, own: dict[str, Any], shared: dict[str, Any]) -> None:
+        """Check the shared options, store all options, build the base and the selector.
+
+        ``own`` holds the class's own (already checked) options, ``shared`` the
+        `SHARED_OPTIONS` given, which are checked here.
+        """
+        unknown = sorted(set(shared) - set(SHARED_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for calibrator {self.name!r}: expected some of "
+                f"{sorted({*SHARED_OPTIONS, *own})}"
+            )
+        opts = {**SHARED_OPTIONS, **shared}
+        t_mis, t_cor, per_class_t_cor, gate, features, base, base_options, refine = (
+            opts[k] for k in ("t_mis", "t_cor", "per_class_t_cor", "gate", "features", "base",
+                              "base_options", "refine")
+        )
         for name, value in (("t_mis", t_mis), ("t_cor", t_cor)):
             if value != "fit":
                 check_float(name, value, gt=0)
@@ -512,7 +347,7 @@ class SelectiveScaling(Calibrator):
             raise ValueError(
                 f"Expected `t_cor` to be 'fit' when `per_class_t_cor` is set, but got {t_cor!r}"
             )
-        check_float("t_min", t_min, gt=0, lt=1)
+        check_float("t_min", opts["t_min"], gt=0, lt=1)
         check_choice("gate", gate, ["hard", "soft"])
         check_choice("features", features, ["logprobs", "rich"])
         if base_options is not None and not isinstance(base_options, dict):
@@ -522,23 +357,18 @@ class SelectiveScaling(Calibrator):
                 f"Expected `base` to name a calibrator when `base_options` are given, but got "
                 f"None with {base_options!r}"
             )
-        check_int("epochs", epochs, ge=1)
-        check_float("lr", lr, gt=0)
-        check_float("weight_decay", weight_decay, ge=0)
-        check_int("patience", patience, ge=1)
-        check_bool("oversample", oversample)
+        check_int("epochs", own["epochs"], ge=1)
+        check_float("lr", opts["lr"], gt=0)
+        check_float("weight_decay", opts["weight_decay"], ge=0)
+        check_int("patience", opts["patience"], ge=1)
+        check_bool("oversample", opts["oversample"])
         check_bool("refine", refine)
         if refine and gate != "soft":
             raise ValueError(
                 f"Expected `gate` to be 'soft' when `refine` is set (a hard gate has no "
                 f"gradient), but got {gate!r}"
             )
-        Calibrator.__init__(
-            self, num_classes, t_mis=t_mis, t_cor=t_cor, per_class_t_cor=per_class_t_cor,
-            t_min=t_min, gate=gate, features=features, base=base, base_options=base_options,
-            epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience,
-            oversample=oversample, refine=refine, **extra,
-        )
+        Calibrator.__init__(self, num_classes, **opts, **own)
         self.soft = gate == "soft"
         self.rich = features == "rich"
         self.per_class_t_cor = per_class_t_cor
@@ -551,9 +381,6 @@ class SelectiveScaling(Calibrator):
         self.register_buffer("t_mis", torch.tensor(1.0 if t_mis == "fit" else float(t_mis)))
 
     def _build_base(self, name: str, options: dict[str, Any]) -> Calibrator:
-        # Imported here: the registry imports this module.
-        from pipeline.calibrators import build_calibrator
-
         base = build_calibrator(name, self.num_classes, **options)
         if type(base).spatial and not self.spatial:
             raise ValueError(
@@ -735,12 +562,12 @@ class SelectiveScaling(Calibrator):
     ) -> None:
         """Fine-tune the selector on the calibrated NLL, temperatures fixed (see ``refine``)."""
         opts = self.options
-        data = _with_valid_pixels(data) if self.spatial else data
+        data = with_valid_pixels(data) if self.spatial else data
         if self.spatial:
             size, steps, weight = batch_plan(len(data.labels), opts["batch_size"], reduce)
-            batches = _map_batches(len(data.labels), size, generator, data.labels.device)
+            batches = map_batches(len(data.labels), size, generator, data.labels.device)
         else:
-            batches, steps, weight = _batches(
+            batches, steps, weight = pixel_batches(
                 data.labels, opts["batch_size"], False, generator, reduce
             )
 
@@ -749,7 +576,7 @@ class SelectiveScaling(Calibrator):
             image = None if data.images is None else data.images[index]
             return self._nll(data.logits[index], data.labels[index], image, data.ignore_index)
 
-        heldout_loss = None if heldout is None else lambda: _chunked_mean(
+        heldout_loss = None if heldout is None else lambda: chunked_mean(
             heldout, self._chunk, lambda z, y, im: self._nll(z, y, im, heldout.ignore_index)
         )
         train_with_early_stopping(
@@ -768,7 +595,7 @@ class SelectiveScaling(Calibrator):
             features = selector_features(logits, self.rich)
             targets = (logits.argmax(1) != data.labels).long()
         weight = self._class_weight(targets, reduce)
-        batches, steps, share = _batches(
+        batches, steps, share = pixel_batches(
             targets, opts["batch_size"], opts["oversample"], generator, reduce
         )
 
@@ -789,7 +616,7 @@ class SelectiveScaling(Calibrator):
         """The held-out selector loss (class-weighted like training), chunked; None if no data."""
         if heldout is None:
             return None
-        return lambda: _chunked_mean(
+        return lambda: chunked_mean(
             heldout, self._chunk,
             lambda z, y, im: self._selector_loss(z, y, im, heldout.ignore_index, weight),
         )
@@ -865,210 +692,3 @@ class SelectiveScaling(Calibrator):
         if self.base is not None:
             out["base"] = self.base.summary()
         return out
-
-
-class SpatialSelectiveScaling(SelectiveScaling):
-    """Selective scaling whose selector is a small conv net over the logit map (and image).
-
-    Same temperatures, gate, features and base as `SelectiveScaling`, but the selector sees
-    each pixel's neighbourhood (a 9x9 receptive field), so disagreement with neighbours and
-    region boundaries count. It trains on whole maps; instead of duplicating pixels,
-    ``oversample`` weights the cross-entropy so that both groups weigh the same.
-
-    Args:
-        num_classes: The class count C.
-        use_image: Feed the image beside the features (``images`` / ``image`` are then
-            required). Defaults to True.
-        hidden: Conv channels. Defaults to ``32``.
-        context: Append the map-wide mean of every input channel to each pixel, so the
-            selector sees image-level evidence of a shift (see `_GlobalContext`). Defaults to
-            False.
-        local: Use 3x3 convs (a 9x9 neighbourhood); False makes them 1x1, so that only the
-            pixel and (with ``context``) the map means count. Defaults to True.
-        batch_size: Maps per AdamW step. Defaults to ``8``.
-        epochs: Most training epochs. Defaults to ``30``.
-        t_mis, t_cor, per_class_t_cor, t_min, gate, features, base, base_options, lr,
-            weight_decay, patience, oversample, refine: As for `SelectiveScaling`.
-
-    Raises:
-        TypeError, ValueError: On bad options.
-
-    References:
-        Wang, Gong and Wang, CVPR 2023 (the selector); Ding et al., "Local Temperature Scaling
-        for Probability Calibration", ICCV 2021 (conv nets over logits and image).
-    """
-
-    name = "selective_spatial"
-    spatial = True
-    _chunk = 8
-
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        use_image: bool = True,
-        hidden: int = 32,
-        context: bool = False,
-        local: bool = True,
-        batch_size: int = 8,
-        epochs: int = 30,
-        t_mis: float | Literal["fit"] = "fit",
-        t_cor: float | Literal["fit"] = 1.0,
-        per_class_t_cor: bool = False,
-        t_min: float = 0.05,
-        gate: Literal["hard", "soft"] = "hard",
-        features: Literal["logprobs", "rich"] = "logprobs",
-        base: str | None = None,
-        base_options: dict[str, Any] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-6,
-        patience: int = 3,
-        oversample: bool = True,
-        refine: bool = False,
-    ) -> None:
-        check_bool("use_image", use_image)
-        check_int("hidden", hidden, ge=1)
-        check_bool("context", context)
-        check_bool("local", local)
-        check_int("batch_size", batch_size, ge=1)
-        self._setup(
-            num_classes, t_mis=t_mis, t_cor=t_cor, per_class_t_cor=per_class_t_cor, t_min=t_min,
-            gate=gate, features=features, base=base, base_options=base_options, epochs=epochs,
-            batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-            oversample=oversample, refine=refine, use_image=use_image, hidden=hidden,
-            context=context, local=local,
-        )
-        self.use_image = use_image
-
-    def _build_selector(self) -> nn.Sequential:
-        image_channels = 3 if self.options["use_image"] else 0
-        return _conv_selector(
-            self._feature_dim() + image_channels, self.options["hidden"],
-            self.options["context"], self.options["local"],
-        )
-
-    def _selector_logits(self, logits: Tensor, image: Tensor | None) -> Tensor:
-        # Literal names: TorchScript cannot read the class attribute `name`.
-        features = _spatial_input(
-            selector_features(_require_maps(logits, "selective_spatial"), self.rich), image,
-            self.use_image, "selective_spatial",
-        )
-        return self.selector(features)
-
-    def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
-        _require_images(data, heldout, self.use_image)
-        super()._fit(data, heldout, reduce)
-
-    def _train_selector(
-        self, data: FitData, heldout: FitData | None, generator: torch.Generator,
-        reduce: Reduce = LOCAL,
-    ) -> None:
-        opts = self.options
-        data = _with_valid_pixels(data)
-        with torch.no_grad():
-            logits = self._base_logits(data.logits, data.images)
-            targets = (logits.argmax(1) != data.labels).long()
-            if data.ignore_index is not None:
-                targets[data.labels == data.ignore_index] = -100
-        weight = self._class_weight(targets, reduce)
-        size, steps, share = batch_plan(len(targets), opts["batch_size"], reduce)
-        batches = _map_batches(len(targets), size, generator, targets.device)
-
-        def batch_loss() -> Tensor:
-            index = next(batches)
-            image = None if data.images is None else data.images[index]
-            scores = self._selector_logits(logits[index], image)
-            return F.cross_entropy(scores, targets[index], weight=weight)
-
-        train_with_early_stopping(
-            self.selector, batch_loss, steps_per_epoch=steps, epochs=opts["epochs"],
-            lr=opts["lr"], weight_decay=opts["weight_decay"],
-            heldout_loss=self._heldout_loss(heldout, weight), patience=opts["patience"],
-            weight=share, reduce=reduce,
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers for calibrators that train on whole maps (also used by `lts`).
-
-
-def _with_valid_pixels(data: FitData) -> FitData:
-    """Drop maps with no valid pixel: their mean loss is undefined."""
-    if data.ignore_index is None:
-        return data
-    keep = (data.labels != data.ignore_index).flatten(1).any(1)
-    if bool(keep.all()):
-        return data
-    images = None if data.images is None else data.images[keep]
-    return FitData(data.logits[keep], data.labels[keep], images, data.ignore_index)
-
-
-def _require_maps(logits: Tensor, name: str) -> Tensor:
-    """Spatial calibrators need whole maps: refuse (P, C) pixels."""
-    if logits.dim() != 4:
-        raise ValueError(
-            "Expected `logits` of shape (N, C, H, W) for the spatial calibrator '" + name
-            + "', but got " + str(logits.shape)
-        )
-    return logits
-
-
-def _spatial_input(
-    features: Tensor, image: Tensor | None, use_image: bool, name: str
-) -> Tensor:
-    """(N, D, H, W) features, with the (N, 3, H, W) image appended when ``use_image``."""
-    if not use_image:
-        return features
-    if image is None:
-        raise ValueError(
-            "Expected an `image` (or `images`) for '" + name + "' with use_image=True, but got "
-            "None"
-        )
-    return torch.cat([features, image], 1)
-
-
-def _require_images(data: FitData, heldout: FitData | None, use_image: bool) -> None:
-    """Fail before any fitting when a calibrator built with ``use_image`` gets no images."""
-    for prefix, part in (("", data), ("heldout.", heldout)):
-        if use_image and part is not None and part.images is None:
-            raise ValueError(
-                f"Expected `{prefix}images` (N, 3, H, W) for a calibrator built with "
-                "use_image=True, but got None"
-            )
-
-
-def _map_batches(
-    n: int, size: int, generator: torch.Generator, device: torch.device
-) -> Iterator[Tensor]:
-    """Endless shuffled mini-batches of map indices; a short last batch is dropped."""
-    while True:
-        order = torch.randperm(n, generator=generator).to(device)
-        yield from order[: n // size * size].split(size)
-
-
-def _chunked_mean(
-    data: FitData, size: int, mean_loss: Callable[[Tensor, Tensor, Tensor | None], Tensor]
-) -> float:
-    """A per-pixel mean loss over all maps of ``data``, ``size`` maps at a time.
-
-    Each chunk's mean is weighted by its valid-pixel count, which gives the exact overall mean
-    of unweighted per-pixel losses (and a close one for class-weighted losses).
-    """
-    total, count = 0.0, 0
-    for start in range(0, len(data.labels), size):
-        labels = data.labels[start : start + size]
-        valid = labels.numel() if data.ignore_index is None else int(
-            (labels != data.ignore_index).sum()
-        )
-        if valid == 0:
-            continue
-        images = None if data.images is None else data.images[start : start + size]
-        total += float(mean_loss(data.logits[start : start + size], labels, images)) * valid
-        count += valid
-    return total / count
-
-
-REGISTRY: dict[str, type[Calibrator]] = {
-    SelectiveScaling.name: SelectiveScaling,
-    SpatialSelectiveScaling.name: SpatialSelectiveScaling,
-}

@@ -16,6 +16,7 @@ from pipeline.calibrators.base import (
     check_float,
     check_int,
 )
+from pipeline.calibrators.registry import register
 
 __all__ = ["TemperatureScaling", "fit_temperature"]
 
@@ -127,6 +128,7 @@ def fit_temperature(
     return 1.0 / beta
 
 
+@register
 class TemperatureScaling(Calibrator):
     """Temperature scaling: ``logits / T`` with one T > 0, fitted by NLL.
 

@@ -8,10 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.calibrators.base import LOCAL, Calibrator, FitData, Reduce, check_int, optimise
+from pipeline.calibrators.registry import register
 
 __all__ = ["VectorScaling"]
 
 
+@register
 class VectorScaling(Calibrator):
     """Vector scaling: ``logits * scale + bias`` with per-class ``scale`` and ``bias`` (C,).
 

@@ -99,3 +99,36 @@ def test_state_dict_round_trip(fitted):
     fresh.eval()
     assert torch.equal(_apply(fresh, logits, images), _apply(fitted, logits, images))
     assert fresh.summary() == fitted.summary()
+
+
+def test_register_refuses_a_taken_name_a_missing_name_and_a_non_calibrator():
+    from pipeline.calibrators import register
+    from pipeline.calibrators.temperature import TemperatureScaling
+
+    class Impostor(TemperatureScaling):
+        name = "temperature"
+
+    class Nameless(Calibrator):
+        pass
+
+    with pytest.raises(ValueError, match=r"'temperature' is taken by TemperatureScaling"):
+        register(Impostor)
+    with pytest.raises(ValueError, match=r"Expected Nameless to set a registry `name`"):
+        register(Nameless)
+    with pytest.raises(TypeError, match="Expected a Calibrator subclass"):
+        register(dict)
+    assert register(TemperatureScaling) is TemperatureScaling  # the same class again: a no-op
+    assert CALIBRATORS["temperature"] is TemperatureScaling
+
+
+def test_the_selective_family_shares_one_options_definition():
+    from pipeline.calibrators.selective import SHARED_OPTIONS
+
+    for name in ("selective", "selective_spatial"):
+        options = build_calibrator(name, C).options
+        assert {k: options[k] for k in SHARED_OPTIONS} == SHARED_OPTIONS
+        with pytest.raises(ValueError, match=rf"Unknown option\(s\) \['hiden'\] for .*{name!r}"):
+            build_calibrator(name, C, hiden=3)
+    # A class's own defaults stay its own.
+    assert build_calibrator("selective", C).options["epochs"] == 10
+    assert build_calibrator("selective_spatial", C).options["epochs"] == 30

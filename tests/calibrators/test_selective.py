@@ -15,15 +15,15 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 
+from pipeline.calibrators import CALIBRATORS
 from pipeline.calibrators.base import FitData
 from pipeline.calibrators.selective import (
-    REGISTRY,
     SelectiveScaling,
-    SpatialSelectiveScaling,
-    balanced_order,
     fit_group_temperatures,
     selector_features,
 )
+from pipeline.calibrators.selective_spatial import SpatialSelectiveScaling
+from pipeline.calibrators.training import balanced_order
 
 C = 6
 
@@ -590,7 +590,7 @@ def test_state_dict_pickle_and_torchscript_round_trip(variants, name):
     cal = variants[name]
     logits, image = _inputs(cal)
     expected = cal(logits, image)
-    rebuilt = REGISTRY[cal.name](C, **cal.options)
+    rebuilt = CALIBRATORS[cal.name](C, **cal.options)
     rebuilt.load_state_dict(cal.state_dict())
     rebuilt.eval()
     torch.testing.assert_close(rebuilt(logits, image), expected)
