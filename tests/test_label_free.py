@@ -283,3 +283,79 @@ def test_label_free_columns():
     assert LABEL_FREE_COLUMNS[:5] == ("dataset", "domain", "reference", "role", "calibrator")
     assert {"drift_score", "drift_alarm", "est_pixel_acc", "est_img_ece", "true_pixel_acc",
             "true_img_ece"} <= set(LABEL_FREE_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/label_free.py on a synthetic run folder
+
+
+def _load_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "label_free.py"
+    spec = importlib.util.spec_from_file_location("benchmark_label_free", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _synthetic_run(tmp_path, *, adaptive: bool):
+    rng = np.random.default_rng(5)
+    per_image, label_free, summary = [], [], []
+    sets = {"camvid-val-heldout": 0.0, "day": 0.0, "dusk": 0.0, "fog-1": 0.02, "fog-3": 0.3}
+    reference = _drift_rows(40, rng).assign(dataset="camvid-val-heldout")
+    for name, shift in sets.items():
+        rows = reference if name == "camvid-val-heldout" else _drift_rows(40, rng, shift)
+        per_image.append(rows.assign(dataset=name, calibrator="uncalibrated",
+                                     image_id=[f"{name}{i}" for i in range(len(rows))]))
+        if name == "camvid-val-heldout":
+            continue
+        result = drift(reference, rows, seed=0, n_boot=100)
+        ts = 0.03 + shift / 2
+        cals = {"uncalibrated": ts + 0.02, "temperature": ts, "oracle_ts": 0.02}
+        if adaptive:
+            cals["adaptive_ts_gated"] = ts if shift < 0.1 else 0.04
+        for cal, ece in cals.items():
+            summary.append({"dataset": name, "role": "test", "calibrator": cal, "img_ece": ece})
+            if cal == "oracle_ts":
+                continue
+            label_free.append({
+                "dataset": name, "domain": name, "reference": "day", "role": "test",
+                "calibrator": cal, "n_images": len(rows), "drift_score": result.score,
+                "drift_threshold": result.threshold, "drift_alarm": result.alarm,
+                "est_pixel_acc": 0.8 - shift, "est_pixel_acc_doc": 0.82 - shift,
+                "est_img_ece": ece + 0.01, "true_pixel_acc": 0.81 - shift, "true_img_ece": ece,
+            })
+    pd.concat(per_image).to_parquet(tmp_path / "per_image.parquet")
+    pd.DataFrame(label_free, columns=LABEL_FREE_COLUMNS).to_csv(tmp_path / "label_free.csv",
+                                                                index=False)
+    pd.DataFrame(summary).to_csv(tmp_path / "summary.csv", index=False)
+    return tmp_path
+
+
+def test_benchmark_tables(tmp_path, capsys):
+    bench = _load_benchmark()
+    bench.main([str(_synthetic_run(tmp_path, adaptive=True)), "--splits", "5"])
+    out = capsys.readouterr().out
+    assert "PASS: ATC MAE 0.010 over 4 sets" in out
+    assert "PASS: alarm on 1/1 severity >= 3 sets" in out
+    assert "random 40-image subsets of 'day'" in out
+    # fog-3: TS 0.18, gated 0.04, oracle 0.02 -> 0.875 of the gap closed.
+    assert "PASS: adaptive_ts_gated beats TS on 1/1 severity >= 3 sets" in out
+    assert "mean share of the TS-to-oracle gap closed on severity >= 3 sets 0.875" in out
+    assert "PASS: adaptive_ts_gated - TS on day = +0.0000" in out
+
+
+def test_benchmark_missing_parts_print_na(tmp_path, capsys):
+    bench = _load_benchmark()
+    run = _synthetic_run(tmp_path, adaptive=False)
+    (run / "per_image.parquet").unlink()
+    bench.main([str(run)])
+    out = capsys.readouterr().out
+    assert "n/a: " in out
+    assert "per_image.parquet not found" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bench.main([str(empty)])
+    assert "label_free.csv not found" in capsys.readouterr().out
