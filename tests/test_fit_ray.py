@@ -43,6 +43,9 @@ CASES = [
     # Ray mode used to start LTS at T = 1 instead of at the TS temperature.
     ("lts", "lts", {"epochs": 4, "batch_size": 2}, 0.01),
     ("ibts", "ibts", {"epochs": 4, "batch_size": 2}, 0.01),
+    # Full-batch L-BFGS on a grid of pixels (no sampling): float summation order only.
+    ("adaptive_ts", "adaptive_ts", {}, 1e-4),
+    ("adaptive_ts_gated", "adaptive_ts_gated", {}, 1e-4),
 ]
 
 

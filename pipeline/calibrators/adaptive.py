@@ -1,0 +1,381 @@
+"""Adaptive temperature scaling: one temperature per image, predicted from label-free features.
+
+``adaptive_ts`` divides each image's logits by ``T(x) = T0 * exp(w . z(x) + b)``, where
+``z(x)`` are label-free features of that image's own logits at T = 1 (mean top-label
+confidence, mean normalised entropy, mean log top-2 logit margin, spread of the confidence over
+pixels), standardised by their mean and standard deviation over the clean calibration images,
+and ``T0`` is the temperature-scaling solution on those clean images. ``w`` and ``b`` are
+fitted by the NLL of every fit image, so trained on the clean calibration set *and* its
+corrupted copies (``use_corrupted: true`` in the config) the temperature follows the shift an
+unlabelled image shows in its own logits.
+
+``adaptive_ts_gated`` keeps ``T0`` (plain TS) for images whose features lie inside the clean
+calibration images' range (a per-feature quantile band, fixed on the clean images) and adapts
+only outside it: ``log T(x) = log T0 + g(x) (w . z(x) + b)``, with the gate ``g`` 0 inside the
+band and, outside, ``1 - exp(-d / width)`` (``gate: soft``, smooth) or 1 (``gate: hard``),
+where ``d`` is the largest distance of a feature outside the band in standard deviations.
+``w`` and ``b`` are fitted with the gate in place, so they are learnt on the images they
+will act on.
+
+Clean reference: the fit stage (`pipeline.fit`) calls `reference_options` on the clean
+calibration fit data and passes the result as the ``reference`` option, so that ``T0``, the
+standardisation and the band come from the clean images even when the fit data holds
+corrupted copies. Without it (a plain ``fit`` call) every fit image counts as clean.
+
+A temperature is positive, so the argmax never changes. The fit reduces its sums, counts,
+loss and gradients through the reduce hook (``distributed``), and subsamples each image's
+valid pixels on a fixed grid (no randomness), so a sharded fit agrees with the in-process one
+up to float summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from pipeline.calibrators.base import (
+    LOCAL,
+    Calibrator,
+    FitData,
+    Reduce,
+    check_choice,
+    check_float,
+    check_int,
+    optimise,
+)
+from pipeline.calibrators.registry import register
+from pipeline.calibrators.temperature import fit_temperature
+
+__all__ = [
+    "FEATURES",
+    "AdaptiveTemperatureScaling",
+    "GatedAdaptiveTemperatureScaling",
+    "image_features",
+]
+
+FEATURES = ("mean_confidence", "mean_entropy", "mean_log_margin", "std_confidence")
+_GATES = ("none", "soft", "hard")
+# log-temperature bounds: T in [0.05, 150] whatever the features say.
+_LOG_T_MIN, _LOG_T_MAX = math.log(0.05), math.log(150.0)
+# The smallest standard deviation a feature is divided by (features of identical images).
+_MIN_STD = 1e-4
+_REFERENCE_KEYS = ("temperature", "mean", "std", "lo", "hi")
+
+
+def image_features(logits: Tensor) -> Tensor:
+    """Label-free features of each image's logits at T = 1, over all its pixels.
+
+    Args:
+        logits: (N, C, H, W) float logits.
+
+    Returns:
+        (N, 4) float32: mean top-label confidence, mean entropy / log C, mean
+        ``log(1 + top1 - top2)`` logit margin, standard deviation of the confidence over
+        pixels (the columns of `FEATURES`).
+
+    Example:
+        >>> [round(v, 4) for v in image_features(torch.zeros(2, 3, 4, 4))[0].tolist()]
+        [0.3333, 1.0, 0.0, 0.0]
+    """
+    c = logits.shape[1]
+    log_p = logits.float().log_softmax(1)
+    p = log_p.exp()
+    confidence = p.amax(1)
+    entropy = -(p * log_p).sum(1) / math.log(float(c))
+    top2 = logits.float().topk(2, dim=1).values
+    margin = torch.log1p(top2[:, 0] - top2[:, 1])
+    mean_conf = confidence.mean((1, 2))
+    spread = (confidence - mean_conf[:, None, None]).square().mean((1, 2)).sqrt()
+    return torch.stack([mean_conf, entropy.mean((1, 2)), margin.mean((1, 2)), spread], 1)
+
+
+def _check_reference(reference: Any) -> None:
+    if reference is None:
+        return
+    if not isinstance(reference, dict) or set(reference) != set(_REFERENCE_KEYS):
+        raise ValueError(
+            f"Expected `reference` to be None or a dict with keys {list(_REFERENCE_KEYS)}, but "
+            f"got {reference!r}"
+        )
+    check_float("reference.temperature", reference["temperature"], gt=0)
+    for key in _REFERENCE_KEYS[1:]:
+        value = reference[key]
+        if not isinstance(value, (list, tuple)) or len(value) != len(FEATURES):
+            raise ValueError(
+                f"Expected `reference.{key}` to be a list of {len(FEATURES)} floats, but got "
+                f"{value!r}"
+            )
+        for v in value:
+            check_float(f"reference.{key}", v)
+    if any(s <= 0 for s in reference["std"]):
+        raise ValueError(f"Expected `reference.std` > 0, but got {reference['std']}")
+
+
+def _require_maps(logits: Tensor, name: str) -> Tensor:
+    """Per-image temperatures need whole maps: refuse (P, C) pixels."""
+    if logits.dim() != 4:
+        raise ValueError(
+            "Expected `logits` of shape (N, C, H, W) for the spatial calibrator '" + name
+            + "', but got " + str(logits.shape)
+        )
+    return logits
+
+
+def _with_valid_pixels(data: FitData) -> FitData:
+    """Drop maps without a valid pixel (nothing to fit on them)."""
+    if data.ignore_index is None:
+        return data
+    keep = (data.labels != data.ignore_index).flatten(1).any(1)
+    if bool(keep.all()):
+        return data
+    images = None if data.images is None else data.images[keep]
+    return FitData(data.logits[keep], data.labels[keep], images, data.ignore_index)
+
+
+def _grid_pixels(
+    data: FitData, n: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Up to ``n`` valid pixels per map on an even grid over its valid pixels (no randomness).
+
+    Returns:
+        (P, C) logits, (P,) labels and (P,) the map index of each pixel.
+    """
+    c = data.logits.shape[1]
+    points, labels, owner = [], [], []
+    for i in range(len(data.labels)):
+        flat = data.labels[i].reshape(-1)
+        valid = torch.arange(flat.numel(), device=flat.device)
+        if data.ignore_index is not None:
+            valid = valid[flat != data.ignore_index]
+        if len(valid) > n:
+            valid = valid[torch.linspace(0, len(valid) - 1, n, device=flat.device).round().long()]
+        points.append(data.logits[i].reshape(c, -1)[:, valid].t())
+        labels.append(flat[valid])
+        owner.append(torch.full((len(valid),), i, dtype=torch.long, device=flat.device))
+    return torch.cat(points), torch.cat(labels), torch.cat(owner)
+
+
+@register
+class AdaptiveTemperatureScaling(Calibrator):
+    """Per-image temperature ``T0 * exp(w . z(x) + b)`` from label-free logit features.
+
+    See the module docstring for the model, the gate and the clean reference.
+
+    Args:
+        num_classes: The class count C.
+        gate: ``"none"`` (adapt every image), ``"soft"`` or ``"hard"`` (keep ``T0`` inside
+            the clean band). Defaults to ``"none"``.
+        band: Quantile of the band: each feature's ``[q, 1 - q]`` quantiles over the clean
+            images. Defaults to ``0.02``.
+        width: Soft gate: the distance outside the band, in standard deviations, at which
+            the gate reaches ``1 - 1/e``. Defaults to ``0.5``.
+        pixels_per_image: Valid pixels per fit map in the NLL (an even grid). Defaults to
+            ``4096``.
+        weight_decay: L2 penalty on ``w``. Defaults to ``1e-3``.
+        max_iter: L-BFGS iterations. Defaults to ``100``.
+        reference: The clean reference (``temperature``, feature ``mean`` / ``std``, band
+            ``lo`` / ``hi`` in standard units), as `reference_options` computes it; None
+            takes it from the fit data. Defaults to None.
+
+    Raises:
+        TypeError, ValueError: On bad options.
+
+    References:
+        Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (the base
+        temperature); Ding et al., "Local Temperature Scaling for Probability Calibration",
+        ICCV 2021 (image-wise temperatures).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z = torch.randn(6, 3, 8, 8, generator=g) * torch.arange(1.0, 7.0).view(6, 1, 1, 1)
+        >>> y = torch.randn(6, 3, 8, 8, generator=g).argmax(1)
+        >>> ats = AdaptiveTemperatureScaling(3).fit(z, y)
+        >>> bool((ats(z).argmax(1) == z.argmax(1)).all()), ats.temperature(z).shape
+        (True, torch.Size([6]))
+    """
+
+    name = "adaptive_ts"
+    spatial = True
+    distributed = True
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        gate: str = "none",
+        band: float = 0.02,
+        width: float = 0.5,
+        pixels_per_image: int = 4096,
+        weight_decay: float = 1e-3,
+        max_iter: int = 100,
+        reference: dict[str, Any] | None = None,
+    ) -> None:
+        check_choice("gate", gate, _GATES)
+        check_float("band", band, ge=0, lt=0.5)
+        check_float("width", width, gt=0)
+        check_int("pixels_per_image", pixels_per_image, ge=1)
+        check_float("weight_decay", weight_decay, ge=0)
+        check_int("max_iter", max_iter, ge=1)
+        _check_reference(reference)
+        super().__init__(
+            num_classes, gate=gate, band=band, width=width, pixels_per_image=pixels_per_image,
+            weight_decay=weight_decay, max_iter=max_iter, reference=reference,
+        )
+        d = len(FEATURES)
+        # TorchScript reads instance attributes, not class ones or the options dict.
+        self.kind = self.name
+        self.gate_mode = _GATES.index(gate)
+        self.width = float(width)
+        self.log_t_min, self.log_t_max = _LOG_T_MIN, _LOG_T_MAX
+        self.weight = nn.Parameter(torch.zeros(d))
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.register_buffer("log_t0", torch.zeros(()))
+        self.register_buffer("feature_mean", torch.zeros(d))
+        self.register_buffer("feature_std", torch.ones(d))
+        self.register_buffer("band_lo", torch.full((d,), -math.inf))
+        self.register_buffer("band_hi", torch.full((d,), math.inf))
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def _gate(self, z: Tensor) -> Tensor:
+        if self.gate_mode == 0:
+            return torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
+        outside = (F.relu(z - self.band_hi) + F.relu(self.band_lo - z)).amax(1)
+        if self.gate_mode == 2:
+            return (outside > 0).to(z.dtype)
+        return 1.0 - torch.exp(-outside / self.width)
+
+    def _log_temperature(self, features: Tensor) -> Tensor:
+        z = (features - self.feature_mean) / self.feature_std
+        adapt = z @ self.weight + self.bias
+        return (self.log_t0 + self._gate(z) * adapt).clamp(self.log_t_min, self.log_t_max)
+
+    def _calibrate(self, logits: Tensor, image: Tensor | None) -> Tensor:
+        logits = _require_maps(logits, self.kind)
+        t = self._log_temperature(image_features(logits)).exp()
+        return logits / t.view(-1, 1, 1, 1)
+
+    def temperature(self, logits: Tensor) -> Tensor:
+        """The (N,) per-image temperatures of (N, C, H, W) logits."""
+        with torch.no_grad():
+            return self._log_temperature(image_features(_require_maps(logits.float(),
+                                                                      self.kind))).exp()
+
+    def gate(self, logits: Tensor) -> Tensor:
+        """The (N,) gate of each image: 0 keeps ``T0``, 1 adapts fully (1 for ``gate: none``)."""
+        with torch.no_grad():
+            features = image_features(_require_maps(logits.float(), self.kind))
+            return self._gate((features - self.feature_mean) / self.feature_std)
+
+    # -- reference ---------------------------------------------------------------------------
+
+    def _reference(self, data: FitData, reduce: Reduce = LOCAL) -> dict[str, Any]:
+        """``T0``, feature mean / std and the quantile band of (this shard of) clean maps."""
+        data = _with_valid_pixels(data)
+        features = reduce.gather(image_features(data.logits))  # every worker: all images
+        mean = features.mean(0)
+        std = features.std(0, unbiased=False).clamp_min(_MIN_STD) if len(features) > 1 \
+            else torch.ones_like(mean)
+        z = (features - mean) / std
+        q = float(self.options["band"])
+        lo = torch.quantile(z, q, dim=0) if q > 0 else z.amin(0)
+        hi = torch.quantile(z, 1 - q, dim=0) if q > 0 else z.amax(0)
+        points, labels, _ = _grid_pixels(data, self.options["pixels_per_image"])
+        t0 = fit_temperature(points, labels, reduce=reduce)
+        return {"temperature": float(t0), "mean": mean.tolist(), "std": std.tolist(),
+                "lo": lo.tolist(), "hi": hi.tolist()}
+
+    def reference_options(self, clean: FitData) -> dict[str, Any]:
+        """The ``reference`` option from the clean calibration fit data (maps).
+
+        The fit stage calls it on the clean calibration images before building and fitting
+        the calibrator on clean + corrupted ones.
+
+        Args:
+            clean: (N, C, H, W) logits and (N, H, W) labels of the clean fit images.
+
+        Returns:
+            ``{"reference": {...}}``, json-able.
+        """
+        if clean.logits.dim() != 4:
+            raise ValueError(
+                "Expected clean reference maps of shape (N, C, H, W), but got "
+                f"{tuple(clean.logits.shape)}"
+            )
+        data = FitData(clean.logits.float(), clean.labels.long(), None, clean.ignore_index)
+        return {"reference": self._reference(data)}
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
+        opts = self.options
+        data = _with_valid_pixels(data)
+        reference = opts["reference"] or self._reference(data, reduce)
+        device = self.weight.device
+        with torch.no_grad():
+            self.log_t0.fill_(math.log(reference["temperature"]))
+            for name, key in (("feature_mean", "mean"), ("feature_std", "std"),
+                              ("band_lo", "lo"), ("band_hi", "hi")):
+                getattr(self, name).copy_(torch.tensor(reference[key], device=device))
+            self.weight.zero_()
+            self.bias.zero_()
+        features = image_features(data.logits)
+        points, labels, owner = _grid_pixels(data, opts["pixels_per_image"])
+        (n_total,) = reduce.sum_floats(float(len(labels)))
+        # The penalty counts once: on rank 0 (the gradients are summed over workers).
+        decay = opts["weight_decay"] if reduce.rank == 0 else 0.0
+
+        def loss() -> Tensor:
+            t = self._log_temperature(features).exp()
+            nll = F.cross_entropy(points / t[owner, None], labels, reduction="sum") / n_total
+            return nll + decay * self.weight.square().sum()
+
+        optimise(loss, [self.weight, self.bias], max_iter=opts["max_iter"], reduce=reduce)
+
+    # -- description -------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """``T0``, the feature weights and bias, and the gate."""
+        return {
+            "temperature": float(self.log_t0.exp()),
+            "features": list(FEATURES),
+            "weights": [float(w) for w in self.weight.detach()],
+            "bias": float(self.bias.detach()),
+            "gate": self.options["gate"],
+        }
+
+
+@register
+class GatedAdaptiveTemperatureScaling(AdaptiveTemperatureScaling):
+    """`AdaptiveTemperatureScaling` with the gate on: plain TS inside the clean band.
+
+    Args:
+        num_classes: The class count C.
+        gate: ``"soft"`` or ``"hard"``. Defaults to ``"soft"``.
+        band, width, pixels_per_image, weight_decay, max_iter, reference: As for
+            `AdaptiveTemperatureScaling`.
+    """
+
+    name = "adaptive_ts_gated"
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        gate: str = "soft",
+        band: float = 0.02,
+        width: float = 0.5,
+        pixels_per_image: int = 4096,
+        weight_decay: float = 1e-3,
+        max_iter: int = 100,
+        reference: dict[str, Any] | None = None,
+    ) -> None:
+        check_choice("gate", gate, _GATES[1:])
+        super().__init__(
+            num_classes, gate=gate, band=band, width=width, pixels_per_image=pixels_per_image,
+            weight_decay=weight_decay, max_iter=max_iter, reference=reference,
+        )
