@@ -14,8 +14,12 @@ The page, top to bottom (sections with nothing to show are left out):
 3. Shift curves: per corruption family, image-wise ECE against severity per calibrator
    (``plots/shift-<family>.png``, one y-axis for all), and each shifted set against its
    reference domain.
-4. Each calibrator's fitted values in words, the selector diagnostics, classwise ECE per class.
-5. The full summary, one sortable group per dataset, a glossary, and per dataset a reliability
+4. Label-free estimates (when ``label_free.csv`` exists): per monitor or test set the drift
+   score and alarm, and for uncalibrated and the recommended calibrator the estimated pixel
+   accuracy (ATC, DoC) and image-wise ECE beside the truth (labelled sets only), with the mean
+   absolute error over the labelled sets, and per calibrator the same errors.
+5. Each calibrator's fitted values in words, the selector diagnostics, classwise ECE per class.
+6. The full summary, one sortable group per dataset, a glossary, and per dataset a reliability
    diagram over a confidence histogram (``plots/<dataset>.png``).
 
 The reliability bins are the sums of the per-image statistics rows, never recomputed from
@@ -33,7 +37,7 @@ import math
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +77,10 @@ def read_tables(output: Path) -> dict[str, pd.DataFrame]:
             f"Expected the evaluation tables {missing} in {output}, but they are missing: run "
             "`segcal evaluate` first"
         )
-    return {name: pd.read_csv(output / name) for name in (SUMMARY, DOMAIN_SHIFT, BEST)}
+    tables = {name: pd.read_csv(output / name) for name in (SUMMARY, DOMAIN_SHIFT, BEST)}
+    if (output / rd.LABEL_FREE).is_file():  # only with monitor or test sets
+        tables[rd.LABEL_FREE] = pd.read_csv(output / rd.LABEL_FREE)
+    return tables
 
 
 def reliability_bins(per_image: Path) -> dict[tuple[str, str], tuple[np.ndarray, ...]]:
@@ -86,6 +93,7 @@ def reliability_bins(per_image: Path) -> dict[tuple[str, str], tuple[np.ndarray,
         (dataset, calibrator) -> ``(count, conf_sum, correct_sum)``, each (n_bins,).
     """
     rows = pd.read_parquet(per_image, columns=["dataset", "calibrator", *_BIN_COLUMNS])
+    rows = rows[rows["count"].notna()]  # monitor sets: no labels, no bins
     bins = {}
     for key, group in rows.groupby(["dataset", "calibrator"], sort=False):
         bins[key] = tuple(np.stack(group[c].to_numpy()).sum(0) for c in _BIN_COLUMNS)
@@ -217,6 +225,9 @@ class Content:
     classes: pd.DataFrame
     classes_where: str
     figures: dict[str, str]
+    label_free: pd.DataFrame = field(default_factory=pd.DataFrame)
+    label_free_errors: pd.DataFrame = field(default_factory=pd.DataFrame)
+    label_free_text: str = ""
 
 
 def build(
@@ -263,6 +274,11 @@ def build(
         classes, where = rd.class_table(per_image, cfg.model.names(), columns)
     else:
         classes, where = pd.DataFrame(), ""
+    lf = tables.get(rd.LABEL_FREE)
+    lf = pd.DataFrame() if lf is None else lf
+    chosen = rec.pick or rec.leader
+    shown = [UNCALIBRATED] + ([chosen] if chosen and not rd.is_reference_column(chosen) else [])
+    lf_errors = pd.DataFrame() if lf.empty else rd.label_free_errors(lf)
     return Content(
         title=f"segcal report: {Path(cfg.output).name}",
         source=str(cfg.source or "<dict>"), config_hash=config_hash(cfg),
@@ -274,7 +290,20 @@ def build(
         shift=tables[DOMAIN_SHIFT], shift_figures=dict(shift_figures or {}), params=params,
         selectors=selectors, selector_text=rd.selector_sentence(summary),
         classes=classes, classes_where=where, figures=dict(figures),
+        label_free=rd.label_free_table(lf, shown),
+        label_free_errors=lf_errors.rename_axis("calibrator").reset_index(),
+        label_free_text=rd.label_free_sentence(lf),
     )
+
+
+LABEL_FREE_NOTE = (
+    "From the logits alone, against the held-out calibration images: the drift score compares "
+    "the set's per-image confidence and entropy with theirs (alarm above the threshold, fixed "
+    "so that in-domain sets raise it at most 5% of the time); pixel accuracy is estimated by "
+    "ATC (average thresholded confidence) and DoC (difference of confidences), image-wise ECE "
+    "by the calibrator's own estimate. Labelled test sets are treated as if unlabelled and "
+    "their truth is shown beside each estimate; monitor sets have estimates only."
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +382,12 @@ def render_markdown(content: Content) -> str:
             name = f"{dataset} (held-out: decides)" if dataset in content.heldout_sets else dataset
             rows.append([name, *cells])
         md += [_markdown_table(pd.DataFrame(rows, columns=["set", *content.columns])), ""]
+        bounds = [c for c in content.columns if "oracle" in c.lower()]
+        if bounds:
+            md += [f"{', '.join(f'`{c}`' for c in bounds)}: a bound, not a calibrator: a "
+                   "temperature fitted on each test set's own labels, shown for how much of "
+                   "its error one temperature could remove; never recommended or marked best.",
+                   ""]
     if content.shift_figures:
         md += ["## Shift curves", ""]
         md += [f"![{kind}]({src})" for kind, src in content.shift_figures.items()] + [""]
@@ -361,6 +396,12 @@ def render_markdown(content: Content) -> str:
         md += ["## In-domain vs shifted",  "",
                "Image-wise ECE on each shifted set (in brackets: minus its reference domain's).",
                "", _markdown_table(shift), ""]
+    if not content.label_free.empty:
+        md += ["## Label-free estimates", "", content.label_free_text, "", LABEL_FREE_NOTE, "",
+               _markdown_table(content.label_free), ""]
+        if not content.label_free_errors.empty:
+            md += ["Mean absolute error of each estimate over the labelled sets, per calibrator:",
+                   "", _markdown_table(content.label_free_errors), ""]
     if content.params:
         md += ["## Fitted calibrators", ""]
         md += [f"- **{label}**: {text}" for label, text in content.params.items()] + [""]

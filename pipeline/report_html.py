@@ -54,6 +54,7 @@ img.rel{max-width:100%;border:1px solid #eee}
 table.t{font-size:12px}
 table.s{font-size:11px}
 table.s td{white-space:nowrap}
+table.lf td{white-space:nowrap}
 table.s th{cursor:pointer}
 table.s tr.g th{background:#e9eef5;text-align:left;font-size:12px;cursor:default}
 .scroll{overflow-x:auto;max-width:100%}
@@ -82,6 +83,11 @@ document.querySelectorAll('table.s').forEach(function(t){
 """
 
 esc = html.escape
+
+_REF_TITLE = {
+    True: "reference, never recommended",
+    False: "bound: a temperature fitted on each test set's own labels; never recommended",
+}
 
 
 def _head(name: str) -> str:
@@ -119,7 +125,7 @@ def matrix_html(content: Content) -> str:
     from pipeline.report import matrix_cells
 
     head = ['<th>set</th>'] + [
-        f'<th class="ref" title="reference, never recommended">{_head(c)}</th>'
+        f'<th class="ref" title="{esc(_REF_TITLE[c == rd.UNCALIBRATED])}">{_head(c)}</th>'
         if rd.is_reference_column(c) else f"<th>{_head(c)}</th>" for c in content.columns]
     body = []
     n = len(content.columns) + 1
@@ -185,7 +191,11 @@ def render_html(content: Content) -> str:
                  '<p class="small">Lower is better. Colour runs from the lowest (green) to the '
                  "highest (red) value of each row; ★ marks the lowest; the second line is the "
                  "95% bootstrap interval over images (also on hover). Reference columns "
-                 "(italic) are never recommended.</p>", matrix_html(content)]
+                 "(italic) are never recommended"
+                 + (": oracle columns are bounds, fitted on each test set's own labels, which "
+                    "show how much of its error one temperature could remove"
+                    if any("oracle" in c.lower() for c in content.columns) else "")
+                 + ".</p>", matrix_html(content)]
     if content.shift_figures:
         body += ["<h2>Shift curves</h2>",
                  '<p class="small">Per corruption family, image-wise ECE against severity '
@@ -199,6 +209,16 @@ def render_html(content: Content) -> str:
         body += ["<h2>In-domain vs shifted</h2>",
                  '<p class="small">Image-wise ECE on each shifted set; in brackets, minus the '
                  "same calibrator's on the reference domain.</p>", table_html(shift)]
+    if not content.label_free.empty:
+        from pipeline.report import LABEL_FREE_NOTE
+
+        body += ['<h2 id="label-free">Label-free estimates</h2>',
+                 f"<p>{esc(content.label_free_text)}</p>",
+                 f'<p class="small">{esc(LABEL_FREE_NOTE)}</p>',
+                 table_html(content.label_free, cls="t lf")]
+        if not content.label_free_errors.empty:
+            body += ['<p class="small">Mean absolute error of each estimate over the labelled '
+                     "sets, per calibrator:</p>", table_html(content.label_free_errors)]
     if content.params:
         body += ["<h2>Fitted calibrators</h2>", '<ul class="params">']
         body += [f"<li><b>{esc(label)}</b>: {esc(text)}</li>"
