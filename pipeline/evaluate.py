@@ -2,11 +2,13 @@
 
 Run it with ``segcal evaluate CONFIG`` (or ``pipeline.evaluate.run(cfg)``) after extract and fit.
 
-For every test dataset (plus the held-out part of the calibration set, named
+For every test and monitor dataset (plus the held-out part of the calibration set, named
 ``<dataset>-heldout``, when ``evaluate.include_heldout``) and every configured calibrator plus
 ``uncalibrated``, a Ray Data pipeline over the shard files upsamples each image's stored logits
 to label resolution, applies the calibrator and reduces the image to one row of mergeable
-statistics (:class:`pipeline.metrics.ImageStats`). Each shard is read once for all
+statistics (:class:`pipeline.metrics.ImageStats`) and label-free features
+(:func:`pipeline.label_free.image_features`: confidence and entropy sums and a confidence
+histogram over all pixels, from the same probabilities). Each shard is read once for all
 calibrators. When the cluster has GPUs (``evaluate.use_gpu``: auto, the default, or true) the
 actors take one each and calibrate and score there, with the torch twin of the statistics
 kernel (:mod:`pipeline.metrics.torch_stats`); otherwise one single-threaded actor per CPU uses
@@ -15,10 +17,18 @@ held per pixel, and the driver streams the rows to ``per_image.parquet`` while a
 one running total per dataset x calibrator, so memory does not grow with the number of images
 (only one float per image, its ECE, is kept for the bootstrap). pandas then writes:
 
-- ``per_image.parquet``: one row per image x calibrator (the statistics, plus ``img_ece``).
-- ``summary.csv``: one row per dataset x calibrator (see :data:`SUMMARY_COLUMNS`).
-- ``domain_shift.csv``: each shifted dataset beside its reference domain, with deltas.
+- ``per_image.parquet``: one row per image x calibrator (the statistics, plus ``img_ece``
+  and the label-free feature columns :data:`pipeline.label_free.FEATURE_COLUMNS`). A monitor
+  set's rows have only the features: their label statistics are zeros (``n_images`` 0) and
+  ``img_ece`` is NaN.
+- ``summary.csv``: one row per labelled dataset x calibrator (see :data:`SUMMARY_COLUMNS`);
+  monitor sets have none.
+- ``domain_shift.csv``: each shifted test dataset beside its reference domain, with deltas.
 - ``best.csv``: the best calibrator per test domain by image-wise ECE (ties: NLL).
+- ``label_free.csv``: per test or monitor set x calibrator, what can be said without labels:
+  a drift score against the held-out calibration images with its alarm, and estimated pixel
+  accuracy (ATC, DoC) and image-wise ECE, beside the true values where labels exist (see
+  :func:`label_free_table`). Written before ``summary.csv``, which stays the last table.
 
 New files are written to a temporary folder inside ``OUTPUT`` and moved into place only when
 every table is complete, so a failed or killed evaluation leaves the earlier tables (and the
@@ -50,6 +60,7 @@ import torch.nn.functional as F  # noqa: N812
 from pipeline.calibrators import Calibrator, load
 from pipeline.calibrators.artifacts import CARD, read_card
 from pipeline.config import DatasetConfig, JobConfig, config_hash
+from pipeline.label_free import FEATURE_COLUMNS, LABEL_FREE_COLUMNS, image_features
 from pipeline.metrics import N_SCORE_BINS, ImageStats, first_argmax
 from pipeline.metrics import functional as MF
 from pipeline.metrics.stats import stats_from_image_sums
@@ -73,8 +84,12 @@ PER_IMAGE = "per_image.parquet"
 SUMMARY = "summary.csv"
 DOMAIN_SHIFT = "domain_shift.csv"
 BEST = "best.csv"
+LABEL_FREE = "label_free.csv"
 # summary.csv last: the refresh stage treats it as the marker of a finished evaluation.
-TABLES = (PER_IMAGE, DOMAIN_SHIFT, BEST, SUMMARY)
+TABLES = (PER_IMAGE, DOMAIN_SHIFT, BEST, LABEL_FREE, SUMMARY)
+MONITOR = "monitor"
+# Rows that are bounds, not calibrators one could ship: left out of label_free.csv.
+_BOUNDS = ("oracle_ts",)
 
 KEY_COLUMNS = ("dataset", "domain", "reference", "role", "calibrator")
 """Columns naming a summary row (``reference`` is the reference domain of a shifted set)."""
@@ -106,11 +121,19 @@ _RENAME = {
 }
 
 
+# The label-free features of :func:`pipeline.label_free.image_features`, by column.
+_FEATURE_TYPES = {
+    "lf_n_pixels": pa.int64(), "lf_conf_sum": pa.float64(), "lf_entropy_sum": pa.float64(),
+    "lf_conf_hist": pa.list_(pa.int64()),
+}
+
+
 def _row_schema() -> pa.Schema:
     """Arrow schema of a per-image row (list types do not depend on C or the bin counts)."""
     stats = pa.Table.from_pylist([ImageStats.zero(2, 1).to_row()]).schema
     meta = [pa.field(name, pa.string()) for name in _IMAGE_COLUMNS]
-    return pa.schema([*meta, pa.field("img_ece", pa.float64()), *stats])
+    features = [pa.field(name, _FEATURE_TYPES[name]) for name in FEATURE_COLUMNS]
+    return pa.schema([*meta, pa.field("img_ece", pa.float64()), *stats, *features])
 
 
 ROW_SCHEMA = _row_schema()
@@ -174,10 +197,17 @@ def image_stats_per_calibrator(
     device: torch.device | str = "cpu",
     timer: Callable[[str], AbstractContextManager[None]] = _no_timer,
     stats_backend: str = "auto",
-) -> list[tuple[str, ImageStats]]:
-    """One image's statistics under each calibrator: ``[(label, stats), ...]``.
+    labelled: bool = True,
+) -> list[tuple[str, ImageStats, dict[str, Any]]]:
+    """One image's statistics and label-free features under each calibrator.
 
     See :func:`image_rows` (which turns them into rows) for the arguments.
+
+    Returns:
+        ``[(label, stats, features), ...]``: ``features`` as
+        :func:`pipeline.label_free.image_features` gives them, computed on the same
+        probabilities as ``stats``; for an unlabelled image ``stats`` is empty
+        (``ImageStats.zero``: no scored pixel, ``n_images`` 0).
     """
     device = torch.device(device)
     if stats_backend not in ("auto", "numba", "torch"):
@@ -208,7 +238,9 @@ def image_stats_per_calibrator(
             image = _image_tensor(record)
             image = None if image is None else image.to(device)
     with timer("statistics"):
-        if use_numba:
+        if not labelled:
+            pass  # a monitor image: its label plane is all ignore_index, nothing to score
+        elif use_numba:
             labels2d = record.labels
             if labels2d.dtype != np.int64:
                 labels2d = labels2d.astype(np.int64)
@@ -233,7 +265,9 @@ def image_stats_per_calibrator(
             # scaling's T_mis = 1e10) leaves logits that differ by ~1e-9, which a float32
             # softmax rounds to exact ties, while dividing by it never reorders the logits.
             with timer(f"statistics|{label}"):
-                if use_numba:
+                if not labelled:
+                    stats = ImageStats.zero(c, n_bins)
+                elif use_numba:
                     preds = first_argmax(calibrated[0]).reshape(-1)  # torch's is ~20x slower
                     flat_score = None
                     if score is not None:
@@ -250,7 +284,9 @@ def image_stats_per_calibrator(
                         preds=calibrated[0].argmax(0),  # the first maximum, as on the CPU
                         mis_score=None if score is None else score.reshape(size),
                     )
-            rows.append((label, stats))
+            with timer(f"label-free features|{label}"):
+                features = image_features(probs)
+            rows.append((label, stats, features))
     return rows
 
 
@@ -265,13 +301,16 @@ def image_rows(
     device: torch.device | str = "cpu",
     timer: Callable[[str], AbstractContextManager[None]] = _no_timer,
     stats_backend: str = "auto",
+    labelled: bool = True,
 ) -> list[dict[str, Any]]:
     """One image's statistics rows, one per calibrator.
 
     The stored logits are upsampled to label resolution, each calibrator is applied (spatial
-    ones also get the image, upsampled alike) and the image is reduced to an ImageStats row.
-    The labels are checked, and their valid and boundary pixels found, once per image. On the
-    CPU the statistics come from the numba kernel; on another device from its torch twin
+    ones also get the image, upsampled alike) and the image is reduced to an ImageStats row
+    plus its label-free features (:data:`pipeline.label_free.FEATURE_COLUMNS`, over every
+    pixel, ignore ones included: unlabelled sets have no mask). The labels are checked, and
+    their valid and boundary pixels found, once per image. On the CPU the statistics come from
+    the numba kernel; on another device from its torch twin
     (:mod:`pipeline.metrics.torch_stats`), where the logits already are.
 
     Args:
@@ -285,6 +324,8 @@ def image_rows(
         timer: ``timer(stage)`` context manager charging each stage (see :class:`StageTimer`).
         stats_backend: ``"auto"`` (numba on the CPU, torch elsewhere), ``"numba"`` or
             ``"torch"`` (tests run the GPU path's code on the CPU with it).
+        labelled: False for an image of a ``monitor`` set: only the features are computed;
+            the label statistics are zeros (``n_images`` 0, so ``img_ece`` is NaN).
 
     Returns:
         Rows with the keys of :data:`ROW_SCHEMA`.
@@ -292,16 +333,20 @@ def image_rows(
     stats = image_stats_per_calibrator(
         record, calibrators, n_bins=n_bins, boundary_width=boundary_width,
         ignore_index=ignore_index, device=device, timer=timer, stats_backend=stats_backend,
+        labelled=labelled,
     )
     return [
         {**meta, "image_id": record.image_id, "calibrator": label,
-         "img_ece": s.image_ece_mean(), **s.to_row()}
-        for label, s in stats
+         "img_ece": s.image_ece_mean(), **s.to_row(),
+         **{k: np.asarray(f[k]).tolist() for k in FEATURE_COLUMNS}}
+        for label, s, f in stats
     ]
 
 
 def rows_table(
-    keys: Sequence[Mapping[str, str | None]], stats: Sequence[ImageStats]
+    keys: Sequence[Mapping[str, str | None]],
+    stats: Sequence[ImageStats],
+    features: Sequence[Mapping[str, Any]],
 ) -> pa.Table:
     """A :data:`ROW_SCHEMA` table of rows, built column by column from the stats' arrays.
 
@@ -312,6 +357,7 @@ def rows_table(
         keys: per row, the string columns (``dataset``, ``domain``, ``reference``, ``role``,
             ``image_id``, ``calibrator``).
         stats: per row, its statistics.
+        features: per row, its label-free features (:data:`FEATURE_COLUMNS`).
     """
     columns: list[pa.Array] = []
     for field in ROW_SCHEMA:
@@ -320,16 +366,28 @@ def rows_table(
             columns.append(pa.array([k[name] for k in keys], field.type))
         elif name == "img_ece":
             columns.append(pa.array([s.image_ece_mean() for s in stats], field.type))
+        elif name in _FEATURE_TYPES:
+            values = [f[name] for f in features]
+            if pa.types.is_list(field.type):
+                columns.append(_list_array([np.asarray(v).reshape(-1) for v in values],
+                                           field.type))
+            else:
+                columns.append(pa.array(values, field.type))
         elif pa.types.is_list(field.type):
             parts = [np.asarray(getattr(s, name)).reshape(-1) for s in stats]
-            offsets = np.zeros(len(parts) + 1, np.int32)
-            np.cumsum([p.size for p in parts], out=offsets[1:])
-            values = np.concatenate(parts) if parts else np.zeros(0)
-            values = values.astype(field.type.value_type.to_pandas_dtype(), copy=False)
-            columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)))
+            columns.append(_list_array(parts, field.type))
         else:
             columns.append(pa.array([getattr(s, name) for s in stats], field.type))
     return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
+
+
+def _list_array(parts: Sequence[np.ndarray], type_: pa.ListType) -> pa.Array:
+    """One list value per 1-D array: a single concatenation plus offsets."""
+    offsets = np.zeros(len(parts) + 1, np.int32)
+    np.cumsum([p.size for p in parts], out=offsets[1:])
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    values = values.astype(type_.value_type.to_pandas_dtype(), copy=False)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _iter_shard(path: Path, sha256: str, rows: int) -> Iterator[ImageRecord]:
@@ -419,9 +477,11 @@ class ShardEvaluator:
         timer = self.timer or _no_timer
         keys: list[dict[str, str | None]] = []
         stats: list[ImageStats] = []
+        features: list[dict[str, Any]] = []
         for item in batch.to_pylist():
             keep = set(item["image_ids"])
             meta = {k: item[k] for k in ("dataset", "domain", "reference", "role")}
+            labelled = item.get("labelled", True)
             records = _iter_shard(Path(item["path"]), item["sha256"], item["rows"])
             while True:
                 with timer("Parquet read + decode"):
@@ -429,15 +489,16 @@ class ShardEvaluator:
                 if record is None:
                     break
                 if record.image_id in keep:
-                    for label, image_stats in image_stats_per_calibrator(
+                    for label, image_stats, feats in image_stats_per_calibrator(
                         record, self.calibrators, n_bins=self.n_bins,
                         boundary_width=self.boundary_width, ignore_index=item["ignore_index"],
-                        device=self.device, timer=timer,
+                        device=self.device, timer=timer, labelled=labelled,
                     ):
                         keys.append({**meta, "image_id": record.image_id, "calibrator": label})
                         stats.append(image_stats)
+                        features.append(feats)
         with timer("row building"):
-            return rows_table(keys, stats)
+            return rows_table(keys, stats, features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +568,11 @@ class Aggregator:
         self._ece: list[pd.DataFrame] = []
 
     def add(self, rows: pd.DataFrame) -> None:
-        """Add a batch of per-image rows (columns of :data:`ROW_SCHEMA`)."""
+        """Add a batch of per-image rows (columns of :data:`ROW_SCHEMA`).
+
+        Rows of ``monitor`` sets are left out: they have no labels, hence no metrics.
+        """
+        rows = rows[rows["role"] != MONITOR]
         if rows.empty:
             return
         rows = rows.assign(reference=rows["reference"].fillna(""))
@@ -638,6 +703,96 @@ def best_per_domain(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=columns)
 
 
+def _feature_rows(per_image: Path, datasets: Sequence[str]) -> pd.DataFrame:
+    """The feature columns of ``datasets``' per-image rows, read back from ``per_image``."""
+    columns = ["dataset", "calibrator", "image_id", *FEATURE_COLUMNS]
+    if not datasets:
+        return pd.DataFrame(columns=columns)
+    table = pq.read_table(per_image, columns=columns,
+                          filters=[("dataset", "in", list(datasets))])
+    return table.to_pandas()
+
+
+def label_free_table(
+    per_image: Path,
+    summary: pd.DataFrame,
+    aggregator: Aggregator,
+    targets: Sequence[Target],
+    *,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """``label_free.csv``: drift and label-free estimates per test or monitor set x calibrator.
+
+    Each calibrator's reference is its own rows of the held-out calibration images (every
+    ``<calibration>-heldout`` set, pooled) with their true pixel accuracy
+    (:func:`pipeline.label_free.fit_reference`); each set's estimates come from its own rows
+    of that calibrator (:func:`pipeline.label_free.estimate`). The drift score compares the
+    uncalibrated rows of the held-out images with the set's (:func:`pipeline.label_free.drift`),
+    so every calibrator row of a set carries the same drift. ``true_pixel_acc`` and
+    ``true_img_ece`` are the summary's ``pixel_acc`` and ``img_ece`` for a labelled (test) set,
+    NaN for a monitor set. Bounds (``oracle_ts``) get no row. Per set, only that set's rows are
+    read back from ``per_image``, so memory holds one set at a time.
+
+    Args:
+        per_image: the per-image table (:data:`ROW_SCHEMA`, with the feature columns).
+        summary: the summary table (the true values of the labelled sets).
+        aggregator: the totals, for the held-out images' pooled pixel accuracy per calibrator.
+        targets: the evaluated datasets (:func:`plan_targets`).
+        seed: seed of the drift test's resampling.
+
+    Returns:
+        Columns :data:`pipeline.label_free.LABEL_FREE_COLUMNS`, one row per (test or monitor
+        set, calibrator) in target then calibrator order; no rows when no held-out calibration
+        images were evaluated (``evaluate.include_heldout: false`` or
+        ``fit.heldout_fraction: 0``).
+    """
+    from pipeline import label_free as LF
+
+    heldout = [t.name for t in targets if t.name.endswith(HELDOUT_SUFFIX)
+               and t.config.role == "calibration"]
+    sets = [t for t in targets if t.config.role in ("test", MONITOR)]
+    if not heldout:
+        if sets:
+            logger.warning("no held-out calibration images: %s has no rows", LABEL_FREE)
+        return pd.DataFrame(columns=list(LABEL_FREE_COLUMNS))
+    reference_rows = _feature_rows(per_image, heldout)
+    pooled = aggregator.domain_totals(heldout)
+    references = {
+        cal: LF.fit_reference(rows.reset_index(drop=True), pooled[cal].pixel_acc())
+        for cal, rows in reference_rows.groupby("calibrator", sort=False)
+        if cal in pooled and cal not in _BOUNDS
+    }
+    uncalibrated_reference = reference_rows[reference_rows["calibrator"] == UNCALIBRATED]
+    truth = summary.set_index(["dataset", "calibrator"])
+    records = []
+    for t in sets:
+        rows = _feature_rows(per_image, [t.name])
+        set_drift = LF.drift(
+            uncalibrated_reference.reset_index(drop=True),
+            rows[rows["calibrator"] == UNCALIBRATED].reset_index(drop=True),
+            seed=seed,
+        )
+        for cal, group in rows.groupby("calibrator", sort=False):
+            if cal not in references:
+                continue
+            est = LF.estimate(group.reset_index(drop=True), references[cal])
+            labelled = t.labelled and (t.name, cal) in truth.index
+            records.append({
+                "dataset": t.name, "domain": t.config.domain, "reference": t.config.reference,
+                "role": t.config.role, "calibrator": cal, "n_images": len(group),
+                "drift_score": set_drift.score, "drift_threshold": set_drift.threshold,
+                "drift_alarm": bool(set_drift.alarm),
+                "est_pixel_acc": est["est_pixel_acc"],
+                "est_pixel_acc_doc": est["est_pixel_acc_doc"],
+                "est_img_ece": est["est_img_ece"],
+                "true_pixel_acc": truth.loc[(t.name, cal), "pixel_acc"] if labelled else math.nan,
+                "true_img_ece": truth.loc[(t.name, cal), "img_ece"] if labelled else math.nan,
+            })
+    table = pd.DataFrame.from_records(records, columns=list(LABEL_FREE_COLUMNS))
+    labels = list(dict.fromkeys([UNCALIBRATED, *summary["calibrator"], *references]))
+    return _ordered(table, targets, labels) if len(table) else table
+
+
 # ---------------------------------------------------------------------------------------------
 # Planning: what to evaluate, checked before any work starts
 
@@ -651,6 +806,11 @@ class Target:
     directory: Path
     manifest: Manifest
     image_ids: frozenset[str]
+
+    @property
+    def labelled(self) -> bool:
+        """False for a ``monitor`` set: its rows get label-free features only."""
+        return self.config.role != MONITOR and self.manifest.labelled
 
 
 def _check_manifest(
@@ -695,8 +855,12 @@ def _check_manifest(
 def plan_targets(cfg: JobConfig, paths: RunPaths) -> list[Target]:
     """The datasets to evaluate, with their manifests checked.
 
+    In order: the held-out calibration sets, the test sets, the monitor sets (config order
+    within each).
+
     Raises:
-        ValueError: no test dataset; shards of another model or config; class-count mismatch.
+        ValueError: no test dataset; monitor sets without a held-out calibration part to
+            compare them with; shards of another model or config; class-count mismatch.
         FileNotFoundError: a dataset without a manifest.
     """
     tests = cfg.datasets_with_role("test")
@@ -705,6 +869,7 @@ def plan_targets(cfg: JobConfig, paths: RunPaths) -> list[Target]:
             f"Expected at least one dataset with role 'test' in config {cfg.source or '<dict>'},"
             " but got none"
         )
+    monitors = cfg.datasets_with_role(MONITOR)
     targets = []
     if cfg.evaluate.include_heldout and cfg.fit.heldout_fraction > 0:
         # The fit stage's own rule, applied to the union of the calibration sets' ids as there
@@ -722,7 +887,15 @@ def plan_targets(cfg: JobConfig, paths: RunPaths) -> list[Target]:
             if ids:
                 targets.append(Target(ds.name + HELDOUT_SUFFIX, ds, paths.dataset_dir(ds.name),
                                       manifest, ids))
-    for ds in tests:
+    if monitors and not targets:
+        raise ValueError(
+            f"Expected held-out calibration images for the monitor sets "
+            f"{[d.name for d in monitors]} of config {cfg.source or '<dict>'} (their drift and "
+            f"label-free estimates are measured against them), but got none: set "
+            f"`evaluate.include_heldout: true` and `fit.heldout_fraction` > 0 (got "
+            f"{cfg.evaluate.include_heldout} and {cfg.fit.heldout_fraction})"
+        )
+    for ds in [*tests, *monitors]:
         directory = paths.dataset_dir(ds.name)
         manifest = _check_manifest(cfg, ds, directory, paths.model_fingerprint)
         targets.append(Target(ds.name, ds, directory, manifest, frozenset(manifest.image_ids())))
@@ -746,7 +919,8 @@ def reference_datasets(targets: Sequence[Target]) -> dict[str, list[str]]:
         ref = t.config.reference
         if ref is None or t.config.role != "test" or ref in refs:
             continue
-        same = [u for u in targets if u.config.domain == ref and u.config.reference is None]
+        same = [u for u in targets if u.config.domain == ref and u.config.reference is None
+                and u.labelled]
         chosen = [u.name for u in same if u.config.role == "test"] or [u.name for u in same]
         if not chosen:
             raise ValueError(
@@ -811,6 +985,7 @@ def _work_items(targets: Sequence[Target]) -> list[dict[str, Any]]:
                     "rows": shard.rows, "image_ids": ids, "dataset": t.name,
                     "domain": t.config.domain, "reference": t.config.reference,
                     "role": t.config.role, "ignore_index": t.manifest.ignore_index,
+                    "labelled": t.labelled,
                 })
     return items
 
@@ -929,12 +1104,13 @@ def run(cfg: JobConfig, *, local: bool = False) -> Path:
 
     Returns:
         The output folder, holding ``per_image.parquet``, ``summary.csv``,
-        ``domain_shift.csv`` and ``best.csv``.
+        ``domain_shift.csv``, ``best.csv`` and ``label_free.csv``.
 
     Raises:
         FileNotFoundError: a dataset without a manifest, a calibrator without an artifact.
-        ValueError: no test dataset; shards of another model or config; artifact classes that
-            differ from the shards'; a reference domain without a dataset.
+        ValueError: no test dataset; monitor sets without held-out calibration images; shards
+            of another model or config; artifact classes that differ from the shards'; a
+            reference domain without a dataset.
     """
     from pipeline.models import model_fingerprint
 
@@ -965,6 +1141,8 @@ def run(cfg: JobConfig, *, local: bool = False) -> Path:
         _write_csv(summary, tmp / SUMMARY)
         _write_csv(domain_shift(summary, aggregator, references), tmp / DOMAIN_SHIFT)
         _write_csv(best_per_domain(summary), tmp / BEST)
+        _write_csv(label_free_table(tmp / PER_IMAGE, summary, aggregator, targets,
+                                    seed=cfg.evaluate.seed), tmp / LABEL_FREE)
         for name in TABLES:
             os.replace(tmp / name, output / name)
     finally:

@@ -104,18 +104,19 @@ def test_rows_table_equals_the_table_of_row_dicts(calibrators):
 
     from pipeline.evaluate import ROW_SCHEMA, image_stats_per_calibrator, rows_table
 
-    keys, stats, dicts = [], [], []
+    keys, stats, features, dicts = [], [], [], []
     for seed in range(2):
         rec = record(seed)
-        pairs = image_stats_per_calibrator(rec, calibrators, n_bins=15, boundary_width=2,
-                                           ignore_index=255)
-        for label, s in pairs:
+        triples = image_stats_per_calibrator(rec, calibrators, n_bins=15, boundary_width=2,
+                                             ignore_index=255)
+        for label, s, f in triples:
             keys.append({**META, "image_id": rec.image_id, "calibrator": label})
             stats.append(s)
+            features.append(f)
         dicts += rows(calibrators, seed)
-    got = rows_table(keys, stats)
+    got = rows_table(keys, stats, features)
     assert got.equals(pa.Table.from_pylist(dicts, schema=ROW_SCHEMA))
-    assert rows_table([], []).equals(ROW_SCHEMA.empty_table())
+    assert rows_table([], [], []).equals(ROW_SCHEMA.empty_table())
 
 
 def test_labels_of_another_size_are_refused(calibrators):
