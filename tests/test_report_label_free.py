@@ -203,3 +203,15 @@ def test_label_free_alarm_cells_read_csv_spellings():
     assert [rd._alarm(v) for v in (True, False, "True", "false", NAN, None)] == [
         "ALARM", "no", "ALARM", "no", "–", "–"]
     assert Path(rd.LABEL_FREE).name == "label_free.csv"
+
+
+def test_label_free_section_fits_the_1400px_window(cfg, tmp_path):
+    browser = pytest.importorskip("test_report_browser")
+    if browser.CHROMIUM is None:
+        pytest.skip("needs chromium (apt install chromium)")
+    _, page = report.render(cfg, _tables(_label_free()), {})
+    path = tmp_path / "report.html"
+    path.write_text(page)
+    seen = browser.probe(path)
+    assert seen["clientWidth"] == browser.WIDTH
+    assert seen["scrollWidth"] <= browser.WIDTH
