@@ -214,6 +214,9 @@ class Reference:
         atc_position: ATC's threshold as a fractional position in the histogram bins.
         atc_threshold: The same threshold as a confidence.
         n_images: Number of reference images.
+        ece_floor: The reference's image-wise ECE that the label-free estimate cannot see
+            (bin noise; 0 when the rows carry no true ``img_ece``), added in quadrature to
+            each image's estimate by :func:`estimate`.
     """
 
     pixel_acc: float
@@ -221,6 +224,7 @@ class Reference:
     atc_position: float
     atc_threshold: float
     n_images: int
+    ece_floor: float = 0.0
 
 
 def fit_reference(images: pd.DataFrame, pixel_acc: float) -> Reference:
@@ -228,11 +232,14 @@ def fit_reference(images: pd.DataFrame, pixel_acc: float) -> Reference:
 
     ATC's threshold ``t`` is the confidence above which the share of the reference's pixels
     equals the reference pixel accuracy (interpolating inside a histogram bin); DoC keeps the
-    reference accuracy and mean confidence.
+    reference accuracy and mean confidence. When the rows also carry each image's true
+    ``img_ece`` (as ``per_image.parquet`` does for labelled images), the part of it that the
+    label-free estimate misses on the reference (:math:`\sqrt{\max(0, \overline{e^2} -
+    \overline{\hat e^2})}`, the in-domain noise floor) is kept as ``ece_floor``.
 
     Args:
         images: Per-image rows with :data:`FEATURE_COLUMNS` (the calibration held-out images,
-            under this calibrator).
+            under this calibrator), optionally with ``img_ece``.
         pixel_acc: Their true pixel accuracy, in [0, 1].
 
     Returns:
@@ -243,17 +250,26 @@ def fit_reference(images: pd.DataFrame, pixel_acc: float) -> Reference:
             outside [0, 1].
     """
     _check_frame(images, "images")
-    if not isinstance(pixel_acc, (int, float)) or not 0.0 <= float(pixel_acc) <= 1.0:
+    if not isinstance(pixel_acc, (int, float, np.number)) or not 0.0 <= float(pixel_acc) <= 1.0:
         raise ValueError(f"Expected `pixel_acc` in [0, 1], but got {pixel_acc!r}")
-    hist = _hists(images, "images").sum(0)
+    hists = _hists(images, "images")
+    hist = hists.sum(0)
     position = _position_above(hist, float(pixel_acc))
-    n = float(images["lf_n_pixels"].sum())
+    n = images["lf_n_pixels"].to_numpy(dtype=np.float64)
+    floor = 0.0
+    if "img_ece" in images.columns:
+        true = images["img_ece"].to_numpy(dtype=np.float64)
+        keep = np.isfinite(true)
+        if keep.any():
+            est = _image_eces(hists[keep], n[keep], _fit_tau(hist, float(pixel_acc)))
+            floor = math.sqrt(max(float(np.mean(true[keep] ** 2) - np.mean(est**2)), 0.0))
     return Reference(
         pixel_acc=float(pixel_acc),
-        mean_conf=float(images["lf_conf_sum"].sum()) / n,
+        mean_conf=float(images["lf_conf_sum"].sum()) / n.sum(),
         atc_position=position,
         atc_threshold=_position_value(position),
         n_images=len(images),
+        ece_floor=floor,
     )
 
 
@@ -303,6 +319,13 @@ def _fit_tau(hist: np.ndarray, accuracy: float) -> float:
     return math.exp((lo + hi) / 2)
 
 
+def _image_eces(hist: np.ndarray, n: np.ndarray, tau: float) -> np.ndarray:
+    """Each image's 15-bin ECE with phi_tau(c) expected correct pixels per histogram bin."""
+    gap = np.zeros((len(hist), 15))  # per image and ECE bin: confidence minus expected correct
+    np.add.at(gap.T, _ECE_BIN, (hist * (_BIN_CONF - _soft_accuracy(tau))).T)
+    return np.abs(gap).sum(1) / n
+
+
 def estimate(images: pd.DataFrame, ref: Reference) -> dict[str, float]:
     r"""Label-free pixel accuracy and image-wise ECE of one set under one calibrator.
 
@@ -316,9 +339,11 @@ def estimate(images: pd.DataFrame, ref: Reference) -> dict[str, float]:
       accuracy; each image's ECE (15 equal-width bins) is then computed from its confidence
       histogram with these expected correct counts, and averaged over the images.
 
-    The ECE estimate has no per-image sampling noise: a calibrated model's true image-wise
-    ECE is not 0 (a bin of n pixels misses its accuracy by about :math:`1/\sqrt n`, and
-    neighbouring pixels err together), so the estimate is biased low by that floor in-domain.
+    This map has no per-image sampling noise, while a calibrated model's true image-wise ECE
+    is not 0 (a bin of n pixels misses its accuracy by about :math:`1/\sqrt n`, and
+    neighbouring pixels err together): each image's estimate is combined in quadrature with
+    the reference's ``ece_floor``, measured where labels exist (without it, the estimate is
+    biased low in-domain by that floor).
     Under shift it inherits ATC's error, and it assumes the accuracy map is one temperature
     away from the confidence, the same for every image of the set.
 
@@ -342,14 +367,11 @@ def estimate(images: pd.DataFrame, ref: Reference) -> dict[str, float]:
     pooled = hist.sum(0)
     atc = float(_share_above(pooled, ref.atc_position)[0])
     doc = ref.pixel_acc - (ref.mean_conf - conf.sum() / n.sum())
-    tau = _fit_tau(pooled, atc)
-    # Per image and ECE bin: sum of confidence minus expected correct pixels.
-    gap = np.zeros((len(hist), 15))
-    np.add.at(gap.T, _ECE_BIN, (hist * (_BIN_CONF - _soft_accuracy(tau))).T)
+    eces = _image_eces(hist, n, _fit_tau(pooled, atc))
     return {
         "est_pixel_acc": atc,
         "est_pixel_acc_doc": float(min(max(doc, 0.0), 1.0)),
-        "est_img_ece": float(np.mean(np.abs(gap).sum(1) / n)),
+        "est_img_ece": float(np.mean(np.sqrt(eces**2 + ref.ece_floor**2))),
     }
 
 
