@@ -12,11 +12,14 @@ process, which the other jobs on a shared machine inflate less than wall time):
 - shard bytes: a shard of ``--shard-images`` images written with
   :func:`pipeline.shards.write_shard` (labels, float16 logits and the stored RGB image, as
   ``extract.store_image`` does by default), file size / images, split by column;
-- writer CPU: that ``write_shard`` call (encode, zstd, sha256, atomic write). In stage 1 one
-  driver-side writer does this for every image (see ``pipeline/extract.py``), so it caps
-  extraction at 1 / (writer CPU) images/s whatever the number of GPUs;
-- actor CPU: the ``store_stride`` area reduction and float16 cast each GPU actor runs on its
-  host CPU (``pipeline.extract._reduce``);
+- writer CPU: that ``write_shard`` call (encode, zstd, sha256, atomic write). In stage 1 write
+  tasks do this on any free CPU of the cluster (see ``pipeline/extract.py``);
+- decode CPU: one input image and its label PNG at label resolution through
+  :func:`pipeline.data.decode.load_image` / ``load_label`` (synthetic flat-region images, which
+  decode faster than photographs: a lower bound). Decode tasks run on any free CPU too;
+- reduce CPU: the ``store_stride`` area reduction and float16 cast on a CPU
+  (``pipeline.extract._reduce``): the model actor's cost on CPU-only clusters; with a GPU it
+  runs on the device and costs the host nothing;
 - evaluation: shard read (sha256 + :func:`pipeline.shards.read_shard`), per image;
   :func:`pipeline.shards.upsample_logits` to label resolution; and one calibration, i.e.
   :func:`pipeline.evaluate.image_rows` with one fitted temperature calibrator (calibrate, float32
@@ -27,8 +30,11 @@ EXTRAPOLATED from those figures (nothing below is measured): storage = bytes/ima
 evaluation = read + upsample + (K + 1) x calibration per image (K calibrators plus
 ``uncalibrated``, each costed as temperature scaling: a lower bound for LTS or selective
 scaling) on N single-core workers, one Ray Data work item per shard of ``--rows-per-shard``
-images as ``pipeline.evaluate`` schedules them; extraction = images / min(N x G, writer cap)
-with G = ``--gpu-images-per-s``, an ASSUMPTION about the model (no GPU here), never measured.
+images as ``pipeline.evaluate`` schedules them; extraction = images / (N x min(G, CPU cap)) on
+N GPUs, the CPU cap being ``--cpus-per-gpu`` / (decode + writer CPU s), what the CPUs beside
+one GPU can decode and write per second; G = ``--gpu-images-per-s`` is an ASSUMPTION about the
+model (no GPU here), never measured. Ray's fixed start-up per stage call (about 8 s on the H200
+node, ``benchmarks/results/``) is not included.
 
 Synthetic logits are smooth, not white noise, because zstd's ratio depends on it: per-class
 offsets plus bicubic-upsampled Gaussian fields at four scales (fractions of the image height),
@@ -66,6 +72,7 @@ import torch.nn.functional as F  # noqa: E402, N812
 
 from pipeline.calibrators import build_calibrator  # noqa: E402
 from pipeline.config import EvalConfig, ExtractConfig  # noqa: E402
+from pipeline.data.decode import load_image, load_label  # noqa: E402
 from pipeline.evaluate import image_rows  # noqa: E402
 from pipeline.extract import _reduce  # noqa: E402  (the actor's own reduction, measured as is)
 from pipeline.shards import (  # noqa: E402
@@ -201,6 +208,7 @@ def measure(spec: Spec, n_images: int, repeats: int, seed: int, tmp: Path) -> di
     cpu, wall = timed(lambda: write_shard(path, records), repeats)
     out["writer_s"], out["writer_wall_s"] = cpu / n_images, wall / n_images
     out["bytes"] = path.stat().st_size / n_images
+    out["decode_s"] = _decode_s(spec, seed, tmp, repeats)
     out.update({f"bytes_{k}": v for k, v in _column_sizes(path, n_images).items()})
     r = records[0]
     out["raw_bytes"] = r.logits.nbytes + r.labels.nbytes + r.image.nbytes
@@ -238,6 +246,18 @@ def measure(spec: Spec, n_images: int, repeats: int, seed: int, tmp: Path) -> di
     return out
 
 
+def _decode_s(spec: Spec, seed: int, tmp: Path, repeats: int) -> float:
+    """CPU s to decode one synthetic input PNG and its label PNG at label resolution."""
+    from PIL import Image
+
+    h, w = spec.labels
+    regions = np.add.outer(np.arange(h) // 37, np.arange(w) // 53) % 7
+    image, label = tmp / "decode-image.png", tmp / "decode-label.png"
+    Image.fromarray(synthetic_image(regions, np.random.default_rng(seed))).save(image)
+    Image.fromarray(regions.astype(np.uint8)).save(label)
+    return timed(lambda: (load_image(str(image)), load_label(str(label))), repeats)[0]
+
+
 def _column_bytes(records: list[ImageRecord], column: str, tmp: Path) -> float:
     """Compressed bytes per image of one column in a shard of ``records``."""
     path = tmp / "column.parquet"
@@ -265,13 +285,14 @@ def anchor(seed: int, tmp: Path) -> dict[str, float] | None:
     data = Path(os.environ.get("CAMVID_ROOT") or SHARED / "data/camvid")
     if not (weights.is_file() and (data / "test").is_dir()):
         return None
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from extract import espnet_config  # noqa: PLC0415  (benchmarks/extract.py)
-
+    from pipeline.config import load_config  # noqa: PLC0415
     from pipeline.data import load_image  # noqa: PLC0415
     from pipeline.models import load_model  # noqa: PLC0415
 
-    model = load_model(espnet_config(data, weights, Path("unused"), 2, 1).model).eval()
+    # The demo's own model section (recipe, dropped void channel), with these weights.
+    os.environ["SEGCAL_ESPNET_WEIGHTS"] = str(weights)
+    os.environ["CAMVID_ROOT"] = str(data)
+    model = load_model(load_config(ROOT / "configs" / "camvid_quick.yaml").model).eval()
     frames = [load_image(str(u)) for u in sorted((data / "test").glob("*.png"))[:2]]
     with torch.inference_mode():
         real = [model(torch.from_numpy(f)[None])[0].float() for f in frames]
@@ -323,8 +344,8 @@ class Plan:
     eval_per_image: float  # CPU s per image: read + upsample + (K + 1) calibrations
     eval_walls: list[float]  # per N in --workers
     busy: int  # evaluation workers with work at the largest N (one shard each at most)
-    per_gpu: float  # images/s one GPU delivers: G, unless the actor's host CPU is slower
-    writer_cap: float  # images/s the single driver-side writer can store
+    cpu_cap: float  # images/s the CPUs beside one GPU can decode and write
+    per_gpu: float  # images/s one GPU delivers: min(G, cpu_cap)
     extract_walls: list[float]  # per N GPUs
 
 
@@ -335,37 +356,29 @@ def plan(
     per_image = m["read_s"] + m["upsample_s"] + (args.calibrators + 1) * m["calibration_s"]
     shards = math.ceil(spec.images / args.rows_per_shard)
     shard_s = min(args.rows_per_shard, spec.images) * per_image
-    per_gpu = min(args.gpu_images_per_s, 1 / m["actor_s"]) if m["actor_s"] > 0 else (
-        args.gpu_images_per_s)
-    cap = 1 / m["writer_s"]
+    cpu_cap = args.cpus_per_gpu / (m["decode_s"] + m["writer_s"])
+    per_gpu = min(args.gpu_images_per_s, cpu_cap)
     return Plan(
         worker_mib=baseline_mib + m["peak_mib"] - m["rss_before_mib"],
         eval_per_image=per_image,
         eval_walls=[math.ceil(shards / n) * shard_s for n in args.workers],
         busy=min(args.workers[-1], shards),
+        cpu_cap=cpu_cap,
         per_gpu=per_gpu,
-        writer_cap=cap,
-        extract_walls=[spec.images / min(n * per_gpu, cap) for n in args.workers],
+        extract_walls=[spec.images / (n * per_gpu) for n in args.workers],
     )
 
 
 def verdict(spec: Spec, m: dict[str, float], p: Plan, args: argparse.Namespace) -> str:
     """Plain words: what limits this dataset first, and which stage dominates."""
     n = args.workers[-1]
-    gpus = p.writer_cap / p.per_gpu
     parts = []
-    if p.per_gpu < args.gpu_images_per_s:
-        parts.append(f"each GPU actor's host CPU caps it at {p.per_gpu:.1f} img/s "
-                     "(store_stride reduction)")
-    if gpus <= 1:
-        parts.append(f"even one GPU outruns the driver writer ({p.writer_cap:.1f} img/s), so "
-                     f"extraction takes {_minutes(p.extract_walls[-1])} at any N")
-    elif gpus < n:
-        parts.append(f"extraction is bound by the driver writer from {gpus:.1f} GPUs on "
-                     f"({p.writer_cap:.1f} img/s, {_minutes(p.extract_walls[-1])} at any "
-                     "larger N)")
+    if p.cpu_cap < args.gpu_images_per_s:
+        parts.append(f"the {args.cpus_per_gpu} CPUs beside each GPU decode and write only "
+                     f"{p.cpu_cap:.1f} img/s, below the GPU's assumed {args.gpu_images_per_s:g}")
     else:
-        parts.append(f"extraction is GPU-bound up to {gpus:.0f} GPUs")
+        parts.append(f"extraction is GPU-bound (its CPUs could feed {p.cpu_cap:.0f} img/s per "
+                     "GPU) and scales with the GPU count")
     if p.busy < n:
         parts.append(f"evaluation spreads over only {p.busy} workers "
                      f"({math.ceil(spec.images / args.rows_per_shard)} shards)")
@@ -381,6 +394,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu-images-per-s", type=float, default=10.0,
                         help="ASSUMED model throughput per GPU (images/s), not measured")
+    parser.add_argument("--cpus-per-gpu", type=int, default=16,
+                        help="CPUs beside each GPU for decode and write tasks (16: one H200 node)")
     parser.add_argument("--calibrators", type=int, default=8,
                         help="K calibrators evaluated (plus uncalibrated)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 8, 32],
@@ -423,22 +438,26 @@ def main() -> None:
               f"{check['real_image'] / 1e6:.2f} vs synthetic {check['fake_image'] / 1e6:.2f} "
               f"(raw {check['raw_image'] / 1e6:.2f}).\n")
     print("| dataset | C | labels | stored logits | shard MB/img (logits / labels / image) "
-          "| raw MB/img to driver | writer CPU (wall) s/img | actor CPU s/img | read s/img "
+          "| raw MB/img between stages | decode CPU s/img | writer CPU (wall) s/img "
+          "| reduce CPU s/img | read s/img "
           "| upsample s/img | calibration s/img (softmax64 alone) "
           "| eval RSS MiB (before / peak) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for spec, m in results:
         print(f"| {_label(spec)} | {spec.classes} | {_shape(spec.labels)} | "
               f"{_shape(spec.stored)} | {m['bytes'] / 1e6:.2f} ({m['bytes_logits'] / 1e6:.2f} / "
               f"{m['bytes_labels'] / 1e6:.3f} / {m['bytes_image'] / 1e6:.3f}) | "
-              f"{m['raw_bytes'] / 1e6:.1f} | {m['writer_s']:.3f} ({m['writer_wall_s']:.3f}) | "
+              f"{m['raw_bytes'] / 1e6:.1f} | {m['decode_s']:.3f} | "
+              f"{m['writer_s']:.3f} ({m['writer_wall_s']:.3f}) | "
               f"{m['actor_s']:.3f} | "
               f"{m['read_s']:.3f} | {m['upsample_s']:.3f} | {m['calibration_s']:.3f} "
               f"({m['softmax_s']:.3f}) | "
               f"{m['rss_before_mib']:.0f} / {m['peak_mib']:.0f} |")
     print("\nwriter = pipeline.shards.write_shard (encode, zstd, sha256, write, fsync; its wall "
-          "time also counts the wait for a shared CPU and for the disk); actor = "
-          "store_stride reduction + float16 cast; read = sha256 + read_shard; calibration = "
+          "time also counts the wait for a shared CPU and for the disk); decode = input and "
+          "label PNG (synthetic, a lower bound for photographs); reduce = "
+          "store_stride reduction + float16 cast on a CPU (on the GPU with one); "
+          "read = sha256 + read_shard; calibration = "
           "pipeline.evaluate.image_rows with one temperature calibrator (calibrate, softmax, "
           "image_stats) minus upsample; softmax = torch.softmax alone on the "
           "upsampled logits; RSS = this whole process around that call.\n")
@@ -465,22 +484,17 @@ def main() -> None:
 
     print(f"### Extraction: G = {G:g} images/s per GPU, an ASSUMPTION (no GPU here), "
           "not a measurement\n")
-    print("| dataset | writer cap img/s | GPUs that saturate it | driver ingest MB/s at cap "
-          "| GPU-h (model alone) | "
-          + " | ".join(f"wall h, N={n} GPUs" for n in workers)
-          + f" | GPU-h billed at N={workers[-1]} |")
-    print("|---|---|---|---|---|" + "---|" * len(workers) + "---|")
-    for spec, m, p in plans:
-        print(f"| {_label(spec)} | {p.writer_cap:.1f} | {p.writer_cap / p.per_gpu:.1f} | "
-              f"{p.writer_cap * m['raw_bytes'] / 1e6:.0f} | "
-              f"{_hours(spec.images / p.per_gpu)} | "
-              + " | ".join(_hours(w) for w in p.extract_walls)
-              + f" | {_hours(workers[-1] * p.extract_walls[-1])} |")
-    print("\nwall = images / min(N x per-GPU rate, writer cap); the writer cap is 1 / writer "
-          "CPU s (one driver process writes every shard), optimistic: its fsync wait comes on "
-          "top. Not measured, not included: image "
-          "decode, host-device copies, Ray's object transfer to the driver (raw MB/img above), "
-          "Ray start-up and scheduling.\n")
+    print(f"| dataset | CPU cap img/s per GPU ({args.cpus_per_gpu} CPUs) | img/s per GPU | "
+          + " | ".join(f"wall h, N={n} GPUs" for n in workers) + " |")
+    print("|---|---|---|" + "---|" * len(workers))
+    for spec, _, p in plans:
+        print(f"| {_label(spec)} | {p.cpu_cap:.0f} | {p.per_gpu:.1f} | "
+              + " | ".join(_hours(w) for w in p.extract_walls) + " |")
+    print(f"\nwall = images / (N x min(G, CPU cap)); CPU cap = {args.cpus_per_gpu} / (decode + "
+          "writer CPU s): decode and write tasks run on every CPU beside the GPUs, and the "
+          "driver only collects shard metadata. Not included: host-device copies, object-store "
+          "transfers between the stages (raw MB/img above), Ray's start-up (~8 s per stage "
+          "call on the H200 node) and scheduling.\n")
 
     print(f"### Where it bottlenecks first (G = {G:g} img/s per GPU assumed, K = {K})\n")
     for spec, m, p in plans:
