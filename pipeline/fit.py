@@ -34,6 +34,18 @@ removed before the calibrator is built. The held-out split is by image id, so an
 corrupted copies always fall on the same side; held-out metrics always come from the clean
 (uncorrupted) calibration images so that every calibrator is scored on the same pixels.
 
+Clean reference (issue 14): a calibrator that defines ``reference_options(clean)`` (the
+adaptive temperatures) is given, as extra options, what it computes from the clean calibration
+fit data of its layout, so that it knows the in-domain images even when it fits on corrupted
+copies too (its temperature, feature statistics and gate band come from the clean images).
+
+Oracle (issue 14): every labelled test set (role ``test``) also gets an oracle temperature,
+fitted in-process on that set's own labelled pixels by the fit stage's sampling rule
+(``fit.pixels_per_image``, ``fit.seed``) and written to ``OUTPUT/artifacts/oracle_ts/<set>/``.
+Evaluation applies it to that set only (calibrator ``oracle_ts`` in ``summary.csv``): a bound
+on what one temperature could do there, never a candidate for best. Test sets whose shards are
+missing are skipped with a warning; oracle folders of sets no longer configured are removed.
+
 Layout: `pipeline.sampling` (the split, pixel sampling, maps, `FitSource`) and
 `pipeline.fit_ray` (the Train worker loop and runs) are this stage's lower modules.
 
@@ -45,6 +57,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,12 +70,19 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from pipeline.calibrators import CALIBRATORS, Calibrator, FitData, build_calibrator, save
+from pipeline.calibrators import (
+    CALIBRATORS,
+    Calibrator,
+    FitData,
+    build_calibrator,
+    read_card,
+    save,
+)
 from pipeline.config import CalibratorSpec, DatasetConfig, JobConfig
 from pipeline.fit_ray import concurrent_runs, fit_ray, train_loop_per_worker
 from pipeline.metrics import ece
 from pipeline.models import model_fingerprint
-from pipeline.paths import RunPaths
+from pipeline.paths import ORACLE, RunPaths
 from pipeline.sampling import (
     FitSource,
     check_classes,
@@ -80,9 +100,11 @@ __all__ = [
     "FIT_OPTIONS",
     "FitSource",
     "data_fingerprint",
+    "fit_oracles",
     "fit_spec",
     "fit_specs",
     "heldout_metrics",
+    "oracle_artifacts",
     "record_map",
     "run",
     "sample_pixel_indices",
@@ -188,6 +210,11 @@ def _plan(cfg: JobConfig) -> list[_Job]:
     corrupted = [d for d in calibration if d.corruption is not None]
     jobs = []
     for i, spec in enumerate(cfg.calibrators):
+        if spec.key == ORACLE:
+            raise ValueError(
+                f"Expected `calibrators.{i}` to use a label other than {ORACLE!r} (the folder of "
+                f"the per-test-set oracle temperatures), but got {spec.key!r}"
+            )
         options, use_corrupted, wanted = _spec_options(cfg, spec, i)
         try:  # build once: unknown names and options fail here, before any data is read
             calibrator = build_calibrator(spec.name, cfg.model.num_classes, **options)
@@ -391,6 +418,7 @@ def fit_specs(
     data: dict[bool, tuple[FitData | FitSource, FitData | None]],
     *,
     indices: Sequence[int] | None = None,
+    reference: dict[bool, FitData | FitSource | None] | None = None,
 ) -> list[tuple[Calibrator, dict[str, Any]]]:
     """Fit calibrator specs on in-memory data, in ``cfg.fit.mode`` (what `run` does).
 
@@ -409,6 +437,9 @@ def fit_specs(
             maps under True, for the layouts the specs need; ``fit`` may be a `FitSource`
             (the images stay in their shards: the workers, or this process, read them).
         indices: The specs' positions in ``cfg.calibrators`` (for error messages).
+        reference: ``{spatial: clean fit data}``: a calibrator with ``reference_options``
+            gets what it computes from the clean data of its layout as extra options (unless
+            its spec sets ``reference``). None: no reference is given.
 
     Returns:
         Per spec, the fitted calibrator and ``{"mode", "seconds"[, "ray"]}``: ``seconds`` is
@@ -419,6 +450,14 @@ def fit_specs(
     for spec, index in zip(specs, indices, strict=True):
         options.append(_spec_options(cfg, spec, index)[0])
         calibrators.append(build_calibrator(spec.name, cfg.model.num_classes, **options[-1]))
+        clean = None if reference is None else reference.get(type(calibrators[-1]).spatial)
+        if (clean is not None and hasattr(calibrators[-1], "reference_options")
+                and "reference" not in options[-1]):
+            # The clean reference travels as options: Ray Train workers rebuild the same module.
+            if isinstance(clean, FitSource):
+                clean = reference[type(calibrators[-1]).spatial] = clean.load(cfg.fit)
+            options[-1] = {**options[-1], **calibrators[-1].reference_options(clean)}
+            calibrators[-1] = build_calibrator(spec.name, cfg.model.num_classes, **options[-1])
     extras: list[dict[str, Any]] = [{"mode": "local"} for _ in specs]
     remote = []
     if cfg.fit.mode == "ray":
@@ -530,6 +569,10 @@ def run(cfg: JobConfig) -> dict[str, Path]:
               for spatial in {job.spatial for job in jobs}}
     # Nothing held out in ray mode: the fit images are scored, so the driver reads them after all.
     scored = {k: v.load(cfg.fit) if isinstance(v, FitSource) else v for k, v in scored.items()}
+    # The clean fit data, for calibrators that need to know the in-domain images (loaded once).
+    reference: dict[bool, FitData | FitSource | None] = {
+        spatial: parts(clean, spatial, False) for spatial in {job.spatial for job in jobs}
+    }
     # Calibrators that fit on the same datasets share one fit (one Ray Train run).
     groups: dict[tuple[str, ...], list[_Job]] = {}
     for job in jobs:
@@ -539,7 +582,7 @@ def run(cfg: JobConfig) -> dict[str, Path]:
         data = {spatial: (parts(datasets, spatial, False), parts(datasets, spatial, True))
                 for spatial in {job.spatial for job in group}}
         fitted_group = fit_specs(cfg, [job.spec for job in group], data,
-                                 indices=[job.index for job in group])
+                                 indices=[job.index for job in group], reference=reference)
         results.update({job.index: out for job, out in zip(group, fitted_group, strict=True)})
     fitted = []
     for job in jobs:
@@ -562,11 +605,131 @@ def run(cfg: JobConfig) -> dict[str, Path]:
         fingerprint = data_fingerprint(manifests[n] for n in job.datasets)
         fitted.append((job, calibrator, metrics, fingerprint))
 
+    oracles = fit_oracles(cfg, paths)
+
     # Only now, with every fit done, replace artifacts (each save is an atomic swap).
-    return {
+    written = {
         job.label: save(
             calibrator, paths.artifact_dir(job.label), class_names=cfg.model.names(),
             ignore_index=ignore_index, metrics=metrics, data_fingerprint=fingerprint,
         )
         for job, calibrator, metrics, fingerprint in fitted
     }
+    _save_oracles(cfg, paths, oracles)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# The oracle: a temperature fitted on each labelled test set's own labels (a bound).
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """One test set's oracle temperature, ready to save."""
+
+    dataset: str
+    calibrator: Calibrator
+    ignore_index: int
+    fingerprint: str
+    pixels: int
+
+
+def fit_oracles(cfg: JobConfig, paths: RunPaths) -> list[Oracle]:
+    """Fit the oracle temperature of every labelled test set on its own sampled pixels.
+
+    Pixels are drawn by the fit stage's rule (`pipeline.sampling.fit_samples`: up to
+    ``fit.pixels_per_image`` valid pixels per image, seeded by ``fit.seed`` and the image id)
+    from every image of the set, and `TemperatureScaling` is fitted on them in this process.
+    Sets without shards are skipped with a warning.
+
+    Args:
+        cfg: The run config (datasets of role ``test``, ``fit``).
+        paths: The run's folders.
+
+    Returns:
+        One `Oracle` per test set with shards, in config order.
+
+    Raises:
+        ValueError: A test set whose shards hold another class count or no valid pixel.
+    """
+    oracles = []
+    for ds in cfg.datasets_with_role("test"):
+        directory = paths.dataset_dir(ds.name)
+        try:
+            manifest = read_manifest(directory)
+        except FileNotFoundError:
+            logger.warning("test set %r has no shards in %s: no oracle temperature for it",
+                           ds.name, directory)
+            continue
+        if manifest.num_classes != cfg.model.num_classes:
+            raise ValueError(
+                f"Expected `num_classes` in {directory / 'manifest.json'} to equal "
+                f"model.num_classes={cfg.model.num_classes} from the config, but got "
+                f"{manifest.num_classes}"
+            )
+        parts = []
+        for record in iter_dataset(directory):
+            check_classes(record, cfg.model.num_classes)
+            points, _ = fit_samples(record, cfg.fit, manifest.ignore_index, manifest.ignore_index,
+                                    held=False, pixels=True, maps=False)
+            if points is not None:
+                parts.append((record_key(record), points))
+        data = concat_fit_data([p for _, p in sorted(parts, key=lambda p: p[0])])
+        if data is None:
+            raise ValueError(
+                f"Expected test set {ds.name!r} ({directory}) to hold pixels not equal to "
+                f"`ignore_index`={manifest.ignore_index} for its oracle temperature, but all "
+                f"{manifest.n_images} images are fully ignored"
+            )
+        calibrator = build_calibrator("temperature", cfg.model.num_classes)
+        calibrator.fit(data.logits, data.labels, seed=cfg.fit.seed)
+        logger.info("%s: oracle temperature %.4f on %d pixels of %s", ORACLE,
+                    calibrator.summary()["temperature"], len(data.labels), ds.name)
+        oracles.append(Oracle(ds.name, calibrator, manifest.ignore_index,
+                              data_fingerprint([manifest]), len(data.labels)))
+    return oracles
+
+
+def _save_oracles(cfg: JobConfig, paths: RunPaths, oracles: Sequence[Oracle]) -> None:
+    root = paths.artifacts / ORACLE
+    root.mkdir(parents=True, exist_ok=True)
+    for oracle in oracles:
+        save(oracle.calibrator, paths.oracle_dir(oracle.dataset), class_names=cfg.model.names(),
+             ignore_index=oracle.ignore_index,
+             metrics={"bound": True, "dataset": oracle.dataset, "fit_pixels": oracle.pixels},
+             data_fingerprint=oracle.fingerprint)
+    keep = {o.dataset for o in oracles}
+    for stale in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if stale.name not in keep:
+            shutil.rmtree(stale)
+
+
+def oracle_artifacts(cfg: JobConfig, paths: RunPaths) -> dict[str, str]:
+    """Test set -> its oracle artifact folder, for the sets whose oracle is current.
+
+    An oracle is current when its card's data fingerprint equals that of the set's shards;
+    a missing or stale one is left out with a warning (``segcal fit`` writes them).
+
+    Args:
+        cfg: The run config.
+        paths: The run's folders.
+
+    Returns:
+        ``{dataset: folder}`` in config order of the test sets.
+    """
+    found = {}
+    for ds in cfg.datasets_with_role("test"):
+        directory = paths.oracle_dir(ds.name)
+        try:
+            card = read_card(directory)
+            manifest = read_manifest(paths.dataset_dir(ds.name))
+        except FileNotFoundError:
+            logger.warning("no %s artifact for test set %r at %s: run `segcal fit`", ORACLE,
+                           ds.name, directory)
+            continue
+        if card.get("data_fingerprint") != data_fingerprint([manifest]):
+            logger.warning("the %s artifact at %s was fitted on other shards of %r than these: "
+                           "left out; run `segcal fit`", ORACLE, directory, ds.name)
+            continue
+        found[ds.name] = str(directory)
+    return found

@@ -5,6 +5,7 @@ Everything a run writes lives under its ``output`` folder::
     OUTPUT/config.resolved.yaml
     OUTPUT/shards/<fp12>/<dataset>/part-00000.parquet, manifest.json
     OUTPUT/artifacts/<calibrator label>/model.safetensors, calibrator.json
+    OUTPUT/artifacts/oracle_ts/<test dataset>/model.safetensors, calibrator.json
     OUTPUT/per_image.parquet, summary.csv, domain_shift.csv, best.csv, report.md, report.html
     OUTPUT/plots/*.png
 
@@ -34,6 +35,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# The artifact folder (and summary.csv label) of the per-test-set oracle temperatures.
+ORACLE = "oracle_ts"
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,17 @@ class RunPaths:
             ValueError: ``label`` is not a single folder name inside :attr:`artifacts`.
         """
         return child(self.artifacts, label, what="calibrator label")
+
+    def oracle_dir(self, dataset: str) -> Path:
+        """Artifact folder of the oracle temperature of test set ``dataset``.
+
+        ``OUTPUT/artifacts/oracle_ts/<dataset>``: a temperature fitted on that set's own
+        labels, a bound that is evaluated on that set only (see `pipeline.fit`).
+
+        Raises:
+            ValueError: ``dataset`` is not a single folder name.
+        """
+        return child(self.artifacts / ORACLE, dataset, what="dataset name")
 
 
 def child(parent: str | Path, name: str, *, what: str = "name") -> Path:

@@ -433,6 +433,34 @@ def test_corrupted_sets_only_for_use_corrupted(tmp_path):
         "uncalibrated"]
 
 
+def test_adaptive_calibrators_get_the_clean_reference_from_the_fit_stage(tmp_path):
+    # Clean images at T = 2, their corrupted copies at T = 6: the gated calibrator's T0 (and
+    # band) must come from the clean images alone, its per-image temperatures from both.
+    output = tmp_path / "run"
+    write_dataset(output, "cal", make_records("cal", 8, scale=2.0))
+    write_dataset(output, "cal_fog", make_records("cal_fog", 8, scale=6.0, seed=3))
+    cfg = make_cfg(tmp_path, corrupted=[("cal_fog", "fog", 3)], calibrators=[
+        {"name": "temperature"},
+        {"name": "adaptive_ts_gated", "options": {"use_corrupted": True, "gate": "hard",
+                                                  "band": 0.0}},
+        {"name": "adaptive_ts", "label": "pinned", "options": {
+            "reference": {"temperature": 1.5, "mean": [0.0] * 4, "std": [1.0] * 4,
+                          "lo": [0.0] * 4, "hi": [0.0] * 4}}},
+    ], map_stride=2, heldout_fraction=0.25)
+    out = fit.run(cfg)
+    cards = {k: json.loads((v / "calibrator.json").read_text()) for k, v in out.items()}
+    reference = cards["adaptive_ts_gated"]["options"]["reference"]
+    assert cards["adaptive_ts_gated"]["metrics"]["datasets"] == ["cal", "cal_fog"]
+    # Fitted on the clean fit maps (stride 2) rather than 128 sampled pixels: close to TS.
+    assert reference["temperature"] == pytest.approx(
+        load(out["temperature"]).temperature, rel=0.1)
+    assert reference["temperature"] < 3.0
+    gated = load(out["adaptive_ts_gated"])
+    assert gated.summary()["temperature"] == pytest.approx(reference["temperature"], rel=1e-6)
+    # A reference given in the spec is kept as it is.
+    assert cards["pinned"]["options"]["reference"]["temperature"] == 1.5
+
+
 def test_augment_corruption_without_matching_dataset(tmp_path, no_fit):
     cfg = make_cfg(tmp_path, corrupted=[("cal_fog", "fog", 3)], calibrators=[
         {"name": "temperature", "options": {"augment_corruptions": [
