@@ -113,6 +113,21 @@ def test_right_recipe_passes_without_warnings(data):
     assert any("dataset val (calibration, folder): 3 images listed" in x for x in report.lines)
 
 
+def test_a_monitor_set_needs_no_labels_and_still_runs_through_the_model(data):
+    raw = _raw(data)
+    raw["datasets"].append({"name": "night", "role": "monitor", "domain": "night",
+                            "images": str(data / "images")})
+    report = preflight(parse_config(raw))
+    assert report.warnings == []
+    check = report.datasets[1]
+    assert (check.listed, check.selected, check.labelled, check.scored) == (3, 3, 0, 2)
+    assert check.pixel_accuracy is None
+    assert any("dataset night (monitor, folder): 3 images listed, 3 selected, unlabelled" in x
+               for x in report.lines)
+    assert any("dataset night: 2 unlabelled image(s) decoded and run through the model" in x
+               for x in report.lines)
+
+
 def test_mean_std_in_255_units_with_scale_1_255_warns_with_the_fix(data):
     # The mistake: ImageNet mean/std given in 0-255 units, scale left at 1/255.
     cfg = _cfg(data, model={"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]})

@@ -254,3 +254,13 @@ def test_describe_shard(tmp_path):
         describe_shard(tmp_path / "bad.parquet")
     with pytest.raises(FileNotFoundError, match="missing"):
         describe_shard(tmp_path / "gone.parquet")
+
+
+def test_manifest_records_an_unlabelled_set_and_old_manifests_read_as_labelled(tmp_path):
+    shards = [write_shard(tmp_path / "part-00000.parquet", make_records(1))]
+    write_manifest(tmp_path, make_manifest(shards, role="monitor", labelled=False))
+    assert read_manifest(tmp_path).labelled is False
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    del raw["labelled"]  # written before the field existed
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert read_manifest(tmp_path).labelled is True
