@@ -65,7 +65,7 @@ from pipeline.metrics import N_SCORE_BINS, ImageStats, first_argmax
 from pipeline.metrics import functional as MF
 from pipeline.metrics.stats import stats_from_image_sums
 from pipeline.metrics.torch_stats import image_stats_torch, prepare_targets
-from pipeline.paths import RunPaths, atomic_write_text, scratch_dir
+from pipeline.paths import ORACLE, RunPaths, atomic_write_text, scratch_dir
 from pipeline.shards import (
     MANIFEST_NAME,
     ImageRecord,
@@ -449,6 +449,8 @@ class ShardEvaluator:
         use_gpu: ``"auto"`` (CUDA when this actor sees a GPU), True or False; on a GPU the
             calibrators and the statistics run there and only the sums come back.
         timer: optional :class:`StageTimer` charging each stage (profiling).
+        oracles: test set -> its oracle temperature's artifact folder, applied to that set
+            only as calibrator ``oracle_ts`` (see :func:`pipeline.fit.fit_oracles`).
     """
 
     def __init__(
@@ -460,6 +462,7 @@ class ShardEvaluator:
         threads: int | None = None,
         use_gpu: object = "auto",
         timer: StageTimer | None = None,
+        oracles: Mapping[str, str] | None = None,
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -468,6 +471,8 @@ class ShardEvaluator:
         self.calibrators.update(
             {label: load(path).to(self.device) for label, path in artifacts.items()}
         )
+        self.oracles = {name: load(path).to(self.device)
+                        for name, path in (oracles or {}).items()}
         self.n_bins = n_bins
         self.boundary_width = boundary_width
         self.timer = timer
@@ -482,6 +487,9 @@ class ShardEvaluator:
             keep = set(item["image_ids"])
             meta = {k: item[k] for k in ("dataset", "domain", "reference", "role")}
             labelled = item.get("labelled", True)
+            calibrators = self.calibrators
+            if item["dataset"] in self.oracles:  # a test set's own temperature, there only
+                calibrators = {**calibrators, ORACLE: self.oracles[item["dataset"]]}
             records = _iter_shard(Path(item["path"]), item["sha256"], item["rows"])
             while True:
                 with timer("Parquet read + decode"):
@@ -490,7 +498,7 @@ class ShardEvaluator:
                     break
                 if record.image_id in keep:
                     for label, image_stats, feats in image_stats_per_calibrator(
-                        record, self.calibrators, n_bins=self.n_bins,
+                        record, calibrators, n_bins=self.n_bins,
                         boundary_width=self.boundary_width, ignore_index=item["ignore_index"],
                         device=self.device, timer=timer, labelled=labelled,
                     ):
@@ -652,6 +660,7 @@ def domain_shift(
 def best_per_domain(summary: pd.DataFrame) -> pd.DataFrame:
     """The best calibrator per test domain by image-wise ECE, ties broken by NLL.
 
+    Oracle rows (``oracle_ts``: fitted on the set's own labels) are bounds and never ranked.
     A domain spread over several test datasets is pooled: image-wise ECE weighted by images,
     NLL by pixels (both exact, as each is a mean over images or pixels).
 
@@ -673,7 +682,9 @@ def best_per_domain(summary: pd.DataFrame) -> pd.DataFrame:
     """
     columns = ["domain", "datasets", "n_images", "best", "img_ece", "nll",
                "uncalibrated_img_ece", "uncalibrated_nll", "reduction"]
-    test = summary[summary["role"] == "test"]
+    # Oracle rows (a temperature fitted on the set's own labels) are bounds, never candidates.
+    oracle = summary["calibrator"].astype(str).str.contains("oracle", case=False)
+    test = summary[(summary["role"] == "test") & ~oracle]
     records = []
     for domain, rows in test.groupby("domain", sort=False):
         pooled = rows.groupby("calibrator", sort=False).apply(
@@ -1119,9 +1130,13 @@ def run(cfg: JobConfig, *, local: bool = False) -> Path:
     targets = plan_targets(cfg, paths)
     references = reference_datasets(targets)
     artifacts = check_artifacts(cfg, paths, targets)
+    from pipeline.fit import oracle_artifacts  # here: pipeline.fit imports the fit stage
+
+    oracles = oracle_artifacts(cfg, paths)
     items = _work_items(targets)
     kwargs = {"artifacts": artifacts, "n_bins": cfg.evaluate.n_bins,
-              "boundary_width": cfg.evaluate.boundary_width, "use_gpu": _use_gpu(cfg)}
+              "boundary_width": cfg.evaluate.boundary_width, "use_gpu": _use_gpu(cfg),
+              "oracles": oracles}
     logger.info("evaluating %d calibrators + uncalibrated on %d datasets (%d shards)",
                 len(artifacts), len(targets), len(items))
 
@@ -1137,7 +1152,7 @@ def run(cfg: JobConfig, *, local: bool = False) -> Path:
                 writer.write_table(batch)
                 aggregator.add(batch.to_pandas())
         _fsync(tmp / PER_IMAGE)
-        summary = _ordered(aggregator.summary(), targets, ["uncalibrated", *artifacts])
+        summary = _ordered(aggregator.summary(), targets, ["uncalibrated", ORACLE, *artifacts])
         _write_csv(summary, tmp / SUMMARY)
         _write_csv(domain_shift(summary, aggregator, references), tmp / DOMAIN_SHIFT)
         _write_csv(best_per_domain(summary), tmp / BEST)
