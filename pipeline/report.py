@@ -297,12 +297,14 @@ def build(
 
 
 LABEL_FREE_NOTE = (
-    "From the logits alone, against the held-out calibration images: the drift score compares "
-    "the set's per-image confidence and entropy with theirs (alarm above the threshold, fixed "
-    "so that in-domain sets raise it at most 5% of the time); pixel accuracy is estimated by "
-    "ATC (average thresholded confidence) and DoC (difference of confidences), image-wise ECE "
-    "by the calibrator's own estimate. Labelled test sets are treated as if unlabelled and "
-    "their truth is shown beside each estimate; monitor sets have estimates only."
+    "From the logits alone, against the held-out calibration images (pipeline/label_free.py): "
+    "the drift score is the largest Kolmogorov-Smirnov distance between the set's per-image "
+    "mean confidence and entropy and theirs, with an alarm above a threshold bootstrapped from "
+    "them alone (a set like them raises it about 5% of the time); pixel accuracy is estimated "
+    "by ATC (average thresholded confidence) and DoC (difference of confidences), image-wise "
+    "ECE from each calibrator's confidences with an accuracy map matched to ATC. Labelled "
+    "test sets are treated as if unlabelled, their truth beside each estimate; monitor sets "
+    "have estimates only."
 )
 
 

@@ -215,3 +215,23 @@ def test_label_free_section_fits_the_1400px_window(cfg, tmp_path):
     seen = browser.probe(path)
     assert seen["clientWidth"] == browser.WIDTH
     assert seen["scrollWidth"] <= browser.WIDTH
+
+
+def test_report_of_a_real_run_with_monitor_sets(tmp_path_factory):
+    # A synthetic extract -> fit -> evaluate with two monitor sets (tests/test_monitor.py),
+    # then the report: the section lists every test and monitor set, monitors without truth.
+    monitor = pytest.importorskip("test_monitor")
+    cfg, output = monitor.run.__wrapped__(tmp_path_factory)
+    page = report.write(cfg).read_text()
+    markdown = (Path(output) / "report.md").read_text()
+    section = _section(markdown)
+    lf = pd.read_csv(Path(output) / rd.LABEL_FREE)
+    assert set(lf["dataset"]) == {"day", "cal_test", "cal_monitor", "dark"}
+    for dataset in lf["dataset"].unique():
+        assert f"| {dataset} |" in section
+    dark = next(line for line in section.splitlines() if line.startswith("| dark |"))
+    assert "/ – |" in dark  # estimates only
+    assert "mean absolute error (2 labelled sets)" in section
+    assert '<h2 id="label-free">' in page
+    # No reliability figure for a monitor set (no labels, no bins).
+    assert not (Path(output) / "plots" / "dark.png").exists()
