@@ -523,6 +523,25 @@ def fit_spec(
                      indices=[index])[0]
 
 
+def _remove_save_leftovers(artifacts: Path) -> None:
+    """Remove the folders a killed `save` left in ``artifacts`` (``.<label>.*.tmp``, ``.*.old``).
+
+    `save` builds an artifact in ``.<label>.<random>.tmp`` and moves the old one into
+    ``.<label>.<random>.old`` while it swaps; a driver killed in between leaves both behind,
+    where `pipeline.registry.add_run` would copy them into the registry and
+    `pipeline.registry.artifact_digest` would count them (so an identical refit would no longer
+    be recognised). Called before the artifacts are written: the stage holds the output lock
+    (`pipeline.paths.output_lock`), so no other save in this folder is live.
+    """
+    if not artifacts.is_dir():
+        return
+    leftovers = [p for pattern in (".*.tmp", ".*.old") for p in artifacts.rglob(pattern)]
+    for path in sorted(leftovers, key=lambda p: len(p.parts)):
+        if path.is_dir():
+            logger.info("removing %s, left by a killed fit", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def run(cfg: JobConfig) -> dict[str, Path]:
     """Fit every calibrator of ``cfg.calibrators`` and write its artifact.
 
@@ -607,6 +626,7 @@ def run(cfg: JobConfig) -> dict[str, Path]:
 
     oracles = fit_oracles(cfg, paths)
 
+    _remove_save_leftovers(paths.artifacts)  # a killed fit's swap folders
     # Only now, with every fit done, replace artifacts (each save is an atomic swap).
     written = {
         job.label: save(
