@@ -237,6 +237,26 @@ def test_a_rerun_with_nothing_new_extracts_nothing(run, no_ray):
     assert read_manifest(paths.dataset_dir("dark")).shards == before
 
 
+def test_a_nightly_rerun_extracts_only_the_new_unlabelled_images(tmp_path, no_ray):
+    _images(tmp_path / "img", 3, 0)
+    cfg = parse_config({
+        "output": str(tmp_path / "run"), "model": MODEL,
+        "datasets": [{"name": "night", "role": "monitor", "domain": "night",
+                      "images": str(tmp_path / "img")}],
+    })
+    directory = RunPaths(tmp_path / "run", model_fingerprint(cfg.model)).dataset_dir("night")
+    extract.run(cfg)
+    assert read_manifest(directory).changes == {"added": 3, "changed": 0, "removed": 0}
+    _images(tmp_path / "new", 4, 1)
+    (tmp_path / "new" / "f03.png").rename(tmp_path / "img" / "f03.png")  # a new frame arrives
+    (tmp_path / "img" / "f00.png").unlink()  # and an old one is gone
+    extract.run(cfg)
+    manifest = read_manifest(directory)
+    assert manifest.changes == {"added": 1, "changed": 0, "removed": 1}
+    assert manifest.image_ids() == {"f01", "f02", "f03"}
+    assert no_ray == ["night", "night"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
