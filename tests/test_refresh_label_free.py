@@ -405,3 +405,16 @@ def test_status_and_history_page_read_old_entries_without_label_free(tmp_path, c
     assert 'id="label-free"' not in page
     assert "without labels" not in page
     assert "<td>–</td><td>old entry</td>" in page
+
+
+def test_exit_code_4_is_documented_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "4 refresh done but a drift alarm fired" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        cli.main(["refresh", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-drift-exit" in text
+    assert "--allow-adaptive" in text
+    assert "4  ``refresh`` only" in cli.__doc__
+    assert "exits with code 4" in " ".join(refresh_mod.__doc__.split())
