@@ -274,6 +274,37 @@ def test_drift_alarm_on_shift_and_deterministic():
     assert drift(ref, tgt, seed=3, n_boot=200) == drift(ref, tgt, seed=3, n_boot=200)
 
 
+def _video_rows(n: int, rng: np.random.Generator, rho: float) -> pd.DataFrame:
+    """Frames of a video: per-image features follow an AR(1) series (lag-1 correlation rho)."""
+    noise = rng.normal(size=(n, 2))
+    x = np.zeros((n, 2))
+    x[0] = noise[0]
+    for t in range(1, n):
+        x[t] = rho * x[t - 1] + math.sqrt(1 - rho**2) * noise[t]
+    pixels = 1000
+    return pd.DataFrame({"image_id": [f"f{t:05d}" for t in range(n)], "lf_n_pixels": pixels,
+                         "lf_conf_sum": (0.9 + 0.02 * x[:, 0]) * pixels,
+                         "lf_entropy_sum": (0.3 + 0.05 * x[:, 1]) * pixels})
+
+
+def test_drift_correlated_frames_block_bootstrap():
+    """Another stretch of the same video: i.i.d. draws alarm often, blocks about `level`.
+
+    The rows are shuffled: the reference is put back in ``image_id`` (frame) order.
+    """
+    rng = np.random.default_rng(4)
+    iid = blocks = 0
+    trials = 30
+    for i in range(trials):
+        frames = _video_rows(300, rng, rho=0.8)
+        reference = frames.iloc[:150].sample(frac=1.0, random_state=i)
+        later = frames.iloc[200:240]
+        iid += drift(reference, later, seed=i, n_boot=200, block=1).alarm
+        blocks += drift(reference, later, seed=i, n_boot=200).alarm
+    assert iid >= 0.4 * trials  # measured 0.65 over 40 trials
+    assert blocks <= 0.25 * trials  # measured 0.10
+
+
 def test_drift_errors():
     rng = np.random.default_rng(2)
     ref = _drift_rows(10, rng)
@@ -283,6 +314,8 @@ def test_drift_errors():
         drift(ref.iloc[:0], ref)
     with pytest.raises(ValueError, match=r"`level` to be a float in \(0, 1\), but got 1.5"):
         drift(ref, ref, level=1.5)
+    with pytest.raises(ValueError, match="`block` to be a positive int or None, but got 0"):
+        drift(ref, ref, block=0)
 
 
 def test_label_free_columns():
