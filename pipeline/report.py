@@ -298,10 +298,12 @@ def build(
 
 LABEL_FREE_NOTE = (
     "From the logits alone, against the held-out calibration images (pipeline/label_free.py): "
-    "the drift score is the largest Kolmogorov-Smirnov distance between the set's per-image "
-    "mean confidence and entropy and theirs, with an alarm above a threshold bootstrapped from "
-    "them alone (a set like them raises it about 5% of the time); pixel accuracy is estimated "
-    "by ATC (average thresholded confidence) and DoC (difference of confidences), image-wise "
+    "the drift score is the energy distance between the set's per-image mean confidence and "
+    "entropy and theirs (standardised by their spread; it grows with the shift), with an alarm "
+    "above a threshold bootstrapped from them alone (independent images like them raise it "
+    "about 5% of the time; frames of another video sequence can differ by more); pixel "
+    "accuracy is estimated by ATC (average thresholded confidence) and DoC (difference of "
+    "confidences), image-wise "
     "ECE from each calibrator's confidences with an accuracy map matched to ATC. Labelled "
     "test sets are treated as if unlabelled, their truth beside each estimate; monitor sets "
     "have estimates only."
