@@ -125,15 +125,9 @@ def _require_maps(logits: Tensor, name: str) -> Tensor:
     return logits
 
 
-def _with_valid_pixels(data: FitData) -> FitData:
-    """Drop maps without a valid pixel (nothing to fit on them)."""
-    if data.ignore_index is None:
-        return data
-    keep = (data.labels != data.ignore_index).flatten(1).any(1)
-    if bool(keep.all()):
-        return data
-    images = None if data.images is None else data.images[keep]
-    return FitData(data.logits[keep], data.labels[keep], images, data.ignore_index)
+def _features_chunked(logits: Tensor, chunk: int = 16) -> Tensor:
+    """`image_features` of many maps, ``chunk`` at a time (bounds the softmax temporaries)."""
+    return torch.cat([image_features(logits[i : i + chunk]) for i in range(0, len(logits), chunk)])
 
 
 def _grid_pixels(
@@ -275,8 +269,8 @@ class AdaptiveTemperatureScaling(Calibrator):
 
     def _reference(self, data: FitData, reduce: Reduce = LOCAL) -> dict[str, Any]:
         """``T0``, feature mean / std and the quantile band of (this shard of) clean maps."""
-        data = _with_valid_pixels(data)
-        features = reduce.gather(image_features(data.logits))  # every worker: all images
+        # Every image counts, labelled pixels or not: the features need no labels.
+        features = reduce.gather(_features_chunked(data.logits))  # every worker: all images
         mean = features.mean(0)
         std = features.std(0, unbiased=False).clamp_min(_MIN_STD) if len(features) > 1 \
             else torch.ones_like(mean)
@@ -313,7 +307,6 @@ class AdaptiveTemperatureScaling(Calibrator):
 
     def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
         opts = self.options
-        data = _with_valid_pixels(data)
         reference = opts["reference"] or self._reference(data, reduce)
         device = self.weight.device
         with torch.no_grad():
@@ -323,7 +316,8 @@ class AdaptiveTemperatureScaling(Calibrator):
                 getattr(self, name).copy_(torch.tensor(reference[key], device=device))
             self.weight.zero_()
             self.bias.zero_()
-        features = image_features(data.logits)
+        # Maps without a valid pixel add no pixel to the loss (and are not copied out).
+        features = _features_chunked(data.logits)
         points, labels, owner = _grid_pixels(data, opts["pixels_per_image"])
         (n_total,) = reduce.sum_floats(float(len(labels)))
         # The penalty counts once: on rank 0 (the gradients are summed over workers).
