@@ -715,13 +715,20 @@ def best_per_domain(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def _feature_rows(per_image: Path, datasets: Sequence[str]) -> pd.DataFrame:
-    """The feature columns of ``datasets``' per-image rows, read back from ``per_image``."""
-    columns = ["dataset", "calibrator", "image_id", *FEATURE_COLUMNS]
+    """The feature columns (and ``img_ece``) of ``datasets``' rows, read back from ``per_image``.
+
+    Rows come sorted by ``image_id`` (frame order for video ids such as CamVid's), whatever
+    order the evaluators returned them in, so the drift test's block bootstrap sees neighbouring
+    frames together and the table does not depend on scheduling.
+    """
+    # img_ece too: fit_reference uses the labelled reference images' true image-wise ECE.
+    columns = ["dataset", "calibrator", "image_id", "img_ece", *FEATURE_COLUMNS]
     if not datasets:
         return pd.DataFrame(columns=columns)
     table = pq.read_table(per_image, columns=columns,
                           filters=[("dataset", "in", list(datasets))])
-    return table.to_pandas()
+    rows = table.to_pandas()
+    return rows.sort_values(["image_id", "dataset"], kind="stable").reset_index(drop=True)
 
 
 def label_free_table(
@@ -735,7 +742,8 @@ def label_free_table(
     """``label_free.csv``: drift and label-free estimates per test or monitor set x calibrator.
 
     Each calibrator's reference is its own rows of the held-out calibration images (every
-    ``<calibration>-heldout`` set, pooled) with their true pixel accuracy
+    ``<calibration>-heldout`` set without a ``corruption``, pooled: corrupted copies are not
+    the domain a drift is measured from) with their true pixel accuracy
     (:func:`pipeline.label_free.fit_reference`); each set's estimates come from its own rows
     of that calibrator (:func:`pipeline.label_free.estimate`). The drift score compares the
     uncalibrated rows of the held-out images with the set's (:func:`pipeline.label_free.drift`),
@@ -760,7 +768,7 @@ def label_free_table(
     from pipeline import label_free as LF
 
     heldout = [t.name for t in targets if t.name.endswith(HELDOUT_SUFFIX)
-               and t.config.role == "calibration"]
+               and t.config.role == "calibration" and t.config.corruption is None]
     sets = [t for t in targets if t.config.role in ("test", MONITOR)]
     if not heldout:
         if sets:

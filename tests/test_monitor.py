@@ -108,6 +108,11 @@ def _raw(root):
         "datasets": [
             {"name": "cal", "role": "calibration", "domain": "day",
              "images": str(data / "cal" / "img"), "labels": str(data / "cal" / "lab")},
+            # A corrupted copy (for calibrators that use one): evaluated held out, but never
+            # part of the label-free reference.
+            {"name": "cal_noise", "role": "calibration", "domain": "day",
+             "images": str(data / "cal" / "img"), "labels": str(data / "cal" / "lab"),
+             "corruption": {"kind": "noise", "severity": 5}},
             {"name": "day", "role": "test", "domain": "day",
              "images": str(data / "day" / "img"), "labels": str(data / "day" / "lab")},
             # The calibration images twice more: as a test set (the truth) and as a monitor
@@ -194,8 +199,8 @@ def test_monitor_sample_decodes_to_an_all_ignore_label_plane(tmp_path):
 
 def test_a_calibration_or_test_set_without_labels_is_refused_naming_the_key(tmp_path):
     raw = _raw(tmp_path)
-    raw["datasets"][1] = {k: v for k, v in raw["datasets"][1].items() if k != "labels"}
-    with pytest.raises(ConfigError, match=r"datasets\.1: Expected `labels` to be set for format "
+    raw["datasets"][2] = {k: v for k, v in raw["datasets"][2].items() if k != "labels"}
+    with pytest.raises(ConfigError, match=r"datasets\.2: Expected `labels` to be set for format "
                        r"'folder' and role 'test'"):
         parse_config(raw)
 
@@ -266,10 +271,12 @@ def test_per_image_rows_carry_features_and_monitor_rows_no_label_statistics(run)
     rows = pd.read_parquet(output / evaluate.PER_IMAGE)
     assert set(FEATURE_COLUMNS) <= set(rows.columns)
     assert pq.read_schema(output / evaluate.PER_IMAGE).equals(evaluate.ROW_SCHEMA)
-    calibrators = {"uncalibrated", "temperature"}
-    for name, n in (("cal-heldout", 6), ("day", 8), ("cal_test", 20), ("cal_monitor", 20),
-                    ("dark", 8)):
+    for name, n in (("cal-heldout", 6), ("cal_noise-heldout", 6), ("day", 8), ("cal_test", 20),
+                    ("cal_monitor", 20), ("dark", 8)):
         part = rows[rows["dataset"] == name]
+        # Labelled test sets also get their oracle temperature (a bound).
+        calibrators = {"uncalibrated", "temperature"} | (
+            {"oracle_ts"} if name in ("day", "cal_test") else set())
         assert set(part["calibrator"]) == calibrators, name
         assert len(part) == n * len(calibrators), name
     # Every pixel counts for the features, ignore pixels included.
@@ -288,6 +295,7 @@ def test_per_image_rows_carry_features_and_monitor_rows_no_label_statistics(run)
     assert (labelled["n_images"] == 1).all()
     # The monitor copy of the calibration images has the same features as the labelled copy.
     key = ["image_id", "calibrator"]
+    rows = rows[rows["calibrator"] != "oracle_ts"]
     a = rows[rows["dataset"] == "cal_test"].sort_values(key).reset_index(drop=True)
     b = rows[rows["dataset"] == "cal_monitor"].sort_values(key).reset_index(drop=True)
     for column in FEATURE_COLUMNS:
@@ -298,7 +306,7 @@ def test_per_image_rows_carry_features_and_monitor_rows_no_label_statistics(run)
 def test_monitor_sets_get_no_summary_shift_or_best_rows(run):
     _, output = run
     summary = pd.read_csv(output / evaluate.SUMMARY)
-    assert set(summary["dataset"]) == {"cal-heldout", "day", "cal_test"}
+    assert set(summary["dataset"]) == {"cal-heldout", "cal_noise-heldout", "day", "cal_test"}
     shift = pd.read_csv(output / evaluate.DOMAIN_SHIFT)
     assert "dark" not in set(shift["dataset"])
     best = pd.read_csv(output / evaluate.BEST)
@@ -316,9 +324,10 @@ def test_label_free_table_has_a_row_per_set_and_calibrator(run):
     assert list(table["role"]) == ["test"] * 4 + ["monitor"] * 4
     assert list(table["n_images"]) == [8, 8, 20, 20, 20, 20, 8, 8]
     assert table.loc[table["dataset"] == "dark", "reference"].eq("day").all()
-    for column in ("est_pixel_acc", "est_pixel_acc_doc", "est_img_ece", "drift_score",
-                   "drift_threshold"):
+    for column in ("est_pixel_acc", "est_pixel_acc_doc", "est_img_ece"):
         assert table[column].between(0, 1).all(), column
+    assert (table["drift_score"] >= 0).all()
+    assert (table["drift_threshold"] > 0).all()
 
 
 def test_true_values_are_the_summary_s_and_nan_for_monitor_sets(run):
@@ -331,6 +340,32 @@ def test_true_values_are_the_summary_s_and_nan_for_monitor_sets(run):
     monitor = table[table["role"] == "monitor"]
     assert monitor["true_pixel_acc"].isna().all()
     assert monitor["true_img_ece"].isna().all()
+
+
+def test_label_free_rows_are_the_estimators_on_the_clean_held_out_reference(run):
+    """An independent recomputation from per_image.parquet with pipeline.label_free."""
+    from pipeline import label_free as LF
+
+    _, output = run
+    rows = pd.read_parquet(output / evaluate.PER_IMAGE).sort_values("image_id", kind="stable")
+    summary = pd.read_csv(output / evaluate.SUMMARY).set_index(["dataset", "calibrator"])
+    table = pd.read_csv(output / evaluate.LABEL_FREE).set_index(["dataset", "calibrator"])
+    heldout = rows[rows["dataset"] == "cal-heldout"]  # not cal_noise-heldout: corrupted
+    for cal in ("uncalibrated", "temperature"):
+        ref = LF.fit_reference(heldout[heldout["calibrator"] == cal].reset_index(drop=True),
+                               summary.loc[("cal-heldout", cal), "pixel_acc"])
+        for name in ("day", "dark"):
+            mine = rows[(rows["dataset"] == name) & (rows["calibrator"] == cal)]
+            est = LF.estimate(mine.reset_index(drop=True), ref)
+            for key, value in est.items():
+                assert table.loc[(name, cal), key] == pytest.approx(value, rel=1e-12), key
+    unc = heldout[heldout["calibrator"] == "uncalibrated"].reset_index(drop=True)
+    for name in ("day", "dark"):
+        mine = rows[(rows["dataset"] == name) & (rows["calibrator"] == "uncalibrated")]
+        d = LF.drift(unc, mine.reset_index(drop=True))
+        assert table.loc[(name, "temperature"), "drift_score"] == pytest.approx(d.score)
+        assert table.loc[(name, "temperature"), "drift_threshold"] == pytest.approx(d.threshold)
+        assert bool(table.loc[(name, "temperature"), "drift_alarm"]) == d.alarm
 
 
 def test_drift_is_one_value_per_set_and_fires_on_the_dark_frames(run):
