@@ -13,6 +13,7 @@ from pipeline.label_free import (
     CONF_EDGES,
     FEATURE_COLUMNS,
     LABEL_FREE_COLUMNS,
+    PRED_HIST_COLUMN,
     Drift,
     Reference,
     drift,
@@ -209,6 +210,69 @@ def test_overconfident_model(temperature):
     assert est["est_pixel_acc"] < conf - 0.1
     assert true_ece > 0.05
     assert est["est_img_ece"] == pytest.approx(true_ece, abs=0.03)
+
+
+def _biased_set(n: int, *, seed: int, bias: float = 0.0):
+    """An accurate model (logit scales 4..8) whose class-0 logit is raised by ``bias``.
+
+    Labels follow the unbiased softmax, so the bias makes the model predict class 0, and
+    confidently so, where it is wrong: confidence rises while accuracy falls. Returns the rows
+    with :data:`PRED_HIST_COLUMN` and the true accuracy.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows, accs = [], []
+    for _ in range(n):
+        scale = 4.0 + 4.0 * float(torch.rand((), generator=g))
+        logits = torch.randn(C, SIDE, SIDE, generator=g, dtype=torch.float64) * scale
+        truth = torch.softmax(logits, 0).reshape(C, -1).T
+        labels = torch.multinomial(truth, 1, generator=g)[:, 0]
+        logits[0] += bias
+        preds = logits.argmax(0)
+        rows.append(image_features(torch.softmax(logits, 0).float(), preds=preds))
+        accs.append(float((preds.reshape(-1) == labels).double().mean()))
+    return pd.DataFrame(rows), float(np.mean(accs))
+
+
+def test_image_features_pred_hist():
+    g = torch.Generator().manual_seed(6)
+    probs = torch.softmax(torch.randn(C, 6, 7, generator=g), 0)
+    preds = probs.argmax(0)
+    got = image_features(probs, preds=preds)
+    np.testing.assert_array_equal(got[PRED_HIST_COLUMN],
+                                  np.bincount(preds.reshape(-1).numpy(), minlength=C))
+    assert got[PRED_HIST_COLUMN].dtype == np.int64
+    assert PRED_HIST_COLUMN not in image_features(probs)
+    with pytest.raises(TypeError, match="`preds` to be an integer torch.Tensor"):
+        image_features(probs, preds=preds.float())
+    with pytest.raises(ValueError, match=r"`preds` of shape \(6, 7\)"):
+        image_features(probs, preds=preds[:5])
+    with pytest.raises(ValueError, match=r"`preds` in \[0, 5\), but got values in \[5, 5\]"):
+        image_features(probs, preds=torch.full((6, 7), C))
+
+
+def test_class_share_cap_on_confidently_wrong_model():
+    """Confidently wrong: ATC follows the confidence up, the class-share cap brings it down."""
+    ref_rows, ref_acc = _biased_set(60, seed=30)
+    with_counts = fit_reference(ref_rows, ref_acc)
+    bare = fit_reference(ref_rows.drop(columns=PRED_HIST_COLUMN), ref_acc)
+    assert with_counts.pred_share is not None
+    assert sum(with_counts.pred_share) == pytest.approx(1.0)
+    assert bare.pred_share is None
+    # Without a shift the cap changes nothing.
+    rows, acc = _biased_set(40, seed=31)
+    assert estimate(rows, with_counts) == estimate(rows, bare)
+    # With one (measured: accuracy 0.64, confidence 0.88, ATC 0.89, capped 0.55).
+    rows, acc = _biased_set(40, seed=31, bias=6.0)
+    atc = estimate(rows, bare)["est_pixel_acc"]
+    capped = estimate(rows, with_counts)["est_pixel_acc"]
+    assert atc - acc > 0.15
+    assert abs(capped - acc) < 0.5 * abs(atc - acc)
+    # The cap assumes every moved prediction was right before: for a model this far from
+    # perfect it overstates the drop, so it errs low.
+    assert capped < acc
+    mismatched = rows.assign(**{PRED_HIST_COLUMN: [h[:-1] for h in rows[PRED_HIST_COLUMN]]})
+    with pytest.raises(ValueError, match="with 5 classes as in the reference, but got 4"):
+        estimate(mismatched, with_counts)
 
 
 def test_estimate_errors(reference):
