@@ -293,7 +293,7 @@ def fit_reference(images: pd.DataFrame, pixel_acc: float) -> Reference:
         true = images["img_ece"].to_numpy(dtype=np.float64)
         keep = np.isfinite(true)
         if keep.any():
-            est = _image_eces(hists[keep], n[keep], _fit_tau(hist, float(pixel_acc)))
+            est = _image_eces(hists[keep], n[keep], _fit_shift(hist, float(pixel_acc)))
             floor = math.sqrt(max(float(np.mean(true[keep] ** 2) - np.mean(est**2)), 0.0))
     share = _pred_share(images, "images")
     return Reference(
@@ -339,40 +339,31 @@ _ECE_BIN = np.minimum((np.ceil(_BIN_CONF * 15) - 1).astype(np.int64), 14)  # def
 _LOGIT = np.log(_BIN_CONF) - np.log1p(-_BIN_CONF)
 
 
-def _soft_accuracy(tau: float) -> np.ndarray:
-    """phi_tau(c) = sigmoid(logit(c) / tau) at each histogram bin's confidence."""
-    return 0.5 + 0.5 * np.tanh(_LOGIT / (2.0 * tau))  # the logistic, without overflow
+def _soft_accuracy(shift: float) -> np.ndarray:
+    """phi_b(c) = sigmoid(logit(c) - b) at each histogram bin's confidence."""
+    return 0.5 + 0.5 * np.tanh((_LOGIT - shift) / 2.0)  # the logistic, without overflow
 
 
-def _fit_tau(hist: np.ndarray, accuracy: float) -> float:
-    """The tau whose map gives the pooled histogram ``hist`` the mean accuracy ``accuracy``.
+def _fit_shift(hist: np.ndarray, accuracy: float) -> float:
+    """The shift b whose map gives the pooled histogram ``hist`` the mean ``accuracy``.
 
-    The mean of phi_tau falls as tau grows where most pixels are above 0.5 (and rises where
-    most are below), so the search runs in log tau and keeps the bracket's monotone side.
+    The mean of phi_b falls from 1 to 0 as b grows, so a bisection finds it.
     """
     weights = hist / hist.sum()
-
-    def mean(tau: float) -> float:
-        return float(weights @ _soft_accuracy(tau))
-
-    lo, hi = math.log(1e-3), math.log(1e3)
-    f_lo, f_hi = mean(math.exp(lo)), mean(math.exp(hi))
-    if (accuracy - f_lo) * (accuracy - f_hi) > 0:  # out of reach: the nearer end
-        return math.exp(lo) if abs(accuracy - f_lo) < abs(accuracy - f_hi) else math.exp(hi)
+    lo, hi = -40.0, 40.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        f_mid = mean(math.exp(mid))
-        if (accuracy - f_lo) * (accuracy - f_mid) <= 0:
-            hi = mid
+        if float(weights @ _soft_accuracy(mid)) > accuracy:
+            lo = mid
         else:
-            lo, f_lo = mid, f_mid
-    return math.exp((lo + hi) / 2)
+            hi = mid
+    return (lo + hi) / 2
 
 
-def _image_eces(hist: np.ndarray, n: np.ndarray, tau: float) -> np.ndarray:
-    """Each image's 15-bin ECE with phi_tau(c) expected correct pixels per histogram bin."""
+def _image_eces(hist: np.ndarray, n: np.ndarray, shift: float) -> np.ndarray:
+    """Each image's 15-bin ECE with phi_b(c) expected correct pixels per histogram bin."""
     gap = np.zeros((len(hist), 15))  # per image and ECE bin: confidence minus expected correct
-    np.add.at(gap.T, _ECE_BIN, (hist * (_BIN_CONF - _soft_accuracy(tau))).T)
+    np.add.at(gap.T, _ECE_BIN, (hist * (_BIN_CONF - _soft_accuracy(shift))).T)
     return np.abs(gap).sum(1) / n
 
 
@@ -387,18 +378,22 @@ def estimate(images: pd.DataFrame, ref: Reference) -> dict[str, float]:
     - ``est_pixel_acc_doc`` (DoC): the reference accuracy minus the drop in mean confidence,
       clipped to [0, 1].
     - ``est_img_ece``: each pixel of confidence :math:`c` is taken to be correct with
-      probability :math:`\phi_\tau(c) = \sigma(\mathrm{logit}(c) / \tau)`, one
-      :math:`\tau` per set chosen so that the set's mean of :math:`\phi_\tau` equals its
-      estimated accuracy; each image's ECE (15 equal-width bins) is then computed from its
-      confidence histogram with these expected correct counts, and averaged over the images.
+      probability :math:`\phi_b(c) = \sigma(\mathrm{logit}(c) - b)`, one shift :math:`b` per
+      set chosen so that the set's mean of :math:`\phi_b` equals its estimated accuracy;
+      each image's ECE (15 equal-width bins) is then computed from its confidence histogram
+      with these expected correct counts, and averaged over the images. A shift rather than
+      a temperature (:math:`\sigma(\mathrm{logit}(c) / \tau)`, which cannot bring a pixel of
+      confidence above 0.5 below 0.5): on the ten corrupted calibration copies named below
+      the mean absolute error of the estimated image-wise ECE was 0.049 with the shift and
+      0.062 (TS) / 0.067 (uncalibrated) with the temperature.
 
     This map has no per-image sampling noise, while a calibrated model's true image-wise ECE
     is not 0 (a bin of n pixels misses its accuracy by about :math:`1/\sqrt n`, and
     neighbouring pixels err together): each image's estimate is combined in quadrature with
     the reference's ``ece_floor``, measured where labels exist (without it, the estimate is
     biased low in-domain by that floor).
-    Under shift it inherits the accuracy estimate's error, and it assumes the accuracy map is
-    one temperature away from the confidence, the same for every image of the set.
+    Under shift it inherits the accuracy estimate's error, and it assumes one logit shift
+    maps confidence to accuracy in every image of the set.
 
     Why the cap: confidence alone cannot see a model that is confidently wrong, and a
     corrupted image often makes it so (on the CamVid calibration held-out images under fog
@@ -447,7 +442,7 @@ def estimate(images: pd.DataFrame, ref: Reference) -> dict[str, float]:
         tv = 0.5 * float(np.abs(share - np.asarray(ref.pred_share)).sum())
         accuracy = min(accuracy, max(ref.pixel_acc - tv, 0.0))
     doc = ref.pixel_acc - (ref.mean_conf - conf.sum() / n.sum())
-    eces = _image_eces(hist, n, _fit_tau(pooled, accuracy))
+    eces = _image_eces(hist, n, _fit_shift(pooled, accuracy))
     return {
         "est_pixel_acc": accuracy,
         "est_pixel_acc_doc": float(min(max(doc, 0.0), 1.0)),
