@@ -170,7 +170,7 @@ def gap_table(summary: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         gap = wide[TEMPERATURE] - wide[ORACLE]
         for cal in adaptive:
             table[f"closed:{cal}"] = ((wide[TEMPERATURE] - wide[cal]) / gap).where(gap > 0)
-    table.insert(0, "severity", [severity(d) for d in table.index])
+    table.insert(0, "severity", pd.array([severity(d) for d in table.index], dtype="Int64"))
     return table.reset_index(), adaptive
 
 
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         print("n/a")
     else:
         table = drift_table(label_free)
-        table.insert(1, "severity", [severity(d) for d in table["dataset"]])
+        table.insert(1, "severity", pd.array([severity(d) for d in table["dataset"]],
+                                             dtype="Int64"))
         _print(table)
         severe = table[table["severity"].fillna(0) >= 3]
         missed = severe[~severe["drift_alarm"].astype(bool)]["dataset"].tolist()
