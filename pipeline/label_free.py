@@ -7,13 +7,16 @@ calibration set (the *reference*):
 - has the data moved? :func:`drift`, a two-sample statistic on per-image confidence and entropy
   with an alarm threshold bootstrapped from the reference alone;
 - how accurate is the model there? :func:`estimate`'s ``est_pixel_acc`` (ATC, average
-  thresholded confidence, Garg et al. 2022) and ``est_pixel_acc_doc`` (DoC, difference of
-  confidences, Guillory et al. 2021);
+  thresholded confidence, Garg et al. 2022, capped by how far the shares of the predicted
+  classes moved when the optional :data:`PRED_HIST_COLUMN` is there) and
+  ``est_pixel_acc_doc`` (DoC, difference of confidences, Guillory et al. 2021);
 - how miscalibrated is a calibrator there? :func:`estimate`'s ``est_img_ece``.
 
 Everything works on per-image sums (:func:`image_features`, the columns
 :data:`FEATURE_COLUMNS` of ``per_image.parquet``), so sets aggregate exactly and no per-pixel
-value is ever kept. Pure numpy/pandas/torch; nothing here imports a pipeline stage.
+value is ever kept. Pure numpy/pandas/torch; nothing here imports a pipeline stage. Every
+choice below was made on calibration data only (the held-out calibration images and corrupted
+copies of them); ``benchmarks/label_free.py`` measures the result on a run's test sets.
 
 References:
     Garg et al., "Leveraging Unlabeled Data to Predict Out-of-Distribution Performance",
@@ -298,7 +301,7 @@ def fit_reference(images: pd.DataFrame, pixel_acc: float) -> Reference:
     share = _pred_share(images, "images")
     return Reference(
         pixel_acc=float(pixel_acc),
-        mean_conf=float(images["lf_conf_sum"].sum()) / n.sum(),
+        mean_conf=float(images["lf_conf_sum"].sum() / n.sum()),
         atc_position=position,
         atc_threshold=_position_value(position),
         n_images=len(images),
