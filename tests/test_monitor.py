@@ -406,3 +406,28 @@ def test_monitor_sets_need_held_out_calibration_images(run):
     with pytest.raises(ValueError, match=r"held-out calibration images for the monitor sets "
                        r"\['cal_monitor', 'dark'\].*`evaluate.include_heldout: true`"):
         evaluate.plan_targets(no_heldout, paths)
+
+
+@pytest.mark.ray
+def test_ray_evaluation_of_monitor_sets_equals_the_in_process_one(ray_local, run, tmp_path,
+                                                                  monkeypatch):
+    import shutil
+
+    cfg, local_output = run
+    monkeypatch.setattr(evaluate, "_use_gpu", lambda cfg: "false")
+    ray_cfg = cfg.model_copy(update={
+        "output": str(tmp_path / "run"),
+        "evaluate": cfg.evaluate.model_copy(update={"num_actors": 1}),
+    })
+    shutil.copytree(local_output / "shards", tmp_path / "run" / "shards")
+    shutil.copytree(local_output / "artifacts", tmp_path / "run" / "artifacts")
+    output = evaluate.run(ray_cfg)  # rows come back in another order: label_free sorts them
+    keys = ["dataset", "calibrator"]
+    got = pd.read_csv(output / evaluate.LABEL_FREE).sort_values(keys, ignore_index=True)
+    want = pd.read_csv(local_output / evaluate.LABEL_FREE).sort_values(keys, ignore_index=True)
+    pd.testing.assert_frame_equal(got, want, rtol=1e-12)
+    order = ["dataset", "calibrator", "image_id"]
+    got = pd.read_parquet(output / evaluate.PER_IMAGE).sort_values(order, ignore_index=True)
+    want = pd.read_parquet(local_output / evaluate.PER_IMAGE).sort_values(order, ignore_index=True)
+    columns = ["role", "img_ece", "n_images", "lf_n_pixels", "lf_conf_sum", "lf_entropy_sum"]
+    pd.testing.assert_frame_equal(got[columns], want[columns], rtol=1e-12)
