@@ -242,6 +242,38 @@ def test_a_rerun_with_nothing_new_extracts_nothing(run, no_ray):
     assert read_manifest(paths.dataset_dir("dark")).shards == before
 
 
+def test_the_gpu_path_stages_extract_a_monitor_set(tmp_path):
+    """decode_batch -> LogitPredictor -> write_shards (the stages the GPU pipeline chains)."""
+    from pipeline.extract_io import decode_batch, write_shards
+    from pipeline.shards import read_shard
+
+    _images(tmp_path / "img", 3, 0)
+    cfg = parse_config({
+        "output": str(tmp_path / "run"), "model": MODEL,
+        "datasets": [{"name": "night", "role": "monitor", "domain": "night",
+                      "images": str(tmp_path / "img")}],
+        "extract": {"store_stride": 2},
+    })
+    ds = cfg.datasets[0]
+    samples = list_samples(ds)
+    listed = {"image_id": np.array([s.image_id for s in samples], object),
+              "uri": np.array([s.uri for s in samples], object),
+              "label_uri": np.array([""] * len(samples), object)}
+    decoded = decode_batch(listed, ds, NUM_CLASSES)
+    assert list(decoded["error"]) == ["", "", ""]
+    predicted = extract.LogitPredictor(cfg.model, cfg.extract)(decoded)
+    meta = write_shards(predicted, directory=str(tmp_path / "out"), dataset="night",
+                        domain="night", role="monitor", fingerprint="f", store_image=True)
+    [shard] = [json.loads(m)["shard"] for m in meta["meta"]]
+    records = read_shard(tmp_path / "out" / shard["file"])
+    assert [r.image_id for r in records] == ["f00", "f01", "f02"]
+    for r in records:
+        assert r.role == "monitor"
+        assert (r.labels == IGNORE).all()
+        assert r.labels.shape == (H, W)
+        assert r.logits.shape == (NUM_CLASSES, H // 4, W // 4)  # model /2, stride 2
+
+
 def test_a_nightly_rerun_extracts_only_the_new_unlabelled_images(tmp_path, no_ray):
     _images(tmp_path / "img", 3, 0)
     cfg = parse_config({
