@@ -18,7 +18,8 @@ one running total per dataset x calibrator, so memory does not grow with the num
 (only one float per image, its ECE, is kept for the bootstrap). pandas then writes:
 
 - ``per_image.parquet``: one row per image x calibrator (the statistics, plus ``img_ece``
-  and the label-free feature columns :data:`pipeline.label_free.FEATURE_COLUMNS`). A monitor
+  and the label-free feature columns :data:`pipeline.label_free.FEATURE_COLUMNS` and
+  ``lf_pred_hist``, the pixels per predicted class). A monitor
   set's rows have only the features: their label statistics are zeros (``n_images`` 0) and
   ``img_ece`` is NaN.
 - ``summary.csv``: one row per labelled dataset x calibrator (see :data:`SUMMARY_COLUMNS`);
@@ -60,7 +61,12 @@ import torch.nn.functional as F  # noqa: N812
 from pipeline.calibrators import Calibrator, load
 from pipeline.calibrators.artifacts import CARD, read_card
 from pipeline.config import DatasetConfig, JobConfig, config_hash
-from pipeline.label_free import FEATURE_COLUMNS, LABEL_FREE_COLUMNS, image_features
+from pipeline.label_free import (
+    FEATURE_COLUMNS,
+    LABEL_FREE_COLUMNS,
+    PRED_HIST_COLUMN,
+    image_features,
+)
 from pipeline.metrics import N_SCORE_BINS, ImageStats, first_argmax
 from pipeline.metrics import functional as MF
 from pipeline.metrics.stats import stats_from_image_sums
@@ -121,18 +127,21 @@ _RENAME = {
 }
 
 
-# The label-free features of :func:`pipeline.label_free.image_features`, by column.
+# The label-free features of :func:`pipeline.label_free.image_features`, by column: the
+# contract's four, plus the pixels per predicted class (it lets the accuracy estimate see a
+# shift of the predicted classes).
 _FEATURE_TYPES = {
     "lf_n_pixels": pa.int64(), "lf_conf_sum": pa.float64(), "lf_entropy_sum": pa.float64(),
-    "lf_conf_hist": pa.list_(pa.int64()),
+    "lf_conf_hist": pa.list_(pa.int64()), PRED_HIST_COLUMN: pa.list_(pa.int64()),
 }
+_FEATURES = (*FEATURE_COLUMNS, PRED_HIST_COLUMN)
 
 
 def _row_schema() -> pa.Schema:
     """Arrow schema of a per-image row (list types do not depend on C or the bin counts)."""
     stats = pa.Table.from_pylist([ImageStats.zero(2, 1).to_row()]).schema
     meta = [pa.field(name, pa.string()) for name in _IMAGE_COLUMNS]
-    features = [pa.field(name, _FEATURE_TYPES[name]) for name in FEATURE_COLUMNS]
+    features = [pa.field(name, _FEATURE_TYPES[name]) for name in _FEATURES]
     return pa.schema([*meta, pa.field("img_ece", pa.float64()), *stats, *features])
 
 
@@ -205,8 +214,9 @@ def image_stats_per_calibrator(
 
     Returns:
         ``[(label, stats, features), ...]``: ``features`` as
-        :func:`pipeline.label_free.image_features` gives them, computed on the same
-        probabilities as ``stats``; for an unlabelled image ``stats`` is empty
+        :func:`pipeline.label_free.image_features` gives them (with the predicted-class
+        counts), computed on the same probabilities and predictions as ``stats``; for an
+        unlabelled image ``stats`` is empty
         (``ImageStats.zero``: no scored pixel, ``n_images`` 0).
     """
     device = torch.device(device)
@@ -267,8 +277,10 @@ def image_stats_per_calibrator(
             with timer(f"statistics|{label}"):
                 if not labelled:
                     stats = ImageStats.zero(c, n_bins)
+                    pred_map = calibrated[0].argmax(0)
                 elif use_numba:
                     preds = first_argmax(calibrated[0]).reshape(-1)  # torch's is ~20x slower
+                    pred_map = torch.from_numpy(preds).reshape(size)
                     flat_score = None
                     if score is not None:
                         flat_score = MF.as_scores(score.reshape(-1).double().numpy(),
@@ -279,13 +291,14 @@ def image_stats_per_calibrator(
                     )
                     stats = stats_from_image_sums(sums, n_bins, c)
                 else:
+                    pred_map = calibrated[0].argmax(0)  # the first maximum, as on the CPU
                     stats = image_stats_torch(
                         probs, n_bins=n_bins, validate_args=False, targets=targets,
-                        preds=calibrated[0].argmax(0),  # the first maximum, as on the CPU
+                        preds=pred_map,
                         mis_score=None if score is None else score.reshape(size),
                     )
             with timer(f"label-free features|{label}"):
-                features = image_features(probs)
+                features = image_features(probs, preds=pred_map)
             rows.append((label, stats, features))
     return rows
 
@@ -307,10 +320,10 @@ def image_rows(
 
     The stored logits are upsampled to label resolution, each calibrator is applied (spatial
     ones also get the image, upsampled alike) and the image is reduced to an ImageStats row
-    plus its label-free features (:data:`pipeline.label_free.FEATURE_COLUMNS`, over every
-    pixel, ignore ones included: unlabelled sets have no mask). The labels are checked, and
-    their valid and boundary pixels found, once per image. On the CPU the statistics come from
-    the numba kernel; on another device from its torch twin
+    plus its label-free features (:data:`pipeline.label_free.FEATURE_COLUMNS` and
+    ``lf_pred_hist``, over every pixel, ignore ones included: unlabelled sets have no mask).
+    The labels are checked, and their valid and boundary pixels found, once per image. On the
+    CPU the statistics come from the numba kernel; on another device from its torch twin
     (:mod:`pipeline.metrics.torch_stats`), where the logits already are.
 
     Args:
@@ -338,7 +351,7 @@ def image_rows(
     return [
         {**meta, "image_id": record.image_id, "calibrator": label,
          "img_ece": s.image_ece_mean(), **s.to_row(),
-         **{k: np.asarray(f[k]).tolist() for k in FEATURE_COLUMNS}}
+         **{k: np.asarray(f[k]).tolist() for k in _FEATURES}}
         for label, s, f in stats
     ]
 
@@ -357,7 +370,8 @@ def rows_table(
         keys: per row, the string columns (``dataset``, ``domain``, ``reference``, ``role``,
             ``image_id``, ``calibrator``).
         stats: per row, its statistics.
-        features: per row, its label-free features (:data:`FEATURE_COLUMNS`).
+        features: per row, its label-free features (:data:`FEATURE_COLUMNS` and
+            ``lf_pred_hist``).
     """
     columns: list[pa.Array] = []
     for field in ROW_SCHEMA:
@@ -722,7 +736,7 @@ def _feature_rows(per_image: Path, datasets: Sequence[str]) -> pd.DataFrame:
     frames together and the table does not depend on scheduling.
     """
     # img_ece too: fit_reference uses the labelled reference images' true image-wise ECE.
-    columns = ["dataset", "calibrator", "image_id", "img_ece", *FEATURE_COLUMNS]
+    columns = ["dataset", "calibrator", "image_id", "img_ece", *_FEATURES]
     if not datasets:
         return pd.DataFrame(columns=columns)
     table = pq.read_table(per_image, columns=columns,

@@ -314,6 +314,7 @@ def test_per_image_rows_carry_features_and_monitor_rows_no_label_statistics(run)
     # Every pixel counts for the features, ignore pixels included.
     assert (rows["lf_n_pixels"] == H * W).all()
     assert all(len(h) == N_CONF_BINS and sum(h) == H * W for h in rows["lf_conf_hist"])
+    assert all(len(h) == NUM_CLASSES and sum(h) == H * W for h in rows["lf_pred_hist"])
     conf = rows["lf_conf_sum"] / rows["lf_n_pixels"]
     assert ((conf > 1 / NUM_CLASSES) & (conf <= 1)).all()
     assert ((rows["lf_entropy_sum"] > 0)
@@ -330,7 +331,7 @@ def test_per_image_rows_carry_features_and_monitor_rows_no_label_statistics(run)
     rows = rows[rows["calibrator"] != "oracle_ts"]
     a = rows[rows["dataset"] == "cal_test"].sort_values(key).reset_index(drop=True)
     b = rows[rows["dataset"] == "cal_monitor"].sort_values(key).reset_index(drop=True)
-    for column in FEATURE_COLUMNS:
+    for column in (*FEATURE_COLUMNS, "lf_pred_hist"):
         assert [np.asarray(v).tolist() for v in a[column]] == \
             [np.asarray(v).tolist() for v in b[column]], column
 
