@@ -31,6 +31,10 @@ the shards that held them; the old shard files are removed only after the new ma
 written. Shards of another model live under another fingerprint folder. Bad input stops the
 stage with a message naming the file, or with ``extract.on_error: skip`` is recorded in the
 manifest's ``skipped`` list (up to ``extract.max_skipped_fraction`` of the dataset).
+
+A ``monitor`` set (unlabelled) goes the same way without label files: its rows store the logits
+and the image with a label plane of ``ignore_index`` (see :mod:`pipeline.shards`), its source
+fingerprints cover the image alone, and its manifest says ``labelled: false``.
 """
 
 from __future__ import annotations
