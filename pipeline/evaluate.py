@@ -62,6 +62,7 @@ from pipeline.calibrators import Calibrator, load
 from pipeline.calibrators.artifacts import CARD, read_card
 from pipeline.config import DatasetConfig, JobConfig, config_hash
 from pipeline.label_free import (
+    CONF_EDGES,
     FEATURE_COLUMNS,
     LABEL_FREE_COLUMNS,
     PRED_HIST_COLUMN,
@@ -69,6 +70,7 @@ from pipeline.label_free import (
 )
 from pipeline.metrics import N_SCORE_BINS, ImageStats, first_argmax
 from pipeline.metrics import functional as MF
+from pipeline.metrics.confidence import confidence_sums
 from pipeline.metrics.stats import stats_from_image_sums
 from pipeline.metrics.torch_stats import image_stats_torch, prepare_targets
 from pipeline.paths import ORACLE, RunPaths, atomic_write_text, scratch_dir
@@ -275,12 +277,13 @@ def image_stats_per_calibrator(
             # scaling's T_mis = 1e10) leaves logits that differ by ~1e-9, which a float32
             # softmax rounds to exact ties, while dividing by it never reorders the logits.
             with timer(f"statistics|{label}"):
+                if use_numba:
+                    preds = first_argmax(calibrated[0]).reshape(-1)  # torch's is ~20x slower
+                else:
+                    pred_map = calibrated[0].argmax(0)  # the first maximum, as on the CPU
                 if not labelled:
                     stats = ImageStats.zero(c, n_bins)
-                    pred_map = calibrated[0].argmax(0)
                 elif use_numba:
-                    preds = first_argmax(calibrated[0]).reshape(-1)  # torch's is ~20x slower
-                    pred_map = torch.from_numpy(preds).reshape(size)
                     flat_score = None
                     if score is not None:
                         flat_score = MF.as_scores(score.reshape(-1).double().numpy(),
@@ -291,16 +294,40 @@ def image_stats_per_calibrator(
                     )
                     stats = stats_from_image_sums(sums, n_bins, c)
                 else:
-                    pred_map = calibrated[0].argmax(0)  # the first maximum, as on the CPU
                     stats = image_stats_torch(
                         probs, n_bins=n_bins, validate_args=False, targets=targets,
                         preds=pred_map,
                         mis_score=None if score is None else score.reshape(size),
                     )
             with timer(f"label-free features|{label}"):
-                features = image_features(probs, preds=pred_map)
+                if use_numba:
+                    features = _features_cpu(probs, calibrated[0], preds)
+                else:
+                    features = image_features(probs, preds=pred_map)
             rows.append((label, stats, features))
     return rows
+
+
+def _features_cpu(probs: torch.Tensor, logits: torch.Tensor, preds: np.ndarray) -> dict[str, Any]:
+    """:func:`pipeline.label_free.image_features` with ``preds``, in one fused numba pass.
+
+    The CPU path's form (:func:`pipeline.metrics.confidence.confidence_sums`: no (C, P)
+    temporaries, one logarithm per pixel): the same pixel count, confidence histogram and
+    predicted-class counts, the confidence sum to float64 rounding and the entropy sum, taken
+    from the logits, to about 1e-9 relative (1e-6 at worst, float32 probabilities).
+
+    Args:
+        probs: (C, H, W) float32 CPU softmax of ``logits``.
+        logits: (C, H, W) CPU logits, ``probs``' dtype.
+        preds: (H * W,) int64 first argmax of ``logits``.
+    """
+    c = probs.shape[0]
+    conf_sum, entropy_sum, hist = confidence_sums(
+        probs.numpy().reshape(c, -1), logits.numpy().reshape(c, -1), preds, CONF_EDGES[1:-1])
+    return {
+        "lf_n_pixels": int(preds.size), "lf_conf_sum": conf_sum, "lf_entropy_sum": entropy_sum,
+        "lf_conf_hist": hist, PRED_HIST_COLUMN: np.bincount(preds, minlength=c).astype(np.int64),
+    }
 
 
 def image_rows(

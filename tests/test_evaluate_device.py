@@ -70,7 +70,10 @@ def test_torch_statistics_path_equals_numba_path_on_cpu(calibrators, seed):
             if exact or (isinstance(value, list) and isinstance(value[0], int)):
                 assert g[key] == value, key
             else:
-                np.testing.assert_allclose(g[key], value, rtol=1e-9, atol=1e-15 * H * W,
+                # The CPU path's entropy comes from the logits in one fused pass
+                # (pipeline.metrics.confidence), the torch path's from p log p in float32.
+                rtol = 1e-6 if key == "lf_entropy_sum" else 1e-9
+                np.testing.assert_allclose(g[key], value, rtol=rtol, atol=1e-15 * H * W,
                                            err_msg=key)
 
 

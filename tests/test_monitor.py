@@ -426,6 +426,28 @@ def test_estimates_on_the_calibration_images_match_the_truth(run):
         assert abs(monitor["est_img_ece"] - truth["true_img_ece"]) < ECE_TOLERANCE
 
 
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 8.0, 200.0], ids=["flat", "mild", "sharp", "p0"])
+def test_cpu_features_equal_image_features(scale):
+    """The CPU path's fused kernel against label_free.image_features, the one definition."""
+    from pipeline.evaluate import _features_cpu
+    from pipeline.label_free import image_features
+    from pipeline.metrics import first_argmax
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(NUM_CLASSES, H, W, generator=g) * scale  # 200: p underflows to 0
+    logits[:, 0, 0] = 0.0  # an exact tie
+    probs = torch.softmax(logits, 0)
+    preds = first_argmax(logits).reshape(-1)
+    got = _features_cpu(probs, logits, preds)
+    want = image_features(probs, preds=torch.from_numpy(preds).reshape(H, W))
+    assert set(got) == set(want)
+    assert got["lf_n_pixels"] == want["lf_n_pixels"] == H * W
+    assert got["lf_conf_hist"].tolist() == want["lf_conf_hist"].tolist()
+    assert got["lf_pred_hist"].tolist() == want["lf_pred_hist"].tolist()
+    assert got["lf_conf_sum"] == pytest.approx(want["lf_conf_sum"], rel=1e-12)
+    assert got["lf_entropy_sum"] == pytest.approx(want["lf_entropy_sum"], rel=1e-6, abs=1e-9)
+
+
 def test_label_free_csv_is_written_before_summary_csv():
     assert evaluate.TABLES.index(evaluate.LABEL_FREE) < evaluate.TABLES.index(evaluate.SUMMARY)
     assert evaluate.TABLES[-1] == evaluate.SUMMARY
