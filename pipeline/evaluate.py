@@ -918,18 +918,22 @@ def plan_targets(cfg: JobConfig, paths: RunPaths) -> list[Target]:
     In order: the held-out calibration sets, the test sets, the monitor sets (config order
     within each).
 
+    A config may have monitor sets and no test set (the nightly case: a labelled calibration
+    set and the night's unlabelled images); ``summary.csv`` then holds the held-out rows only.
+
     Raises:
-        ValueError: no test dataset; monitor sets without a held-out calibration part to
-            compare them with; shards of another model or config; class-count mismatch.
+        ValueError: neither a test nor a monitor dataset; monitor sets without a held-out
+            calibration part to compare them with; shards of another model or config;
+            class-count mismatch.
         FileNotFoundError: a dataset without a manifest.
     """
     tests = cfg.datasets_with_role("test")
-    if not tests:
-        raise ValueError(
-            f"Expected at least one dataset with role 'test' in config {cfg.source or '<dict>'},"
-            " but got none"
-        )
     monitors = cfg.datasets_with_role(MONITOR)
+    if not tests and not monitors:
+        raise ValueError(
+            f"Expected at least one dataset with role 'test' or 'monitor' in config "
+            f"{cfg.source or '<dict>'}, but got none"
+        )
     targets = []
     if cfg.evaluate.include_heldout and cfg.fit.heldout_fraction > 0:
         # The fit stage's own rule, applied to the union of the calibration sets' ids as there
@@ -1168,9 +1172,9 @@ def run(cfg: JobConfig, *, local: bool = False) -> Path:
 
     Raises:
         FileNotFoundError: a dataset without a manifest, a calibrator without an artifact.
-        ValueError: no test dataset; monitor sets without held-out calibration images; shards
-            of another model or config; artifact classes that differ from the shards'; a
-            reference domain without a dataset.
+        ValueError: neither a test nor a monitor dataset; monitor sets without held-out
+            calibration images; shards of another model or config; artifact classes that differ
+            from the shards'; a reference domain without a dataset.
     """
     from pipeline.models import model_fingerprint
 

@@ -503,7 +503,7 @@ def test_artifact_of_another_calibrator_is_refused(tmp_path):
     ("datasets", "match"),
     [
         pytest.param((("day", "calibration", "day", None, 2, 1, 3.0),),
-                     r"at least one dataset with role 'test'", id="no-test-set"),
+                     r"at least one dataset with role 'test' or 'monitor'", id="no-test-set"),
         pytest.param((("fog", "test", "fog", "night", 2, 1, 3.0),),
                      r"dataset .* of domain 'night', the `reference` of dataset 'fog'",
                      id="missing-reference"),

@@ -448,6 +448,35 @@ def test_cpu_features_equal_image_features(scale):
     assert got["lf_entropy_sum"] == pytest.approx(want["lf_entropy_sum"], rel=1e-6, abs=1e-9)
 
 
+def test_a_nightly_config_of_a_calibration_set_and_a_monitor_set_alone(run, tmp_path, no_ray):
+    """The README's nightly config: no labelled test set, only tonight's unlabelled images."""
+    import shutil
+
+    from pipeline import report
+
+    cfg, output = run
+    raw = _raw(tmp_path)
+    raw["datasets"] = [d for d in raw["datasets"] if d["name"] in ("cal", "dark")]
+    for d in raw["datasets"]:
+        d["images"] = d["images"].replace(str(tmp_path), str(output.parent))
+        if "labels" in d:
+            d["labels"] = d["labels"].replace(str(tmp_path), str(output.parent))
+    nightly = parse_config(raw)
+    shutil.copytree(output / "shards", tmp_path / "run" / "shards")  # nothing to extract
+    extract.run(nightly)
+    assert no_ray == []
+    fit.run(nightly)
+    out = evaluate.run(nightly, local=True)
+    summary = pd.read_csv(out / evaluate.SUMMARY)
+    assert set(summary["dataset"]) == {"cal-heldout"}
+    assert pd.read_csv(out / evaluate.BEST).empty
+    table = pd.read_csv(out / evaluate.LABEL_FREE)
+    assert list(zip(table["dataset"], table["calibrator"], strict=True)) == [
+        ("dark", "uncalibrated"), ("dark", "temperature")]
+    assert table["drift_alarm"].all()
+    assert report.write(nightly).is_file()
+
+
 def test_label_free_csv_is_written_before_summary_csv():
     assert evaluate.TABLES.index(evaluate.LABEL_FREE) < evaluate.TABLES.index(evaluate.SUMMARY)
     assert evaluate.TABLES[-1] == evaluate.SUMMARY
