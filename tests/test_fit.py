@@ -444,8 +444,8 @@ def test_adaptive_calibrators_get_the_clean_reference_from_the_fit_stage(tmp_pat
         {"name": "adaptive_ts_gated", "options": {"use_corrupted": True, "gate": "hard",
                                                   "band": 0.0}},
         {"name": "adaptive_ts", "label": "pinned", "options": {
-            "reference": {"temperature": 1.5, "mean": [0.0] * 4, "std": [1.0] * 4,
-                          "lo": [0.0] * 4, "hi": [0.0] * 4}}},
+            "reference": {"temperature": 1.5, "mean": [0.0] * 6, "std": [1.0] * 6,
+                          "lo": [0.0] * 6, "hi": [0.0] * 6}}},
     ], map_stride=2, heldout_fraction=0.25)
     out = fit.run(cfg)
     cards = {k: json.loads((v / "calibrator.json").read_text()) for k, v in out.items()}

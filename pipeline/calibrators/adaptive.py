@@ -1,21 +1,28 @@
 """Adaptive temperature scaling: one temperature per image, predicted from label-free features.
 
-``adaptive_ts`` divides each image's logits by ``T(x) = T0 * exp(w . z(x) + b)``, where
-``z(x)`` are label-free features of that image's own logits at T = 1 (mean top-label
-confidence, mean normalised entropy, mean log top-2 logit margin, spread of the confidence over
-pixels), standardised by their mean and standard deviation over the clean calibration images,
-and ``T0`` is the temperature-scaling solution on those clean images. ``w`` and ``b`` are
-fitted by the NLL of every fit image, so trained on the clean calibration set *and* its
-corrupted copies (``use_corrupted: true`` in the config) the temperature follows the shift an
-unlabelled image shows in its own logits.
+``adaptive_ts`` divides each image's logits by ``T(x) = T0 * exp(f(z(x)))``, where ``z(x)``
+are label-free features of that image's own logits at T = 1 (mean top-label confidence, mean
+normalised entropy, mean log top-2 logit margin, spread of the confidence over pixels, mean
+top logit, mean log-sum-exp), standardised by their mean and standard deviation over the clean
+calibration images, ``T0`` is the temperature-scaling solution on those clean images, and
+``f`` is a small MLP (``hidden`` tanh units; ``hidden: 0`` makes it linear) whose output
+starts at 0. ``f`` is fitted by the NLL of every fit image, so trained on the clean
+calibration set *and* its corrupted copies (``use_corrupted: true`` in the config) the
+temperature follows the shift an unlabelled image shows in its own logits.
+
+The features and the MLP were picked on calibration data only (CamVid val and its corrupted
+copies at severities 2 and 4, fit half vs held-out half): with the four confidence features
+and a linear ``f`` the clean held-out images got a far too high temperature (image-wise ECE
+0.146 vs TS 0.019) and the mild copies lost to TS; the two raw-logit features and the MLP
+brought the clean and mild held-out sets back to TS and the mean over the eleven held-out
+sets from 0.114 to 0.078 (TS 0.206).
 
 ``adaptive_ts_gated`` keeps ``T0`` (plain TS) for images whose features lie inside the clean
 calibration images' range (a per-feature quantile band, fixed on the clean images) and adapts
-only outside it: ``log T(x) = log T0 + g(x) (w . z(x) + b)``, with the gate ``g`` 0 inside the
+only outside it: ``log T(x) = log T0 + g(x) f(z(x))``, with the gate ``g`` 0 inside the
 band and, outside, ``1 - exp(-d / width)`` (``gate: soft``, smooth) or 1 (``gate: hard``),
 where ``d`` is the largest distance of a feature outside the band in standard deviations.
-``w`` and ``b`` are fitted with the gate in place, so they are learnt on the images they
-will act on.
+``f`` is fitted with the gate in place, so it is learnt on the images it will act on.
 
 Clean reference: the fit stage (`pipeline.fit`) calls `reference_options` on the clean
 calibration fit data and passes the result as the ``reference`` option, so that ``T0``, the
@@ -57,7 +64,8 @@ __all__ = [
     "image_features",
 ]
 
-FEATURES = ("mean_confidence", "mean_entropy", "mean_log_margin", "std_confidence")
+FEATURES = ("mean_confidence", "mean_entropy", "mean_log_margin", "std_confidence",
+            "mean_max_logit", "mean_logsumexp")
 _GATES = ("none", "soft", "hard")
 # log-temperature bounds: T in [0.05, 150] whatever the features say.
 _LOG_T_MIN, _LOG_T_MAX = math.log(0.05), math.log(150.0)
@@ -73,16 +81,17 @@ def image_features(logits: Tensor) -> Tensor:
         logits: (N, C, H, W) float logits.
 
     Returns:
-        (N, 4) float32: mean top-label confidence, mean entropy / log C, mean
+        (N, 6) float32: mean top-label confidence, mean entropy / log C, mean
         ``log(1 + top1 - top2)`` logit margin, standard deviation of the confidence over
-        pixels (the columns of `FEATURES`).
+        pixels, mean top logit, mean log-sum-exp of the logits (the columns of `FEATURES`).
 
     Example:
         >>> [round(v, 4) for v in image_features(torch.zeros(2, 3, 4, 4))[0].tolist()]
-        [0.3333, 1.0, 0.0, 0.0]
+        [0.3333, 1.0, 0.0, 0.0, 0.0, 1.0986]
     """
     c = logits.shape[1]
-    log_p = logits.float().log_softmax(1)
+    lse = logits.float().logsumexp(1)
+    log_p = logits.float() - lse[:, None]
     p = log_p.exp()
     confidence = p.amax(1)
     entropy = -(p * log_p).sum(1) / math.log(float(c))
@@ -90,7 +99,8 @@ def image_features(logits: Tensor) -> Tensor:
     margin = torch.log1p(top2[:, 0] - top2[:, 1])
     mean_conf = confidence.mean((1, 2))
     spread = (confidence - mean_conf[:, None, None]).square().mean((1, 2)).sqrt()
-    return torch.stack([mean_conf, entropy.mean((1, 2)), margin.mean((1, 2)), spread], 1)
+    return torch.stack([mean_conf, entropy.mean((1, 2)), margin.mean((1, 2)), spread,
+                        top2[:, 0].mean((1, 2)), lse.mean((1, 2))], 1)
 
 
 def _check_reference(reference: Any) -> None:
@@ -155,7 +165,7 @@ def _grid_pixels(
 
 @register
 class AdaptiveTemperatureScaling(Calibrator):
-    """Per-image temperature ``T0 * exp(w . z(x) + b)`` from label-free logit features.
+    """Per-image temperature ``T0 * exp(f(z(x)))`` from label-free logit features.
 
     See the module docstring for the model, the gate and the clean reference.
 
@@ -169,7 +179,8 @@ class AdaptiveTemperatureScaling(Calibrator):
             the gate reaches ``1 - 1/e``. Defaults to ``0.5``.
         pixels_per_image: Valid pixels per fit map in the NLL (an even grid). Defaults to
             ``4096``.
-        weight_decay: L2 penalty on ``w``. Defaults to ``1e-3``.
+        hidden: Tanh units of the MLP ``f``; 0 makes ``f`` linear. Defaults to ``16``.
+        weight_decay: L2 penalty on the weights of ``f``. Defaults to ``1e-3``.
         max_iter: L-BFGS iterations. Defaults to ``100``.
         reference: The clean reference (``temperature``, feature ``mean`` / ``std``, band
             ``lo`` / ``hi`` in standard units), as `reference_options` computes it; None
@@ -204,6 +215,7 @@ class AdaptiveTemperatureScaling(Calibrator):
         band: float = 0.02,
         width: float = 0.5,
         pixels_per_image: int = 4096,
+        hidden: int = 16,
         weight_decay: float = 1e-3,
         max_iter: int = 100,
         reference: dict[str, Any] | None = None,
@@ -212,12 +224,13 @@ class AdaptiveTemperatureScaling(Calibrator):
         check_float("band", band, ge=0, lt=0.5)
         check_float("width", width, gt=0)
         check_int("pixels_per_image", pixels_per_image, ge=1)
+        check_int("hidden", hidden, ge=0)
         check_float("weight_decay", weight_decay, ge=0)
         check_int("max_iter", max_iter, ge=1)
         _check_reference(reference)
         super().__init__(
             num_classes, gate=gate, band=band, width=width, pixels_per_image=pixels_per_image,
-            weight_decay=weight_decay, max_iter=max_iter, reference=reference,
+            hidden=hidden, weight_decay=weight_decay, max_iter=max_iter, reference=reference,
         )
         d = len(FEATURES)
         # TorchScript reads instance attributes, not class ones or the options dict.
@@ -225,13 +238,22 @@ class AdaptiveTemperatureScaling(Calibrator):
         self.gate_mode = _GATES.index(gate)
         self.width = float(width)
         self.log_t_min, self.log_t_max = _LOG_T_MIN, _LOG_T_MAX
-        self.weight = nn.Parameter(torch.zeros(d))
-        self.bias = nn.Parameter(torch.zeros(()))
+        self.net = self._build_net()
         self.register_buffer("log_t0", torch.zeros(()))
         self.register_buffer("feature_mean", torch.zeros(d))
         self.register_buffer("feature_std", torch.ones(d))
         self.register_buffer("band_lo", torch.full((d,), -math.inf))
         self.register_buffer("band_hi", torch.full((d,), math.inf))
+
+    def _build_net(self) -> nn.Sequential:
+        """``f``: features -> log-temperature offset, output layer zero (f = 0 at the start)."""
+        d, hidden = len(FEATURES), self.options["hidden"]
+        layers: list[nn.Module] = [nn.Linear(d, hidden), nn.Tanh()] if hidden else []
+        layers.append(nn.Linear(hidden or d, 1))
+        with torch.no_grad():
+            layers[-1].weight.zero_()
+            layers[-1].bias.zero_()
+        return nn.Sequential(*layers)
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -245,7 +267,7 @@ class AdaptiveTemperatureScaling(Calibrator):
 
     def _log_temperature(self, features: Tensor) -> Tensor:
         z = (features - self.feature_mean) / self.feature_std
-        adapt = z @ self.weight + self.bias
+        adapt = self.net(z)[:, 0]
         return (self.log_t0 + self._gate(z) * adapt).clamp(self.log_t_min, self.log_t_max)
 
     def _calibrate(self, logits: Tensor, image: Tensor | None) -> Tensor:
@@ -308,15 +330,15 @@ class AdaptiveTemperatureScaling(Calibrator):
     def _fit(self, data: FitData, heldout: FitData | None, reduce: Reduce = LOCAL) -> None:
         opts = self.options
         reference = opts["reference"] or self._reference(data, reduce)
-        device = self.weight.device
+        device = self.log_t0.device
         with torch.no_grad():
             self.log_t0.fill_(math.log(reference["temperature"]))
             for name, key in (("feature_mean", "mean"), ("feature_std", "std"),
                               ("band_lo", "lo"), ("band_hi", "hi")):
                 getattr(self, name).copy_(torch.tensor(reference[key], device=device))
-            self.weight.zero_()
-            self.bias.zero_()
         # Maps without a valid pixel add no pixel to the loss (and are not copied out).
+        # A fresh f under the fit's seed: every worker starts from the same weights.
+        self.net = self._build_net().to(device)
         features = _features_chunked(data.logits)
         points, labels, owner = _grid_pixels(data, opts["pixels_per_image"])
         (n_total,) = reduce.sum_floats(float(len(labels)))
@@ -326,19 +348,19 @@ class AdaptiveTemperatureScaling(Calibrator):
         def loss() -> Tensor:
             t = self._log_temperature(features).exp()
             nll = F.cross_entropy(points / t[owner, None], labels, reduction="sum") / n_total
-            return nll + decay * self.weight.square().sum()
+            penalty = sum(m.weight.square().sum() for m in self.net if isinstance(m, nn.Linear))
+            return nll + decay * penalty
 
-        optimise(loss, [self.weight, self.bias], max_iter=opts["max_iter"], reduce=reduce)
+        optimise(loss, list(self.net.parameters()), max_iter=opts["max_iter"], reduce=reduce)
 
     # -- description -------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        """``T0``, the feature weights and bias, and the gate."""
+        """``T0``, the features, the size of ``f`` and the gate."""
         return {
             "temperature": float(self.log_t0.exp()),
             "features": list(FEATURES),
-            "weights": [float(w) for w in self.weight.detach()],
-            "bias": float(self.bias.detach()),
+            "hidden": self.options["hidden"],
             "gate": self.options["gate"],
         }
 
@@ -350,7 +372,7 @@ class GatedAdaptiveTemperatureScaling(AdaptiveTemperatureScaling):
     Args:
         num_classes: The class count C.
         gate: ``"soft"`` or ``"hard"``. Defaults to ``"soft"``.
-        band, width, pixels_per_image, weight_decay, max_iter, reference: As for
+        band, width, pixels_per_image, hidden, weight_decay, max_iter, reference: As for
             `AdaptiveTemperatureScaling`.
     """
 
@@ -364,6 +386,7 @@ class GatedAdaptiveTemperatureScaling(AdaptiveTemperatureScaling):
         band: float = 0.02,
         width: float = 0.5,
         pixels_per_image: int = 4096,
+        hidden: int = 16,
         weight_decay: float = 1e-3,
         max_iter: int = 100,
         reference: dict[str, Any] | None = None,
@@ -371,5 +394,5 @@ class GatedAdaptiveTemperatureScaling(AdaptiveTemperatureScaling):
         check_choice("gate", gate, _GATES[1:])
         super().__init__(
             num_classes, gate=gate, band=band, width=width, pixels_per_image=pixels_per_image,
-            weight_decay=weight_decay, max_iter=max_iter, reference=reference,
+            hidden=hidden, weight_decay=weight_decay, max_iter=max_iter, reference=reference,
         )

@@ -6,6 +6,7 @@ right temperature of an image is its ``s``; clean images have s = 1, shifted one
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -25,6 +26,7 @@ from pipeline.calibrators.base import DistributedReduce
 from pipeline.calibrators.temperature import fit_temperature
 
 C = 5
+D = len(FEATURES)
 
 
 def _maps(n, scale, seed, h=16, w=16):
@@ -49,15 +51,18 @@ def _nll(calibrator, logits, labels):
 
 
 def test_features_of_known_maps():
-    # Uniform logits: confidence 1/C, entropy log C, no margin, no spread.
+    # Uniform logits: confidence 1/C, entropy log C, no margin, no spread, top logit 0,
+    # log-sum-exp log C.
     uniform = image_features(torch.zeros(1, C, 4, 4))[0]
-    torch.testing.assert_close(uniform, torch.tensor([1 / C, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(uniform, torch.tensor([1 / C, 1.0, 0.0, 0.0, 0.0, math.log(C)]))
     # One class far ahead everywhere: confidence 1, entropy 0, margin log(1 + 50).
     sure = torch.zeros(1, C, 4, 4)
     sure[:, 2] = 50.0
     values = image_features(sure)[0]
     torch.testing.assert_close(values[:2], torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
     assert float(values[2]) == pytest.approx(float(torch.log1p(torch.tensor(50.0))))
+    assert float(values[4]) == pytest.approx(50.0)
+    assert float(values[5]) == pytest.approx(50.0, abs=1e-6)
     assert len(FEATURES) == image_features(sure).shape[1]
 
 
@@ -104,11 +109,11 @@ def test_gated_keeps_plain_ts_inside_the_clean_band_and_adapts_outside():
 
 def test_soft_gate_grows_with_the_distance_outside_the_band():
     clean, _, both = _domains()
-    options = GatedAdaptiveTemperatureScaling(C).reference_options(FitDataLike(*clean))
-    gated = GatedAdaptiveTemperatureScaling(C, width=0.5, **options).fit(*both)
+    options = GatedAdaptiveTemperatureScaling(C, band=0.0).reference_options(FitDataLike(*clean))
+    gated = GatedAdaptiveTemperatureScaling(C, band=0.0, width=0.5, **options).fit(*both)
     logits = clean[0][:1] * torch.tensor([1.0, 1.5, 2.5, 4.0]).view(-1, 1, 1, 1)
     g = gated.gate(logits)
-    assert float(g[0]) < 0.05
+    assert float(g[0]) == 0.0  # a clean reference image: inside the band
     assert bool((g[1:] - g[:-1] >= 0).all())
     assert float(g[-1]) > 0.9
 
@@ -159,11 +164,11 @@ def test_summary_and_options_rebuild():
         pytest.param(AdaptiveTemperatureScaling, {"reference": {"temperature": 1.0}},
                      ValueError, r"`reference` to be None or a dict with keys", id="ref-keys"),
         pytest.param(AdaptiveTemperatureScaling, {"reference": {
-            "temperature": 1.0, "mean": [0.0] * 4, "std": [1.0] * 3, "lo": [0.0] * 4,
-            "hi": [0.0] * 4}}, ValueError, r"`reference.std` to be a list of 4", id="ref-len"),
+            "temperature": 1.0, "mean": [0.0] * D, "std": [1.0] * 3, "lo": [0.0] * D,
+            "hi": [0.0] * D}}, ValueError, r"`reference.std` to be a list of 6", id="ref-len"),
         pytest.param(AdaptiveTemperatureScaling, {"reference": {
-            "temperature": -1.0, "mean": [0.0] * 4, "std": [1.0] * 4, "lo": [0.0] * 4,
-            "hi": [0.0] * 4}}, ValueError, r"`reference.temperature` to be a float > 0",
+            "temperature": -1.0, "mean": [0.0] * D, "std": [1.0] * D, "lo": [0.0] * D,
+            "hi": [0.0] * D}}, ValueError, r"`reference.temperature` to be a float > 0",
             id="ref-t"),
     ],
 )
@@ -231,6 +236,8 @@ def test_sharded_fit_equals_the_in_process_fit(sharded, name):
     for key in ("log_t0", "feature_mean", "feature_std", "band_lo", "band_hi"):
         torch.testing.assert_close(remote.state_dict()[key], local.state_dict()[key],
                                    rtol=1e-5, atol=1e-6)
-    # L-BFGS on the same objective: the loss agrees, the weights closely.
-    assert _nll(remote, *both) == pytest.approx(_nll(local, *both), abs=1e-5)
-    torch.testing.assert_close(remote.weight, local.weight, rtol=0, atol=2e-3)
+    # L-BFGS on the same objective from the same seeded start: the loss agrees, the
+    # per-image temperatures closely.
+    assert _nll(remote, *both) == pytest.approx(_nll(local, *both), abs=1e-4)
+    torch.testing.assert_close(remote.temperature(both[0]), local.temperature(both[0]),
+                               rtol=2e-2, atol=0)
