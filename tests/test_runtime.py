@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import signal
 import subprocess
@@ -35,8 +36,14 @@ RUN_TIMEOUT_S = 420
 def fake_ray(monkeypatch):
     """``ray.init`` recorded, not run; Ray's single-machine switch restored after the test."""
     calls: list[dict] = []
+
+    def init(**kwargs):
+        # Every start passes Ray the level of its own loggers (-v or not), checked apart.
+        assert kwargs.pop("logging_level") in (logging.INFO, logging.WARNING), kwargs
+        calls.append(kwargs)
+
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(runtime, "_watch_node", lambda: calls.append("watch"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv(runtime.BIND_ENV, raising=False)
