@@ -55,6 +55,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.paths import ERROR_LOG, REPORT_HTML
+
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
 
@@ -171,7 +173,7 @@ def _run_all(args: argparse.Namespace) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.output:  # resolved here: relative to the working directory, not to the config
         args.overrides = [*args.overrides, f"output={Path(args.output).resolve()}"]
-    print(_run_all(args) / "report.html")
+    print(_run_all(args) / REPORT_HTML)
     return OK
 
 
@@ -672,7 +674,7 @@ def _write_error_log(args: argparse.Namespace, err: BaseException) -> Path | Non
     output = getattr(args, "output_dir", None)
     if not output or "://" in str(output):
         return None
-    path = Path(output) / "error.log"
+    path = Path(output) / ERROR_LOG
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(traceback.format_exception(err))

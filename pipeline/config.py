@@ -50,7 +50,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.paths import atomic_write_text
+from pipeline.paths import RESOLVED_CONFIG, atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -719,7 +719,7 @@ def config_hash(cfg: JobConfig, *, sections: Sequence[str] | None = None) -> str
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-RESOLVED = "config.resolved.yaml"
+RESOLVED = RESOLVED_CONFIG
 
 
 def write_resolved_config(cfg: JobConfig, output: str | Path | None = None) -> Path:

@@ -41,7 +41,7 @@ import pandas as pd
 
 from pipeline.config import ConfigError
 from pipeline.models import download
-from pipeline.paths import atomic_write_text
+from pipeline.paths import SUMMARY, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def headline_table(output: str | Path, detail: Sequence[str] = ("day", "dusk")) 
     Raises:
         FileNotFoundError: no ``summary.csv`` (evaluate has not run).
     """
-    path = Path(output) / "summary.csv"
+    path = Path(output) / SUMMARY
     if not path.is_file():
         raise FileNotFoundError(f"Expected {path}, but it is missing: run `segcal evaluate` first")
     test = pd.read_csv(path).query("role == 'test'")

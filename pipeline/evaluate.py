@@ -73,7 +73,17 @@ from pipeline.metrics import functional as MF
 from pipeline.metrics.confidence import confidence_sums
 from pipeline.metrics.stats import stats_from_image_sums
 from pipeline.metrics.torch_stats import image_stats_torch, prepare_targets
-from pipeline.paths import ORACLE, RunPaths, atomic_write_text, scratch_dir
+from pipeline.paths import (
+    BEST,
+    DOMAIN_SHIFT,
+    LABEL_FREE,
+    ORACLE,
+    PER_IMAGE,
+    SUMMARY,
+    RunPaths,
+    atomic_write_text,
+    scratch_dir,
+)
 from pipeline.shards import (
     MANIFEST_NAME,
     ImageRecord,
@@ -88,11 +98,6 @@ logger = logging.getLogger(__name__)
 
 UNCALIBRATED = "uncalibrated"
 HELDOUT_SUFFIX = "-heldout"
-PER_IMAGE = "per_image.parquet"
-SUMMARY = "summary.csv"
-DOMAIN_SHIFT = "domain_shift.csv"
-BEST = "best.csv"
-LABEL_FREE = "label_free.csv"
 # summary.csv last: the refresh stage treats it as the marker of a finished evaluation.
 TABLES = (PER_IMAGE, DOMAIN_SHIFT, BEST, LABEL_FREE, SUMMARY)
 MONITOR = "monitor"

@@ -6,7 +6,8 @@ Everything a run writes lives under its ``output`` folder::
     OUTPUT/shards/<fp12>/<dataset>/part-00000.parquet, manifest.json
     OUTPUT/artifacts/<calibrator label>/model.safetensors, calibrator.json
     OUTPUT/artifacts/oracle_ts/<test dataset>/model.safetensors, calibrator.json
-    OUTPUT/per_image.parquet, summary.csv, domain_shift.csv, best.csv, report.md, report.html
+    OUTPUT/per_image.parquet, label_free.csv, domain_shift.csv, best.csv, summary.csv
+    OUTPUT/report.md, report.html, error.log (a failed command's traceback)
     OUTPUT/plots/*.png
 
 ``config.resolved.yaml`` is written by :func:`pipeline.config.write_resolved_config`.
@@ -38,6 +39,19 @@ from typing import Any
 
 # The artifact folder (and summary.csv label) of the per-test-set oracle temperatures.
 ORACLE = "oracle_ts"
+
+# The names of the files a run writes, in one place (every stage imports them from here).
+RESOLVED_CONFIG = "config.resolved.yaml"  # OUTPUT/: the config as the run read it
+PER_IMAGE = "per_image.parquet"  # OUTPUT/: one row per image and calibrator
+SUMMARY = "summary.csv"  # OUTPUT/: written last by evaluate, it marks a finished evaluation
+DOMAIN_SHIFT = "domain_shift.csv"
+BEST = "best.csv"
+LABEL_FREE = "label_free.csv"  # OUTPUT/: drift and label-free estimates
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+ERROR_LOG = "error.log"  # OUTPUT/: the traceback of a failed command
+CARD = "calibrator.json"  # OUTPUT/artifacts/<label>/: the artifact's card
+TIMINGS = "timings.json"  # OUTPUT/artifacts/<label>/: fit timings, apart from the card
 
 
 @dataclass(frozen=True)

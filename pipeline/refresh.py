@@ -41,7 +41,16 @@ import numpy as np
 import pandas as pd
 
 from pipeline import registry
-from pipeline.paths import atomic_write_json
+from pipeline.paths import (
+    BEST,
+    CARD,
+    DOMAIN_SHIFT,
+    LABEL_FREE,
+    PER_IMAGE,
+    REPORT_HTML,
+    SUMMARY,
+    atomic_write_json,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
@@ -52,7 +61,7 @@ STAGES = ("extract", "fit", "evaluate", "report")
 STAMPS = ".stages"
 CHAMPION_EVAL = "champion_eval"
 EVAL_TABLES = (
-    "per_image.parquet", "summary.csv", "domain_shift.csv", "best.csv", registry.LABEL_FREE,
+    PER_IMAGE, SUMMARY, DOMAIN_SHIFT, BEST, LABEL_FREE,
 )
 ESTIMATES = ("est_pixel_acc", "est_pixel_acc_doc", "est_img_ece", "true_pixel_acc", "true_img_ece")
 """The label-free estimates (and their truth) of one calibrator that ``history.jsonl`` keeps."""
@@ -162,12 +171,12 @@ def _outputs_exist(cfg: JobConfig, stage: str) -> bool:
     output = Path(cfg.output)
     if stage == "fit":
         return all(
-            (output / "artifacts" / s.key / "calibrator.json").is_file() for s in cfg.calibrators
+            (output / "artifacts" / s.key / CARD).is_file() for s in cfg.calibrators
         )
     if stage == "evaluate":
-        return (output / "summary.csv").is_file()
+        return (output / SUMMARY).is_file()
     if stage == "report":
-        return (output / "report.html").is_file()
+        return (output / REPORT_HTML).is_file()
     return False
 
 
@@ -249,7 +258,7 @@ def _run_locked(
 def _card_name(artifact: Path) -> str | None:
     # The registry name in an artifact's card (calibrator.json), None when there is no card.
     try:
-        return json.loads((artifact / "calibrator.json").read_text()).get("name")
+        return json.loads((artifact / CARD).read_text()).get("name")
     except (OSError, ValueError):
         return None
 
@@ -292,7 +301,7 @@ def champion_summary(
         }
     )
     (call or call_stage)(champ_cfg, "evaluate")
-    return pd.read_csv(scratch / registry.SUMMARY)
+    return pd.read_csv(scratch / SUMMARY)
 
 
 # --- label-free monitoring --------------------------------------------------------------------
@@ -431,15 +440,15 @@ def _label_free_entry(
 ) -> dict[str, Any] | None:
     """The night's label-free record for the run that is current after the decision."""
     output = Path(cfg.output)
-    today = output / registry.LABEL_FREE
+    today = output / LABEL_FREE
     if not today.is_file():
         return None  # no monitor or test set, or a run from before label-free monitoring
     if promote or champion is None:
-        summary = pd.read_csv(output / registry.SUMMARY)
+        summary = pd.read_csv(output / SUMMARY)
     else:
         summary = registry.read_summary(root, champion)
     calibrator = run_calibrator(summary, allow_adaptive=allow_adaptive)
-    champion_today = output / CHAMPION_EVAL / registry.LABEL_FREE
+    champion_today = output / CHAMPION_EVAL / LABEL_FREE
     if promote or not champion_evaluated:
         # Promoted, or kept because today's artifacts are the champion's own: today's table.
         record = label_free_record(read_label_free(today), calibrator)
@@ -512,7 +521,7 @@ def refresh(
                     cfg.refresh.tolerance,
                 )
             else:
-                summary = pd.read_csv(Path(cfg.output) / registry.SUMMARY)
+                summary = pd.read_csv(Path(cfg.output) / SUMMARY)
                 champ = (
                     None
                     if champion is None

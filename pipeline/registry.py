@@ -52,7 +52,18 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.paths import atomic_write_json
+from pipeline.paths import (
+    BEST,
+    DOMAIN_SHIFT,
+    LABEL_FREE,
+    PER_IMAGE,
+    REPORT_HTML,
+    REPORT_MD,
+    RESOLVED_CONFIG,
+    SUMMARY,
+    TIMINGS,
+    atomic_write_json,
+)
 
 RUNS = "runs"
 CURRENT = "current"
@@ -61,20 +72,11 @@ TORN = "history.torn"
 LOCK = ".lock"
 JOURNAL = ".promotion.json"
 RUN_META = "run.json"
-SUMMARY = "summary.csv"
-LABEL_FREE = "label_free.csv"  # drift and label-free estimates (written by pipeline.evaluate)
 ARTIFACTS = "artifacts"
 # What a run's artifact set is: the fitted calibrators and every table/report describing them.
 # Shards (logits) are the run's inputs, not its product, and stay in the run's output folder.
 RUN_FILES = (
-    SUMMARY,
-    "domain_shift.csv",
-    "best.csv",
-    LABEL_FREE,
-    "per_image.parquet",
-    "report.md",
-    "report.html",
-    "config.resolved.yaml",
+    SUMMARY, DOMAIN_SHIFT, BEST, LABEL_FREE, PER_IMAGE, REPORT_MD, REPORT_HTML, RESOLVED_CONFIG,
 )
 RUN_DIRS = (ARTIFACTS, "plots")
 REQUIRED = (ARTIFACTS, SUMMARY)
@@ -88,7 +90,7 @@ ADAPTIVE_PREFIX = "adaptive"
 decision, and can be the run's calibrator, only when the refresh is told to (``allow_adaptive``)."""
 # Files of an artifact folder that describe the fit's execution, not its result (wall-clock
 # timings): left out of `artifact_digest`, so identical calibrators are recognised.
-VOLATILE_FILES = ("timings.json",)
+VOLATILE_FILES = (TIMINGS,)
 
 logger = logging.getLogger(__name__)
 

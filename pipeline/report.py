@@ -47,12 +47,20 @@ from matplotlib.figure import Figure
 
 from pipeline import report_data as rd
 from pipeline.config import JobConfig, config_hash
-from pipeline.evaluate import BEST, DOMAIN_SHIFT, PER_IMAGE, SUMMARY, UNCALIBRATED
+from pipeline.evaluate import UNCALIBRATED
 from pipeline.metrics.functional import ece_from_bins
-from pipeline.paths import atomic_write_text, scratch_dir
+from pipeline.paths import (
+    BEST,
+    DOMAIN_SHIFT,
+    LABEL_FREE,
+    PER_IMAGE,
+    REPORT_HTML,
+    REPORT_MD,
+    SUMMARY,
+    atomic_write_text,
+    scratch_dir,
+)
 
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
 PLOTS = "plots"
 _BIN_COLUMNS = ("count", "conf_sum", "correct_sum")
 _PER_IMAGE_COLUMNS = (
@@ -78,8 +86,8 @@ def read_tables(output: Path) -> dict[str, pd.DataFrame]:
             "`segcal evaluate` first"
         )
     tables = {name: pd.read_csv(output / name) for name in (SUMMARY, DOMAIN_SHIFT, BEST)}
-    if (output / rd.LABEL_FREE).is_file():  # only with monitor or test sets
-        tables[rd.LABEL_FREE] = pd.read_csv(output / rd.LABEL_FREE)
+    if (output / LABEL_FREE).is_file():  # only with monitor or test sets
+        tables[LABEL_FREE] = pd.read_csv(output / LABEL_FREE)
     return tables
 
 
@@ -274,7 +282,7 @@ def build(
         classes, where = rd.class_table(per_image, cfg.model.names(), columns)
     else:
         classes, where = pd.DataFrame(), ""
-    lf = tables.get(rd.LABEL_FREE)
+    lf = tables.get(LABEL_FREE)
     lf = pd.DataFrame() if lf is None else lf
     chosen = rec.pick or rec.leader
     shown = [UNCALIBRATED] + ([chosen] if chosen and not rd.is_reference_column(chosen) else [])

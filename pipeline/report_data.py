@@ -520,7 +520,6 @@ def class_table(
 # Label-free estimates (``label_free.csv``)
 
 
-LABEL_FREE = "label_free.csv"
 """Drift and label-free estimates per (monitor or test set, calibrator), by pipeline.evaluate."""
 
 

@@ -17,6 +17,7 @@ import pytest
 from pipeline import report
 from pipeline import report_data as rd
 from pipeline.config import parse_config
+from pipeline.paths import LABEL_FREE
 
 LABEL_FREE_COLUMNS = (
     "dataset", "domain", "reference", "role", "calibrator", "n_images", "drift_score",
@@ -85,7 +86,7 @@ def _tables(label_free: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
     tables = {"summary.csv": _summary(), "domain_shift.csv": pd.DataFrame(),
               "best.csv": pd.DataFrame()}
     if label_free is not None:
-        tables[rd.LABEL_FREE] = label_free
+        tables[LABEL_FREE] = label_free
     return tables
 
 
@@ -175,9 +176,9 @@ def test_read_tables_picks_up_label_free_csv_when_present(tmp_path):
     for name in ("summary.csv", "domain_shift.csv", "best.csv"):
         pd.DataFrame({"dataset": ["day"]}).to_csv(tmp_path / name, index=False)
     (tmp_path / "per_image.parquet").write_bytes(b"")
-    assert rd.LABEL_FREE not in report.read_tables(tmp_path)
-    _label_free().to_csv(tmp_path / rd.LABEL_FREE, index=False)
-    table = report.read_tables(tmp_path)[rd.LABEL_FREE]
+    assert LABEL_FREE not in report.read_tables(tmp_path)
+    _label_free().to_csv(tmp_path / LABEL_FREE, index=False)
+    table = report.read_tables(tmp_path)[LABEL_FREE]
     assert len(table) == 9
     # Read back from CSV the section is the same as from the frame.
     assert rd.label_free_table(table, ["temperature"]).equals(
@@ -202,7 +203,7 @@ def test_reliability_bins_skip_monitor_rows_without_bins(tmp_path):
 def test_label_free_alarm_cells_read_csv_spellings():
     assert [rd._alarm(v) for v in (True, False, "True", "false", NAN, None)] == [
         "ALARM", "no", "ALARM", "no", "–", "–"]
-    assert Path(rd.LABEL_FREE).name == "label_free.csv"
+    assert Path(LABEL_FREE).name == "label_free.csv"
 
 
 def test_label_free_section_fits_the_1400px_window(cfg, tmp_path):
@@ -225,7 +226,7 @@ def test_report_of_a_real_run_with_monitor_sets(tmp_path_factory):
     page = report.write(cfg).read_text()
     markdown = (Path(output) / "report.md").read_text()
     section = _section(markdown)
-    lf = pd.read_csv(Path(output) / rd.LABEL_FREE)
+    lf = pd.read_csv(Path(output) / LABEL_FREE)
     assert set(lf["dataset"]) == {"day", "cal_test", "cal_monitor", "dark"}
     for dataset in lf["dataset"].unique():
         assert f"| {dataset} |" in section

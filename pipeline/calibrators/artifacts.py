@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 import pipeline
 from pipeline.calibrators.base import Calibrator
-from pipeline.paths import atomic_write_bytes, make_temp_dir
+from pipeline.paths import CARD, TIMINGS, atomic_write_bytes, make_temp_dir
 
 __all__ = [
     "CARD", "MAX_CLASSES", "TIMINGS", "WEIGHTS", "InputRecipe", "export_torchscript",
@@ -52,8 +52,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
-CARD = "calibrator.json"
-TIMINGS = "timings.json"
 FORMAT = "segcal.calibrator/1"
 _REQUIRED = ("format", "name", "options", "num_classes", "class_names", "ignore_index", "sha256")
 
