@@ -18,7 +18,7 @@ process, which the other jobs on a shared machine inflate less than wall time):
   :func:`pipeline.data.decode.load_image` / ``load_label`` (synthetic flat-region images, which
   decode faster than photographs: a lower bound). Decode tasks run on any free CPU too;
 - reduce CPU: the ``store_stride`` area reduction and float16 cast on a CPU
-  (``pipeline.extract._reduce``): the model actor's cost on CPU-only clusters; with a GPU it
+  (``pipeline.extract.reduce_logits``): the model actor's cost on CPU-only clusters; with a GPU it
   runs on the device and costs the host nothing;
 - evaluation: shard read (sha256 + :func:`pipeline.shards.read_shard`), per image;
   :func:`pipeline.shards.upsample_logits` to label resolution; and one calibration, i.e.
@@ -74,7 +74,7 @@ from pipeline.calibrators import build_calibrator  # noqa: E402
 from pipeline.config import EvalConfig, ExtractConfig  # noqa: E402
 from pipeline.data.decode import load_image, load_label  # noqa: E402
 from pipeline.evaluate import image_rows  # noqa: E402
-from pipeline.extract import _reduce  # noqa: E402  (the actor's own reduction, measured as is)
+from pipeline.extract import reduce_logits  # noqa: E402  (the actor's own reduction)
 from pipeline.shards import (  # noqa: E402
     ImageRecord,
     file_sha256,
@@ -109,7 +109,7 @@ class Spec:
 
     @property
     def stored(self) -> tuple[int, int]:
-        """Resolution of the stored logits (``_reduce`` rounds up)."""
+        """Resolution of the stored logits (``reduce_logits`` rounds up)."""
         return math.ceil(self.output[0] / self.stride), math.ceil(self.output[1] / self.stride)
 
 
@@ -160,7 +160,7 @@ def make_record(spec: Spec, i: int, seed: int) -> tuple[ImageRecord, float]:
         output = F.interpolate(native[None], size=spec.output, mode="bilinear",
                                align_corners=False)[0]
     start = time.process_time()
-    stored = _reduce(output, spec.stride).to(torch.float16).contiguous().numpy()
+    stored = reduce_logits(output, spec.stride).to(torch.float16).contiguous().numpy()
     actor_s = time.process_time() - start
     record = ImageRecord(
         dataset=spec.name, domain="day", role="test", image_id=f"img{i:05d}",

@@ -84,10 +84,12 @@ from pipeline.paths import (
     atomic_write_text,
     scratch_dir,
 )
+from pipeline.sampling import oracle_artifacts, split_heldout
 from pipeline.shards import (
     MANIFEST_NAME,
     ImageRecord,
     Manifest,
+    content_hash,
     decode_table,
     file_sha256,
     read_manifest,
@@ -881,9 +883,6 @@ class Target:
 def _check_manifest(
     cfg: JobConfig, ds: DatasetConfig, directory: Path, fingerprint: str
 ) -> Manifest:
-    # Imported here: pipeline.extract pulls in the model adapters.
-    from pipeline.extract import content_hash
-
     try:
         manifest = read_manifest(directory)
     except FileNotFoundError:
@@ -943,7 +942,6 @@ def plan_targets(cfg: JobConfig, paths: RunPaths) -> list[Target]:
     if cfg.evaluate.include_heldout and cfg.fit.heldout_fraction > 0:
         # The fit stage's own rule, applied to the union of the calibration sets' ids as there
         # (corrupted copies of an image share its id, so they are held out together).
-        from pipeline.fit import split_heldout
 
         calibration = [
             (ds, _check_manifest(cfg, ds, paths.dataset_dir(ds.name), paths.model_fingerprint))
@@ -1188,8 +1186,6 @@ def run(cfg: JobConfig, *, local: bool = False) -> Path:
     targets = plan_targets(cfg, paths)
     references = reference_datasets(targets)
     artifacts = check_artifacts(cfg, paths, targets)
-    from pipeline.fit import oracle_artifacts  # here: pipeline.fit imports the fit stage
-
     oracles = oracle_artifacts(cfg, paths)
     items = _work_items(targets)
     kwargs = {"artifacts": artifacts, "n_bins": cfg.evaluate.n_bins,

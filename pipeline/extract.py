@@ -40,7 +40,6 @@ fingerprints cover the image alone, and its manifest says ``labelled: false``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -80,6 +79,7 @@ from pipeline.shards import (
     SHARD_PATTERN,
     Manifest,
     ShardInfo,
+    content_hash,
     describe_shard,
     read_manifest,
     read_shard,
@@ -90,27 +90,7 @@ from pipeline.shards import (
 logger = logging.getLogger(__name__)
 
 
-def content_hash(ds: DatasetConfig, ex: ExtractConfig) -> str:
-    """Hash of the options that change stored rows (not which images are listed).
-
-    ``limit``, ``include`` and the data paths only choose images, so changing them keeps the
-    existing shards valid; label remapping, corruption, tags and storage options do not.
-    """
-    keys = {
-        "dataset": ds.model_dump(
-            mode="json",
-            include={"format", "split", "role", "domain", "ignore_index", "label_map",
-                     "corruption"},
-        ),
-        "extract": ex.model_dump(
-            mode="json", include={"store_stride", "label_resolution", "store_image"}
-        ),
-    }
-    blob = json.dumps(keys, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _reduce(logits: torch.Tensor, stride: int) -> torch.Tensor:
+def reduce_logits(logits: torch.Tensor, stride: int) -> torch.Tensor:
     """Area-downsample (..., C, h, w) logits by ``stride`` (mean over each stride x stride cell).
 
     Averaging rather than subsampling keeps each stored value representative of the pixels
@@ -171,7 +151,7 @@ class LogitPredictor:
         if self.cfg.label_resolution:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         else:
-            logits = _reduce(logits, self.cfg.store_stride)
+            logits = reduce_logits(logits, self.cfg.store_stride)
         return logits.to(torch.float16).cpu()
 
     def _predict_group(

@@ -54,7 +54,6 @@ Run it with ``segcal fit CONFIG`` or ``python jobs/fit.py CONFIG``.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import shutil
@@ -75,7 +74,6 @@ from pipeline.calibrators import (
     Calibrator,
     FitData,
     build_calibrator,
-    read_card,
     save,
 )
 from pipeline.config import CalibratorSpec, DatasetConfig, JobConfig
@@ -94,17 +92,15 @@ from pipeline.sampling import (
     sample_pixels,
     split_heldout,
 )
-from pipeline.shards import Manifest, iter_dataset, read_manifest
+from pipeline.shards import Manifest, data_fingerprint, iter_dataset, read_manifest
 
 __all__ = [
     "FIT_OPTIONS",
     "FitSource",
-    "data_fingerprint",
     "fit_oracles",
     "fit_spec",
     "fit_specs",
     "heldout_metrics",
-    "oracle_artifacts",
     "record_map",
     "run",
     "sample_pixel_indices",
@@ -119,18 +115,6 @@ logger = logging.getLogger(__name__)
 FIT_OPTIONS = ("use_corrupted", "augment_corruptions")
 # The Ray dataset of each layout: sampled pixels (pointwise calibrators) or maps (spatial ones).
 _LAYOUTS = {False: "pixels", True: "maps"}
-
-
-def data_fingerprint(manifests: Iterable[Manifest]) -> str:
-    """sha256 over the datasets' shard checksums (order-independent).
-
-    Example:
-        >>> len(data_fingerprint([]))
-        64
-    """
-    lines = sorted(f"{m.dataset}/{s.file}:{s.sha256}" for m in manifests for s in m.shards)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,34 +706,3 @@ def _save_oracles(cfg: JobConfig, paths: RunPaths, oracles: Sequence[Oracle]) ->
     for stale in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if stale.name not in keep:
             shutil.rmtree(stale)
-
-
-def oracle_artifacts(cfg: JobConfig, paths: RunPaths) -> dict[str, str]:
-    """Test set -> its oracle artifact folder, for the sets whose oracle is current.
-
-    An oracle is current when its card's data fingerprint equals that of the set's shards;
-    a missing or stale one is left out with a warning (``segcal fit`` writes them).
-
-    Args:
-        cfg: The run config.
-        paths: The run's folders.
-
-    Returns:
-        ``{dataset: folder}`` in config order of the test sets.
-    """
-    found = {}
-    for ds in cfg.datasets_with_role("test"):
-        directory = paths.oracle_dir(ds.name)
-        try:
-            card = read_card(directory)
-            manifest = read_manifest(paths.dataset_dir(ds.name))
-        except FileNotFoundError:
-            logger.warning("no %s artifact for test set %r at %s: run `segcal fit`", ORACLE,
-                           ds.name, directory)
-            continue
-        if card.get("data_fingerprint") != data_fingerprint([manifest]):
-            logger.warning("the %s artifact at %s was fitted on other shards of %r than these: "
-                           "left out; run `segcal fit`", ORACLE, directory, ds.name)
-            continue
-        found[ds.name] = str(directory)
-    return found

@@ -9,6 +9,7 @@ its share by the same rule as the in-process fit.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,18 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from pipeline.calibrators import FitData
-from pipeline.shards import ImageRecord, read_shard, upsample_logits
+from pipeline.calibrators import FitData, read_card
+from pipeline.config import JobConfig
+from pipeline.paths import ORACLE, RunPaths
+from pipeline.shards import (
+    ImageRecord,
+    data_fingerprint,
+    read_manifest,
+    read_shard,
+    upsample_logits,
+)
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FitSource",
@@ -334,3 +345,32 @@ def concat_fit_data(parts: Sequence[Any]) -> Any:
     )
 
 
+def oracle_artifacts(cfg: JobConfig, paths: RunPaths) -> dict[str, str]:
+    """Test set -> its oracle artifact folder, for the sets whose oracle is current.
+
+    An oracle is current when its card's data fingerprint equals that of the set's shards;
+    a missing or stale one is left out with a warning (``segcal fit`` writes them).
+
+    Args:
+        cfg: The run config.
+        paths: The run's folders.
+
+    Returns:
+        ``{dataset: folder}`` in config order of the test sets.
+    """
+    found = {}
+    for ds in cfg.datasets_with_role("test"):
+        directory = paths.oracle_dir(ds.name)
+        try:
+            card = read_card(directory)
+            manifest = read_manifest(paths.dataset_dir(ds.name))
+        except FileNotFoundError:
+            logger.warning("no %s artifact for test set %r at %s: run `segcal fit`", ORACLE,
+                           ds.name, directory)
+            continue
+        if card.get("data_fingerprint") != data_fingerprint([manifest]):
+            logger.warning("the %s artifact at %s was fitted on other shards of %r than these: "
+                           "left out; run `segcal fit`", ORACLE, directory, ds.name)
+            continue
+        found[ds.name] = str(directory)
+    return found

@@ -42,7 +42,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,8 @@ from pipeline.paths import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:  # torch is imported where logits are upsampled, not by shard writers
     import torch
+
+    from pipeline.config import DatasetConfig, ExtractConfig
 
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "part-*.parquet"
@@ -474,3 +476,34 @@ def describe_shard(path: str | Path) -> ShardInfo:
     sources = table.column("source").to_pylist() if "source" in table.column_names else []
     return ShardInfo(file=path.name, rows=len(ids), sha256=file_sha256(path), image_ids=ids,
                      sources=sources)
+
+
+def content_hash(ds: DatasetConfig, ex: ExtractConfig) -> str:
+    """Hash of the options that change stored rows (not which images are listed).
+
+    ``limit``, ``include`` and the data paths only choose images, so changing them keeps the
+    existing shards valid; label remapping, corruption, tags and storage options do not.
+    """
+    keys = {
+        "dataset": ds.model_dump(
+            mode="json",
+            include={"format", "split", "role", "domain", "ignore_index", "label_map",
+                     "corruption"},
+        ),
+        "extract": ex.model_dump(
+            mode="json", include={"store_stride", "label_resolution", "store_image"}
+        ),
+    }
+    blob = json.dumps(keys, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def data_fingerprint(manifests: Iterable[Manifest]) -> str:
+    """sha256 over the datasets' shard checksums (order-independent).
+
+    Example:
+        >>> len(data_fingerprint([]))
+        64
+    """
+    lines = sorted(f"{m.dataset}/{s.file}:{s.sha256}" for m in manifests for s in m.shards)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()

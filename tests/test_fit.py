@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import fit
+from pipeline import fit, shards
 from pipeline.calibrators import CALIBRATORS, list_calibrators, load
 from pipeline.config import JobConfig
 from pipeline.paths import RunPaths
@@ -359,7 +359,7 @@ def test_local_fit_writes_loadable_artifacts(tmp_path):
     assert metrics["heldout"]["nll"] < metrics["uncalibrated"]["nll"]
     assert metrics["heldout"]["ece"] < metrics["uncalibrated"]["ece"]
     assert metrics["heldout"]["pixels"] == metrics["uncalibrated"]["pixels"] > 0
-    assert card["data_fingerprint"] == fit.data_fingerprint([read_manifest(directory)])
+    assert card["data_fingerprint"] == shards.data_fingerprint([read_manifest(directory)])
     assert card["ignore_index"] == IGNORE
     assert card["class_names"] == [f"class_{i}" for i in range(C)]
     assert load(out["vs"]).num_classes == C
@@ -370,10 +370,10 @@ def test_local_fit_writes_loadable_artifacts(tmp_path):
 def test_data_fingerprint_tracks_shard_checksums(tmp_path):
     a = read_manifest(write_dataset(tmp_path, "a", make_records("a", 3)))
     b = read_manifest(write_dataset(tmp_path, "b", make_records("b", 3, seed=1)))
-    assert fit.data_fingerprint([a, b]) == fit.data_fingerprint([b, a])
-    assert fit.data_fingerprint([a]) != fit.data_fingerprint([a, b])
+    assert shards.data_fingerprint([a, b]) == shards.data_fingerprint([b, a])
+    assert shards.data_fingerprint([a]) != shards.data_fingerprint([a, b])
     changed = read_manifest(write_dataset(tmp_path, "a", make_records("a", 3, seed=2)))
-    assert fit.data_fingerprint([changed]) != fit.data_fingerprint([a])
+    assert shards.data_fingerprint([changed]) != shards.data_fingerprint([a])
 
 
 def test_failed_fit_keeps_previous_artifacts(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from test_evaluate import make_run
 
-from pipeline import evaluate, fit
+from pipeline import evaluate, fit, sampling
 from pipeline.calibrators import load
 from pipeline.models import model_fingerprint
 from pipeline.paths import ORACLE, RunPaths
@@ -98,7 +98,7 @@ def test_oracle_is_never_best(run):
 
 def test_stale_or_missing_oracles_are_left_out(run, tmp_path, caplog):
     cfg, paths, oracles, _ = run
-    assert set(fit.oracle_artifacts(cfg, paths)) == {"day", "dusk"}
+    assert set(sampling.oracle_artifacts(cfg, paths)) == {"day", "dusk"}
     # Saving only the day oracle removes the folder of dusk (a set no longer listed).
     copy = cfg.model_copy(update={"output": str(tmp_path / "run")})
     copy_paths = RunPaths(tmp_path / "run", paths.model_fingerprint)
@@ -111,7 +111,7 @@ def test_stale_or_missing_oracles_are_left_out(run, tmp_path, caplog):
     try:
         card.write_text(text.replace('"data_fingerprint": "', '"data_fingerprint": "0'))
         with caplog.at_level("WARNING"):
-            assert set(fit.oracle_artifacts(cfg, paths)) == {"dusk"}
+            assert set(sampling.oracle_artifacts(cfg, paths)) == {"dusk"}
         assert "fitted on other shards" in caplog.text
     finally:
         card.write_text(text)
