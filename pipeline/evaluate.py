@@ -38,7 +38,6 @@ report, which :mod:`pipeline.report` writes) as they were.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -68,7 +67,7 @@ from pipeline.label_free import (
     PRED_HIST_COLUMN,
     image_features,
 )
-from pipeline.metrics import N_SCORE_BINS, ImageStats, first_argmax
+from pipeline.metrics import N_SCORE_BINS, ImageStats, catalogue, first_argmax
 from pipeline.metrics import functional as MF
 from pipeline.metrics.confidence import confidence_sums
 from pipeline.metrics.stats import stats_from_image_sums
@@ -109,31 +108,24 @@ _BOUNDS = ("oracle_ts",)
 KEY_COLUMNS = ("dataset", "domain", "reference", "role", "calibrator")
 """Columns naming a summary row (``reference`` is the reference domain of a shifted set)."""
 
-METRIC_COLUMNS = (
-    "img_ece", "img_ece_std", "ece", "mce", "ace", "sce", "nll", "brier", "miou", "pixel_acc",
-    "boundary_ece", "ece_correct", "ece_incorrect", "mis_auroc", "msp_auroc",
-    "flag_precision", "flag_recall", "msp_precision", "msp_recall",
-)
-"""Metrics of a summary row. ``mis_*``/``flag_*`` are the selector's misprediction detection
-(NaN for calibrators without a selector); ``msp_*`` the ``1 - max p`` baseline. A pixel is
-flagged when its score exceeds 0.5."""
+METRIC_COLUMNS = catalogue.metric_names()
+"""Metrics of a summary row, from the catalogue (`pipeline.metrics.catalogue`). ``mis_*``/
+``flag_*`` are the selector's misprediction detection (NaN for calibrators without a selector);
+``msp_*`` the ``1 - max p`` baseline. A pixel is flagged when its score exceeds 0.5."""
 
-SUMMARY_COLUMNS = (
-    *KEY_COLUMNS, "n_images", "n_pixels", "img_ece", "img_ece_std", "img_ece_lo",
-    "img_ece_hi", *METRIC_COLUMNS[2:],
-)
 
-SHIFT_METRICS = (
-    "img_ece", "ece", "mce", "ace", "sce", "nll", "brier", "miou", "pixel_acc", "boundary_ece",
-    "ece_correct", "ece_incorrect", "mis_auroc", "msp_auroc",
-)
+def _summary_columns() -> tuple[str, ...]:
+    # The bootstrap interval of img_ece follows its mean and spread.
+    at = METRIC_COLUMNS.index("img_ece_std") + 1
+    return (*KEY_COLUMNS, "n_images", "n_pixels", *METRIC_COLUMNS[:at], "img_ece_lo",
+            "img_ece_hi", *METRIC_COLUMNS[at:])
+
+
+SUMMARY_COLUMNS = _summary_columns()
+
+SHIFT_METRICS = catalogue.shift_metrics()
 
 _IMAGE_COLUMNS = ("dataset", "domain", "reference", "role", "image_id", "calibrator")
-# ImageStats.summary() names -> summary.csv names.
-_RENAME = {
-    "image_ece_mean": "img_ece", "image_ece_std": "img_ece_std",
-    "mis_precision": "flag_precision", "mis_recall": "flag_recall",
-}
 
 
 # The label-free features of :func:`pipeline.label_free.image_features`, by column: the
@@ -597,13 +589,8 @@ def bootstrap_interval(
 
 
 def _metrics(total: ImageStats) -> dict[str, float]:
-    """The summary metrics of summed statistics."""
-    values = {_RENAME.get(k, k): v for k, v in total.summary().items()}
-    # The 1 - max p baseline flags pixels by the same rule as the selector (score > 0.5).
-    msp = dataclasses.replace(total, mis_hist_cor=total.msp_hist_cor,
-                              mis_hist_inc=total.msp_hist_inc)
-    values["msp_precision"], values["msp_recall"] = msp.mis_precision(), msp.mis_recall()
-    return {k: values[k] for k in METRIC_COLUMNS}
+    """The summary metrics of summed statistics (the catalogue's)."""
+    return catalogue.compute(total)
 
 
 class Aggregator:

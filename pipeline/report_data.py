@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import JobConfig
+from pipeline.metrics import catalogue
 
 UNCALIBRATED = "uncalibrated"  # as in pipeline.evaluate (not imported: keeps this module light)
 HELDOUT_SUFFIX = "-heldout"
@@ -32,24 +33,8 @@ GLOSSARY: dict[str, str] = {
     "dataset": "evaluated set; `<name>-heldout` is the held-out part of a calibration set",
     "calibrator": "calibrator label; `uncalibrated` is the model's own softmax",
     "n_images": "images in the set",
-    "img_ece": "image-wise ECE: each image's top-label ECE, averaged over images (lower is "
-               "better); the interval is a 95% bootstrap over images",
     "img_ece 95%": "95% bootstrap interval of img_ece over images",
-    "ece": "top-label ECE pooled over all pixels of the set (15 equal-width bins)",
-    "mce": "largest gap between confidence and accuracy over the non-empty bins",
-    "ace": "adaptive ECE (equal-mass bins), averaged over images",
-    "sce": "static (classwise) ECE: each class's probability binned, averaged over classes",
-    "nll": "mean negative log-likelihood per pixel",
-    "brier": "mean Brier score per pixel (sum over classes of squared errors)",
-    "miou": "mean intersection over union of the top-label prediction",
-    "pixel_acc": "share of pixels whose top label is right",
-    "boundary_ece": "ECE over pixels on label boundaries only",
-    "ece_correct": "ECE over correctly predicted pixels (there: 1 - confidence)",
-    "ece_incorrect": "ECE over mispredicted pixels (there: their mean confidence)",
-    "msp_auroc": "AUROC of 1 - max p for telling mispredicted pixels from correct ones",
-    "mis_auroc": "AUROC of a selector's score for the same task (selective calibrators only)",
-    "flag_precision": "share of pixels the selector flags (score > 0.5) that are mispredicted",
-    "flag_recall": "share of mispredicted pixels the selector flags",
+    **{m.name: m.description for m in catalogue.METRICS if m.report},
 }
 """Every column the report shows, in plain words."""
 
@@ -59,9 +44,8 @@ def glossary(columns: Sequence[str]) -> dict[str, str]:
 
 
 SUMMARY_SHOWN = (
-    "calibrator", "n_images", "img_ece", "img_ece 95%", "ece", "mce", "ace", "sce", "nll",
-    "brier", "miou", "pixel_acc", "boundary_ece", "ece_correct", "ece_incorrect", "msp_auroc",
-    "mis_auroc", "flag_precision", "flag_recall",
+    "calibrator", "n_images", "img_ece", "img_ece 95%",
+    *(name for name in catalogue.report_metrics() if name != "img_ece"),
 )
 
 _FAMILY = re.compile(r"^(?P<kind>.+?)[-_]?(?P<severity>\d+)$")
