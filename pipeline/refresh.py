@@ -156,7 +156,8 @@ def stage_inputs(cfg: JobConfig, stage: str) -> str | None:
     if stage == "extract":
         return None
     if stage == "fit":
-        inputs: Any = _shards_digest(cfg, "calibration")
+        # The calibrators fit on the calibration shards, the oracle_ts bounds on the test sets'.
+        inputs: Any = [_shards_digest(cfg, "calibration"), _shards_digest(cfg, "test")]
     elif stage == "evaluate":
         inputs = [_shards_digest(cfg, None), registry.artifact_digest(output)]
     elif stage == "report":

@@ -122,3 +122,25 @@ def test_a_calibrator_may_not_take_the_oracle_label(tmp_path):
         {"name": "temperature", "label": ORACLE}])
     with pytest.raises(ValueError, match=r"use a label other than 'oracle_ts'"):
         fit.run(cfg)
+
+
+def test_fit_is_stale_when_a_test_sets_shards_change(run, tmp_path):
+    # The oracles are fitted on the test sets' shards, so `segcal run` must redo fit when they
+    # change, not only when the calibration shards do.
+    import dataclasses
+    import shutil
+
+    from pipeline import refresh
+    from pipeline.shards import read_manifest, write_manifest
+
+    cfg, paths, _, _ = run
+    copy = cfg.model_copy(update={"output": str(tmp_path / "run")})
+    shutil.copytree(cfg.output, copy.output)
+    copied = RunPaths(Path(copy.output), paths.model_fingerprint)
+    before = refresh.stage_inputs(copy, "fit")
+    assert refresh.stage_inputs(copy, "fit") == before  # deterministic
+
+    manifest = read_manifest(copied.dataset_dir("dusk"))
+    write_manifest(copied.dataset_dir("dusk"),
+                   dataclasses.replace(manifest, shards=manifest.shards[:-1]))
+    assert refresh.stage_inputs(copy, "fit") != before
