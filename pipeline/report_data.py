@@ -331,6 +331,8 @@ def describe_card(card: Mapping[str, Any], flagged: float | None = None) -> str:
     Example:
         >>> describe_card({"name": "temperature", "summary": {"temperature": 1.3124}})
         'one temperature, T = 1.31'
+        >>> describe_card({"name": "new", "summary": {"t": [1.0, 3.0], "inputs": ["a", "b"]}})
+        't = mean 2.00, range 1.00 to 3.00, inputs = a, b'
     """
     name, s = str(card.get("name")), dict(card.get("summary") or {})
     options = dict(card.get("options") or {})
@@ -373,10 +375,24 @@ def describe_card(card: Mapping[str, Any], flagged: float | None = None) -> str:
         if flagged is not None and not math.isnan(flagged):
             parts.append(f"flags {100 * flagged:.1f}% of the held-out pixels")
         return "; ".join(parts)
+    if name.startswith("adaptive") and "temperature" in s:
+        gated = ("; kept at T inside the clean calibration images' feature band, adapted "
+                 f"outside it ({s.get('gate', '?')} gate)" if name.endswith("_gated") else "")
+        return (f"a temperature per image, T = {_num(s['temperature'])} (temperature scaling's) "
+                f"times a factor a small net predicts from the image's label-free features "
+                f"({', '.join(map(str, s.get('features') or []))}){gated}")
     if not s:
         return "no fitted values recorded"
-    return ", ".join(f"{k} = {_num(v) if not isinstance(v, list) else _spread(v)}"
-                     for k, v in s.items())
+    return ", ".join(f"{k} = {_value(v)}" for k, v in s.items())
+
+
+def _value(value: Any) -> str:
+    """A fitted value in words: a number, the spread of a list of numbers, or the text."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, (int, float)) for v in value):
+            return _spread(value)
+        return ", ".join(map(str, value))
+    return _num(value)
 
 
 def read_cards(output: Path, labels: Sequence[str]) -> dict[str, dict[str, Any]]:

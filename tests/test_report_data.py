@@ -178,3 +178,15 @@ def test_reference_columns_come_first_and_an_oracle_is_never_best():
         "img_ece": [0.05, 0.1, 0.01, 0.06], "nll": [1.0] * 4})
     assert rd.matrix_columns(summary) == ["uncalibrated", "oracle_ts", "temperature", "ets"]
     assert rd.best_per_set(summary) == {"fog": "temperature"}
+
+
+def test_adaptive_cards_are_described_in_words():
+    # A card whose summary holds a list of feature names (not numbers) once failed the report.
+    summary = {"features": ["mean_confidence", "mean_entropy"], "gate": "soft", "hidden": 16,
+               "temperature": 1.3199987}
+    gated = rd.describe_card({"name": "adaptive_ts_gated", "summary": summary})
+    assert gated.startswith("a temperature per image, T = 1.32")
+    assert "(mean_confidence, mean_entropy)" in gated
+    assert "soft gate" in gated
+    plain = rd.describe_card({"name": "adaptive_ts", "summary": summary})
+    assert "gate" not in plain
