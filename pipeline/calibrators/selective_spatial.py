@@ -74,31 +74,6 @@ def _conv_selector(
     )
 
 
-def _conv_selector(
-    dim: int, hidden: int, context: bool = False, local: bool = True
-) -> nn.Sequential:
-    """A 1x1 conv at the identity (the MLP's first layer), then two 3x3 convs (one dilated).
-
-    With ``context`` the map-wide channel means are appended first (`_GlobalContext`); without
-    ``local`` the two 3x3 convs become 1x1 (no neighbourhood, so nothing depends on the scale
-    the map is scored at).
-    """
-    head: list[nn.Module] = [_GlobalContext()] if context else []
-    dim = 2 * dim if context else dim
-    first = nn.Conv2d(dim, dim, 1)
-    with torch.no_grad():
-        first.weight.copy_(torch.eye(dim)[:, :, None, None])
-        first.bias.zero_()
-    size, pad = (3, 1) if local else (1, 0)
-    return nn.Sequential(
-        *head, first, nn.BatchNorm2d(dim), nn.ReLU(),
-        nn.Conv2d(dim, hidden, size, padding=pad), nn.BatchNorm2d(hidden), nn.ReLU(),
-        nn.Conv2d(hidden, hidden, size, padding=2 * pad, dilation=2), nn.BatchNorm2d(hidden),
-        nn.ReLU(),
-        nn.Conv2d(hidden, 2, 1),
-    )
-
-
 @register
 class SpatialSelectiveScaling(SelectiveScaling):
     """Selective scaling whose selector is a small conv net over the logit map (and image).
