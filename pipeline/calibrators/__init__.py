@@ -28,10 +28,6 @@ from pipeline.calibrators import (  # noqa: F401
     temperature,
     vector,
 )
-from pipeline.calibrators.adaptive import (
-    AdaptiveTemperatureScaling,
-    GatedAdaptiveTemperatureScaling,
-)
 from pipeline.calibrators.artifacts import (
     export_torchscript,
     export_with_model,
@@ -63,6 +59,3 @@ __all__ = [
     "register",
     "save",
 ]
-
-for _cls in (AdaptiveTemperatureScaling, GatedAdaptiveTemperatureScaling):
-    register(_cls)  # idempotent: a no-op once the module registers them itself

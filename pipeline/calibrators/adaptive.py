@@ -56,6 +56,7 @@ from pipeline.calibrators.base import (
 )
 from pipeline.calibrators.registry import register
 from pipeline.calibrators.temperature import fit_temperature
+from pipeline.calibrators.training import require_maps
 
 __all__ = [
     "FEATURES",
@@ -123,16 +124,6 @@ def _check_reference(reference: Any) -> None:
             check_float(f"reference.{key}", v)
     if any(s <= 0 for s in reference["std"]):
         raise ValueError(f"Expected `reference.std` > 0, but got {reference['std']}")
-
-
-def _require_maps(logits: Tensor, name: str) -> Tensor:
-    """Per-image temperatures need whole maps: refuse (P, C) pixels."""
-    if logits.dim() != 4:
-        raise ValueError(
-            "Expected `logits` of shape (N, C, H, W) for the spatial calibrator '" + name
-            + "', but got " + str(logits.shape)
-        )
-    return logits
 
 
 def _features_chunked(logits: Tensor, chunk: int = 16) -> Tensor:
@@ -271,20 +262,20 @@ class AdaptiveTemperatureScaling(Calibrator):
         return (self.log_t0 + self._gate(z) * adapt).clamp(self.log_t_min, self.log_t_max)
 
     def _calibrate(self, logits: Tensor, image: Tensor | None) -> Tensor:
-        logits = _require_maps(logits, self.kind)
+        logits = require_maps(logits, self.kind)
         t = self._log_temperature(image_features(logits)).exp()
         return logits / t.view(-1, 1, 1, 1)
 
     def temperature(self, logits: Tensor) -> Tensor:
         """The (N,) per-image temperatures of (N, C, H, W) logits."""
         with torch.no_grad():
-            return self._log_temperature(image_features(_require_maps(logits.float(),
+            return self._log_temperature(image_features(require_maps(logits.float(),
                                                                       self.kind))).exp()
 
     def gate(self, logits: Tensor) -> Tensor:
         """The (N,) gate of each image: 0 keeps ``T0``, 1 adapts fully (1 for ``gate: none``)."""
         with torch.no_grad():
-            features = image_features(_require_maps(logits.float(), self.kind))
+            features = image_features(require_maps(logits.float(), self.kind))
             return self._gate((features - self.feature_mean) / self.feature_std)
 
     # -- reference ---------------------------------------------------------------------------
