@@ -206,7 +206,7 @@ def profile(args: argparse.Namespace) -> None:
 
 def _kernel_alone(item: dict, c: int, h: int, w: int, n: int) -> float:
     """Mean CPU seconds of ``image_stats`` on upsampled uncalibrated probabilities."""
-    from pipeline.evaluate import _iter_shard
+    from pipeline.evaluate_rows import _iter_shard
     from pipeline.metrics import first_argmax, image_stats
     from pipeline.shards import upsample_logits
 

@@ -34,6 +34,11 @@ one running total per dataset x calibrator, so memory does not grow with the num
 New files are written to a temporary folder inside ``OUTPUT`` and moved into place only when
 every table is complete, so a failed or killed evaluation leaves the earlier tables (and the
 report, which :mod:`pipeline.report` writes) as they were.
+
+Layout: this module plans (targets, artifacts), runs the Ray Data pipeline and writes the
+tables; :mod:`pipeline.evaluate_rows` turns one image into its rows (the actor's work) and
+:mod:`pipeline.evaluate_tables` sums rows into the summary, domain-shift and best tables. Their
+public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -42,10 +47,8 @@ import logging
 import math
 import os
 import shutil
-import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,24 +57,36 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F  # noqa: N812
 
-from pipeline.calibrators import Calibrator, load
+from pipeline.calibrators import load
 from pipeline.calibrators.artifacts import CARD, read_card
 from pipeline.config import DatasetConfig, JobConfig, config_hash
-from pipeline.label_free import (
-    CONF_EDGES,
-    FEATURE_COLUMNS,
-    LABEL_FREE_COLUMNS,
-    PRED_HIST_COLUMN,
-    image_features,
+from pipeline.evaluate_rows import (  # the per-image half; its names are this stage's API too
+    _FEATURES,
+    ROW_SCHEMA,
+    ShardEvaluator,
+    StageTimer,
+    image_rows,
+    image_stats_per_calibrator,
+    resolve_device,
+    rows_table,
 )
-from pipeline.metrics import N_SCORE_BINS, ImageStats, catalogue, first_argmax
-from pipeline.metrics import functional as MF
-from pipeline.metrics.confidence import confidence_sums
-from pipeline.metrics.stats import stats_from_image_sums
-from pipeline.metrics.torch_stats import image_stats_torch, prepare_targets
+from pipeline.evaluate_tables import (  # the aggregation half, likewise
+    HELDOUT_SUFFIX,
+    KEY_COLUMNS,
+    METRIC_COLUMNS,
+    MONITOR,
+    SHIFT_METRICS,
+    SUMMARY_COLUMNS,
+    UNCALIBRATED,
+    Aggregator,
+    best_per_domain,
+    bootstrap_interval,
+    domain_shift,
+)
+from pipeline.label_free import (
+    LABEL_FREE_COLUMNS,
+)
 from pipeline.paths import (
     BEST,
     DOMAIN_SHIFT,
@@ -86,667 +101,25 @@ from pipeline.paths import (
 from pipeline.sampling import oracle_artifacts, split_heldout
 from pipeline.shards import (
     MANIFEST_NAME,
-    ImageRecord,
     Manifest,
     content_hash,
-    decode_table,
-    file_sha256,
     read_manifest,
-    upsample_logits,
 )
 
 logger = logging.getLogger(__name__)
 
-UNCALIBRATED = "uncalibrated"
-HELDOUT_SUFFIX = "-heldout"
+__all__ = [
+    "HELDOUT_SUFFIX", "KEY_COLUMNS", "METRIC_COLUMNS", "MONITOR", "ROW_SCHEMA", "SHIFT_METRICS",
+    "SUMMARY_COLUMNS", "TABLES", "UNCALIBRATED", "Aggregator", "ShardEvaluator", "StageTimer",
+    "Target", "best_per_domain", "bootstrap_interval", "check_artifacts", "domain_shift",
+    "image_rows", "image_stats_per_calibrator", "label_free_table", "plan_targets",
+    "reference_datasets", "resolve_device", "rows_table", "run",
+]
+
 # summary.csv last: the refresh stage treats it as the marker of a finished evaluation.
 TABLES = (PER_IMAGE, DOMAIN_SHIFT, BEST, LABEL_FREE, SUMMARY)
-MONITOR = "monitor"
 # Rows that are bounds, not calibrators one could ship: left out of label_free.csv.
 _BOUNDS = ("oracle_ts",)
-
-KEY_COLUMNS = ("dataset", "domain", "reference", "role", "calibrator")
-"""Columns naming a summary row (``reference`` is the reference domain of a shifted set)."""
-
-METRIC_COLUMNS = catalogue.metric_names()
-"""Metrics of a summary row, from the catalogue (`pipeline.metrics.catalogue`). ``mis_*``/
-``flag_*`` are the selector's misprediction detection (NaN for calibrators without a selector);
-``msp_*`` the ``1 - max p`` baseline. A pixel is flagged when its score exceeds 0.5."""
-
-
-def _summary_columns() -> tuple[str, ...]:
-    # The bootstrap interval of img_ece follows its mean and spread.
-    at = METRIC_COLUMNS.index("img_ece_std") + 1
-    return (*KEY_COLUMNS, "n_images", "n_pixels", *METRIC_COLUMNS[:at], "img_ece_lo",
-            "img_ece_hi", *METRIC_COLUMNS[at:])
-
-
-SUMMARY_COLUMNS = _summary_columns()
-
-SHIFT_METRICS = catalogue.shift_metrics()
-
-_IMAGE_COLUMNS = ("dataset", "domain", "reference", "role", "image_id", "calibrator")
-
-
-# The label-free features of :func:`pipeline.label_free.image_features`, by column: the
-# contract's four, plus the pixels per predicted class (it lets the accuracy estimate see a
-# shift of the predicted classes).
-_FEATURE_TYPES = {
-    "lf_n_pixels": pa.int64(), "lf_conf_sum": pa.float64(), "lf_entropy_sum": pa.float64(),
-    "lf_conf_hist": pa.list_(pa.int64()), PRED_HIST_COLUMN: pa.list_(pa.int64()),
-}
-_FEATURES = (*FEATURE_COLUMNS, PRED_HIST_COLUMN)
-
-
-def _row_schema() -> pa.Schema:
-    """Arrow schema of a per-image row (list types do not depend on C or the bin counts)."""
-    stats = pa.Table.from_pylist([ImageStats.zero(2, 1).to_row()]).schema
-    meta = [pa.field(name, pa.string()) for name in _IMAGE_COLUMNS]
-    features = [pa.field(name, _FEATURE_TYPES[name]) for name in _FEATURES]
-    return pa.schema([*meta, pa.field("img_ece", pa.float64()), *stats, *features])
-
-
-ROW_SCHEMA = _row_schema()
-
-
-# ---------------------------------------------------------------------------------------------
-# Per image: logits -> calibrators -> one ImageStats row each
-
-
-def _image_tensor(record: ImageRecord) -> torch.Tensor | None:
-    """The stored RGB image as (1, 3, H, W) float in [0, 1] at label resolution, or None."""
-    if record.image is None:
-        return None
-    image = torch.tensor(record.image).permute(2, 0, 1)[None].float().div_(255.0)
-    size = (record.height, record.width)
-    if tuple(image.shape[-2:]) != size:
-        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-    return image.clamp_(0.0, 1.0)
-
-
-class StageTimer:
-    """Time per evaluation stage (``benchmarks/evaluate.py --profile``).
-
-    ``timer(stage)`` is a context manager that adds the time spent inside it to
-    ``seconds[stage]``; on CUDA it synchronises first, so that each stage is charged for its
-    own kernels. Stages of one calibrator are named ``"<stage>|<calibrator>"``; the others
-    are shared by an image's calibrators. ``clock`` may be ``time.thread_time`` (CPU time of
-    a single-threaded evaluator, robust to other processes' load) instead of wall time.
-    """
-
-    def __init__(self, sync: bool = False, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.seconds: dict[str, float] = {}
-        self.sync = sync
-        self.clock = clock
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        """Time the body as ``stage``."""
-        if self.sync:
-            torch.cuda.synchronize()
-        start = self.clock()
-        try:
-            yield
-        finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + self.clock() - start
-
-
-def _no_timer(stage: str) -> AbstractContextManager[None]:
-    return nullcontext()
-
-
-def image_stats_per_calibrator(
-    record: ImageRecord,
-    calibrators: Mapping[str, Calibrator | None],
-    *,
-    n_bins: int,
-    boundary_width: int,
-    ignore_index: int | None,
-    device: torch.device | str = "cpu",
-    timer: Callable[[str], AbstractContextManager[None]] = _no_timer,
-    stats_backend: str = "auto",
-    labelled: bool = True,
-) -> list[tuple[str, ImageStats, dict[str, Any]]]:
-    """One image's statistics and label-free features under each calibrator.
-
-    See :func:`image_rows` (which turns them into rows) for the arguments.
-
-    Returns:
-        ``[(label, stats, features), ...]``: ``features`` as
-        :func:`pipeline.label_free.image_features` gives them (with the predicted-class
-        counts), computed on the same probabilities and predictions as ``stats``; for an
-        unlabelled image ``stats`` is empty
-        (``ImageStats.zero``: no scored pixel, ``n_images`` 0).
-    """
-    device = torch.device(device)
-    if stats_backend not in ("auto", "numba", "torch"):
-        raise ValueError(
-            f"Expected `stats_backend` to be auto, numba or torch, but got {stats_backend!r}"
-        )
-    if stats_backend == "numba" and device.type != "cpu":
-        raise ValueError(f"Expected the CPU for `stats_backend`='numba', but got {device}")
-    use_numba = stats_backend == "numba" or (stats_backend == "auto" and device.type == "cpu")
-    size = (record.height, record.width)
-    c = record.logits.shape[0]
-    if tuple(record.labels.shape) != size:
-        raise ValueError(
-            f"Expected the labels of image {record.image_id!r} of shape {size} (its height and "
-            f"width), but got {tuple(record.labels.shape)}"
-        )
-    with timer("float16 -> float32"):
-        # A copy: shard arrays are read-only views of Arrow buffers. To a GPU the float16
-        # values travel as they are stored (half the bytes) and widen there, exactly.
-        if device.type == "cpu":
-            logits = torch.from_numpy(np.array(record.logits, dtype=np.float32))
-        else:
-            logits = torch.from_numpy(np.array(record.logits)).to(device).float()
-    with timer("upsampling"):
-        logits = upsample_logits(logits, size)[None]
-        image = None
-        if any(cal is not None and type(cal).spatial for cal in calibrators.values()):
-            image = _image_tensor(record)
-            image = None if image is None else image.to(device)
-    with timer("statistics"):
-        if not labelled:
-            pass  # a monitor image: its label plane is all ignore_index, nothing to score
-        elif use_numba:
-            labels2d = record.labels
-            if labels2d.dtype != np.int64:
-                labels2d = labels2d.astype(np.int64)
-            labels = labels2d.reshape(-1)
-            valid = MF.valid_mask(labels, c, ignore_index)
-            boundary = MF.boundary_mask(labels2d, boundary_width).reshape(-1)
-        else:
-            targets = prepare_targets(record.labels, c, ignore_index=ignore_index,
-                                      boundary_width=boundary_width, device=device)
-    rows = []
-    with torch.inference_mode():
-        for label, calibrator in calibrators.items():
-            score = None
-            calibrated = logits
-            if calibrator is not None:
-                with timer(f"calibrator forward|{label}"):
-                    cal_image = image if type(calibrator).spatial else None
-                    calibrated, score = calibrator.calibrate_with_score(logits, cal_image)
-            with timer(f"softmax|{label}"):
-                probs = torch.softmax(calibrated[0], dim=0)
-            # Predictions from the logits, not the probabilities: a huge temperature (selective
-            # scaling's T_mis = 1e10) leaves logits that differ by ~1e-9, which a float32
-            # softmax rounds to exact ties, while dividing by it never reorders the logits.
-            with timer(f"statistics|{label}"):
-                if use_numba:
-                    preds = first_argmax(calibrated[0]).reshape(-1)  # torch's is ~20x slower
-                else:
-                    pred_map = calibrated[0].argmax(0)  # the first maximum, as on the CPU
-                if not labelled:
-                    stats = ImageStats.zero(c, n_bins)
-                elif use_numba:
-                    flat_score = None
-                    if score is not None:
-                        flat_score = MF.as_scores(score.reshape(-1).double().numpy(),
-                                                  labels.shape)
-                    sums = MF.image_sums(
-                        probs.numpy().reshape(c, -1), labels, valid, boundary, flat_score,
-                        n_bins, N_SCORE_BINS, check=False, preds=preds,
-                    )
-                    stats = stats_from_image_sums(sums, n_bins, c)
-                else:
-                    stats = image_stats_torch(
-                        probs, n_bins=n_bins, validate_args=False, targets=targets,
-                        preds=pred_map,
-                        mis_score=None if score is None else score.reshape(size),
-                    )
-            with timer(f"label-free features|{label}"):
-                if use_numba:
-                    features = _features_cpu(probs, calibrated[0], preds)
-                else:
-                    features = image_features(probs, preds=pred_map)
-            rows.append((label, stats, features))
-    return rows
-
-
-def _features_cpu(probs: torch.Tensor, logits: torch.Tensor, preds: np.ndarray) -> dict[str, Any]:
-    """:func:`pipeline.label_free.image_features` with ``preds``, in one fused numba pass.
-
-    The CPU path's form (:func:`pipeline.metrics.confidence.confidence_sums`: no (C, P)
-    temporaries, one logarithm per pixel): the same pixel count, confidence histogram and
-    predicted-class counts, the confidence sum to float64 rounding and the entropy sum, taken
-    from the logits, to about 1e-9 relative (1e-6 at worst, float32 probabilities).
-
-    Args:
-        probs: (C, H, W) float32 CPU softmax of ``logits``.
-        logits: (C, H, W) CPU logits, ``probs``' dtype.
-        preds: (H * W,) int64 first argmax of ``logits``.
-    """
-    c = probs.shape[0]
-    conf_sum, entropy_sum, hist = confidence_sums(
-        probs.numpy().reshape(c, -1), logits.numpy().reshape(c, -1), preds, CONF_EDGES[1:-1])
-    return {
-        "lf_n_pixels": int(preds.size), "lf_conf_sum": conf_sum, "lf_entropy_sum": entropy_sum,
-        "lf_conf_hist": hist, PRED_HIST_COLUMN: np.bincount(preds, minlength=c).astype(np.int64),
-    }
-
-
-def image_rows(
-    record: ImageRecord,
-    calibrators: Mapping[str, Calibrator | None],
-    *,
-    meta: Mapping[str, str | None],
-    n_bins: int,
-    boundary_width: int,
-    ignore_index: int | None,
-    device: torch.device | str = "cpu",
-    timer: Callable[[str], AbstractContextManager[None]] = _no_timer,
-    stats_backend: str = "auto",
-    labelled: bool = True,
-) -> list[dict[str, Any]]:
-    """One image's statistics rows, one per calibrator.
-
-    The stored logits are upsampled to label resolution, each calibrator is applied (spatial
-    ones also get the image, upsampled alike) and the image is reduced to an ImageStats row
-    plus its label-free features (:data:`pipeline.label_free.FEATURE_COLUMNS` and
-    ``lf_pred_hist``, over every pixel, ignore ones included: unlabelled sets have no mask).
-    The labels are checked, and their valid and boundary pixels found, once per image. On the
-    CPU the statistics come from the numba kernel; on another device from its torch twin
-    (:mod:`pipeline.metrics.torch_stats`), where the logits already are.
-
-    Args:
-        record: the image's stored logits (C, h, w), labels (H, W) and optional image.
-        calibrators: label -> fitted calibrator (on ``device``); None means ``uncalibrated``.
-        meta: ``dataset``, ``domain``, ``reference``, ``role`` for the rows.
-        n_bins: confidence bins.
-        boundary_width: boundary width in pixels.
-        ignore_index: label value left out of every metric.
-        device: where to calibrate and score.
-        timer: ``timer(stage)`` context manager charging each stage (see :class:`StageTimer`).
-        stats_backend: ``"auto"`` (numba on the CPU, torch elsewhere), ``"numba"`` or
-            ``"torch"`` (tests run the GPU path's code on the CPU with it).
-        labelled: False for an image of a ``monitor`` set: only the features are computed;
-            the label statistics are zeros (``n_images`` 0, so ``img_ece`` is NaN).
-
-    Returns:
-        Rows with the keys of :data:`ROW_SCHEMA`.
-    """
-    stats = image_stats_per_calibrator(
-        record, calibrators, n_bins=n_bins, boundary_width=boundary_width,
-        ignore_index=ignore_index, device=device, timer=timer, stats_backend=stats_backend,
-        labelled=labelled,
-    )
-    return [
-        {**meta, "image_id": record.image_id, "calibrator": label,
-         "img_ece": s.image_ece_mean(), **s.to_row(),
-         **{k: np.asarray(f[k]).tolist() for k in _FEATURES}}
-        for label, s, f in stats
-    ]
-
-
-def rows_table(
-    keys: Sequence[Mapping[str, str | None]],
-    stats: Sequence[ImageStats],
-    features: Sequence[Mapping[str, Any]],
-) -> pa.Table:
-    """A :data:`ROW_SCHEMA` table of rows, built column by column from the stats' arrays.
-
-    The same table as ``pa.Table.from_pylist`` of :func:`image_rows`' dicts, without the
-    Python lists: every list column is one concatenation of NumPy arrays plus offsets.
-
-    Args:
-        keys: per row, the string columns (``dataset``, ``domain``, ``reference``, ``role``,
-            ``image_id``, ``calibrator``).
-        stats: per row, its statistics.
-        features: per row, its label-free features (:data:`FEATURE_COLUMNS` and
-            ``lf_pred_hist``).
-    """
-    columns: list[pa.Array] = []
-    for field in ROW_SCHEMA:
-        name = field.name
-        if name in _IMAGE_COLUMNS:
-            columns.append(pa.array([k[name] for k in keys], field.type))
-        elif name == "img_ece":
-            columns.append(pa.array([s.image_ece_mean() for s in stats], field.type))
-        elif name in _FEATURE_TYPES:
-            values = [f[name] for f in features]
-            if pa.types.is_list(field.type):
-                columns.append(_list_array([np.asarray(v).reshape(-1) for v in values],
-                                           field.type))
-            else:
-                columns.append(pa.array(values, field.type))
-        elif pa.types.is_list(field.type):
-            parts = [np.asarray(getattr(s, name)).reshape(-1) for s in stats]
-            columns.append(_list_array(parts, field.type))
-        else:
-            columns.append(pa.array([getattr(s, name) for s in stats], field.type))
-    return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
-
-
-def _list_array(parts: Sequence[np.ndarray], type_: pa.ListType) -> pa.Array:
-    """One list value per 1-D array: a single concatenation plus offsets."""
-    offsets = np.zeros(len(parts) + 1, np.int32)
-    np.cumsum([p.size for p in parts], out=offsets[1:])
-    values = np.concatenate(parts) if parts else np.zeros(0)
-    values = values.astype(type_.value_type.to_pandas_dtype(), copy=False)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-def _iter_shard(path: Path, sha256: str, rows: int) -> Iterator[ImageRecord]:
-    """Records of one shard, one at a time, after checking it against its manifest entry."""
-    digest = file_sha256(path)
-    if digest != sha256:
-        raise ValueError(
-            f"Expected shard {path} to have sha256 {sha256} as in its manifest, but got "
-            f"{digest} (truncated or modified)"
-        )
-    shard = pq.ParquetFile(path)
-    if shard.metadata.num_rows != rows:
-        raise ValueError(
-            f"Expected shard {path} to hold {rows} rows, but got {shard.metadata.num_rows}"
-        )
-    # One row per batch: only one image's logits are decoded at a time.
-    for batch in shard.iter_batches(batch_size=1):
-        yield from decode_table(pa.Table.from_batches([batch]))
-
-
-def resolve_device(use_gpu: object) -> torch.device:
-    """The device an evaluator scores on: ``"auto"`` takes CUDA when this process sees a GPU.
-
-    Args:
-        use_gpu: ``"auto"``, True or False (the strings ``"true"``/``"false"`` too).
-
-    Raises:
-        ValueError: On another value.
-        RuntimeError: With True when no CUDA device is visible.
-    """
-    value = str(use_gpu).lower()
-    if value not in ("auto", "true", "false"):
-        raise ValueError(
-            f"Expected `evaluate.use_gpu` to be auto, true or false, but got {use_gpu!r}"
-        )
-    if value == "false":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if value == "true":
-        raise RuntimeError(
-            "Expected a CUDA device for `evaluate.use_gpu`=true, but torch sees none"
-        )
-    return torch.device("cpu")
-
-
-class ShardEvaluator:
-    """Ray Data UDF (a callable class, so each actor loads the calibrators once).
-
-    Each input row names one shard file and the image ids to evaluate in it; each output row
-    holds one image x calibrator's statistics (:data:`ROW_SCHEMA`). Each shard is read once,
-    image by image, and every calibrator is applied to an image before the next is decoded.
-
-    Args:
-        artifacts: calibrator label -> artifact folder.
-        n_bins: confidence bins.
-        boundary_width: boundary width in pixels.
-        threads: torch intra-op threads for this actor (None leaves torch's default).
-        use_gpu: ``"auto"`` (CUDA when this actor sees a GPU), True or False; on a GPU the
-            calibrators and the statistics run there and only the sums come back.
-        timer: optional :class:`StageTimer` charging each stage (profiling).
-        oracles: test set -> its oracle temperature's artifact folder, applied to that set
-            only as calibrator ``oracle_ts`` (see :func:`pipeline.fit.fit_oracles`).
-    """
-
-    def __init__(
-        self,
-        artifacts: Mapping[str, str],
-        *,
-        n_bins: int,
-        boundary_width: int,
-        threads: int | None = None,
-        use_gpu: object = "auto",
-        timer: StageTimer | None = None,
-        oracles: Mapping[str, str] | None = None,
-    ) -> None:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.device = resolve_device(use_gpu)
-        self.calibrators: dict[str, Calibrator | None] = {UNCALIBRATED: None}
-        self.calibrators.update(
-            {label: load(path).to(self.device) for label, path in artifacts.items()}
-        )
-        self.oracles = {name: load(path).to(self.device)
-                        for name, path in (oracles or {}).items()}
-        self.n_bins = n_bins
-        self.boundary_width = boundary_width
-        self.timer = timer
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """Evaluate the shards named in ``batch`` (columns of :func:`_work_items`)."""
-        timer = self.timer or _no_timer
-        keys: list[dict[str, str | None]] = []
-        stats: list[ImageStats] = []
-        features: list[dict[str, Any]] = []
-        for item in batch.to_pylist():
-            keep = set(item["image_ids"])
-            meta = {k: item[k] for k in ("dataset", "domain", "reference", "role")}
-            labelled = item.get("labelled", True)
-            calibrators = self.calibrators
-            if item["dataset"] in self.oracles:  # a test set's own temperature, there only
-                calibrators = {**calibrators, ORACLE: self.oracles[item["dataset"]]}
-            records = _iter_shard(Path(item["path"]), item["sha256"], item["rows"])
-            while True:
-                with timer("Parquet read + decode"):
-                    record = next(records, None)
-                if record is None:
-                    break
-                if record.image_id in keep:
-                    for label, image_stats, feats in image_stats_per_calibrator(
-                        record, calibrators, n_bins=self.n_bins,
-                        boundary_width=self.boundary_width, ignore_index=item["ignore_index"],
-                        device=self.device, timer=timer, labelled=labelled,
-                    ):
-                        keys.append({**meta, "image_id": record.image_id, "calibrator": label})
-                        stats.append(image_stats)
-                        features.append(feats)
-        with timer("row building"):
-            return rows_table(keys, stats, features)
-
-
-# ---------------------------------------------------------------------------------------------
-# Aggregation (pandas; no Ray needed)
-
-
-def bootstrap_interval(
-    values: np.ndarray, *, resamples: int, seed: int, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values``.
-
-    Resamples are drawn in chunks, so memory stays at about 100 x len(values) indices.
-
-    Args:
-        values: (N,) float per-image values (NaNs are dropped).
-        resamples: number of bootstrap resamples; 0 gives (NaN, NaN).
-        seed: seed of the resampling; with the same N, the same images are drawn (paired
-            comparison across calibrators of one dataset).
-        level: coverage of the interval.
-
-    Returns:
-        ``(lo, hi)``; both equal the value for a single value; NaN without values.
-
-    Example:
-        >>> lo, hi = bootstrap_interval(np.array([0.1, 0.2, 0.3, 0.4]), resamples=200, seed=0)
-        >>> bool(lo <= 0.25 <= hi)
-        True
-    """
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    if resamples == 0 or values.size == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = []
-    for start in range(0, resamples, 100):
-        idx = rng.integers(0, values.size, size=(min(100, resamples - start), values.size))
-        means.append(values[idx].mean(axis=1))
-    lo, hi = np.quantile(np.concatenate(means), [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
-
-
-def _metrics(total: ImageStats) -> dict[str, float]:
-    """The summary metrics of summed statistics (the catalogue's)."""
-    return catalogue.compute(total)
-
-
-class Aggregator:
-    """Adds per-image rows, batch by batch, into per dataset x calibrator totals.
-
-    Keeps one :class:`ImageStats` per dataset x calibrator and one float per image (its ECE,
-    for the bootstrap), never the rows themselves.
-
-    Args:
-        bootstrap: bootstrap resamples for ``img_ece_lo``/``img_ece_hi`` (0: NaN).
-        seed: bootstrap seed.
-    """
-
-    def __init__(self, *, bootstrap: int, seed: int) -> None:
-        self.bootstrap = bootstrap
-        self.seed = seed
-        self.totals: dict[tuple[str, ...], ImageStats] = {}
-        self._ece: list[pd.DataFrame] = []
-
-    def add(self, rows: pd.DataFrame) -> None:
-        """Add a batch of per-image rows (columns of :data:`ROW_SCHEMA`).
-
-        Rows of ``monitor`` sets are left out: they have no labels, hence no metrics.
-        """
-        rows = rows[rows["role"] != MONITOR]
-        if rows.empty:
-            return
-        rows = rows.assign(reference=rows["reference"].fillna(""))
-        for key, group in rows.groupby(list(KEY_COLUMNS), sort=False):
-            part = ImageStats.sum_rows(group)
-            self.totals[key] = self.totals[key] + part if key in self.totals else part
-        self._ece.append(rows[["dataset", "calibrator", "image_id", "img_ece"]])
-
-    def summary(self) -> pd.DataFrame:
-        """One row per dataset x calibrator with :data:`SUMMARY_COLUMNS`."""
-        if not self.totals:
-            raise ValueError("Expected at least one per-image row to summarise, but got none")
-        ece = pd.concat(self._ece, ignore_index=True).sort_values("image_id", kind="stable")
-        per_group = {k: g["img_ece"].to_numpy() for k, g in ece.groupby(["dataset", "calibrator"])}
-        records = []
-        for key, total in self.totals.items():
-            row: dict[str, Any] = dict(zip(KEY_COLUMNS, key, strict=True))
-            row["reference"] = row["reference"] or None
-            row["n_images"], row["n_pixels"] = total.n_images, total.n_pixels
-            row.update(_metrics(total))
-            row["img_ece_lo"], row["img_ece_hi"] = bootstrap_interval(
-                per_group[(row["dataset"], row["calibrator"])],
-                resamples=self.bootstrap, seed=self.seed,
-            )
-            records.append(row)
-        return pd.DataFrame.from_records(records, columns=list(SUMMARY_COLUMNS))
-
-    def domain_totals(self, datasets: Iterable[str]) -> dict[str, ImageStats]:
-        """Per calibrator, the statistics of ``datasets`` pooled (exact, by adding sums)."""
-        wanted = set(datasets)
-        pooled: dict[str, ImageStats] = {}
-        for (dataset, *_, calibrator), total in self.totals.items():
-            if dataset in wanted:
-                pooled[calibrator] = pooled[calibrator] + total if calibrator in pooled else total
-        return pooled
-
-
-def domain_shift(
-    summary: pd.DataFrame, aggregator: Aggregator, references: Mapping[str, list[str]]
-) -> pd.DataFrame:
-    """Each shifted dataset beside its reference domain, per calibrator, with deltas.
-
-    Args:
-        summary: the summary table.
-        aggregator: holds the totals, so that a reference domain spread over several datasets
-            is pooled exactly.
-        references: reference domain -> the datasets that make it up.
-
-    Returns:
-        Columns ``dataset, domain, reference, reference_datasets, calibrator`` and, for every
-        metric m of :data:`SHIFT_METRICS`, ``m_reference``, ``m`` and ``m_delta`` (shifted
-        minus reference).
-    """
-    columns = ["dataset", "domain", "reference", "reference_datasets", "calibrator"]
-    for m in SHIFT_METRICS:
-        columns += [f"{m}_reference", m, f"{m}_delta"]
-    records = []
-    shifted = summary[summary["reference"].notna() & (summary["role"] == "test")]
-    pooled = {ref: aggregator.domain_totals(names) for ref, names in references.items()}
-    for row in shifted.itertuples(index=False):
-        ref_total = pooled.get(row.reference, {}).get(row.calibrator)
-        if ref_total is None:
-            continue
-        ref = _metrics(ref_total)
-        out = {
-            "dataset": row.dataset, "domain": row.domain, "reference": row.reference,
-            "reference_datasets": "+".join(references[row.reference]),
-            "calibrator": row.calibrator,
-        }
-        for m in SHIFT_METRICS:
-            value = getattr(row, m)
-            out[f"{m}_reference"], out[m], out[f"{m}_delta"] = ref[m], value, value - ref[m]
-        records.append(out)
-    return pd.DataFrame.from_records(records, columns=columns)
-
-
-def best_per_domain(summary: pd.DataFrame) -> pd.DataFrame:
-    """The best calibrator per test domain by image-wise ECE, ties broken by NLL.
-
-    Oracle rows (``oracle_ts``: fitted on the set's own labels) are bounds and never ranked.
-    A domain spread over several test datasets is pooled: image-wise ECE weighted by images,
-    NLL by pixels (both exact, as each is a mean over images or pixels).
-
-    Args:
-        summary: the summary table (rows of role ``test`` are ranked).
-
-    Returns:
-        One row per domain: ``domain, datasets, n_images, best, img_ece, nll,
-        uncalibrated_img_ece, uncalibrated_nll, reduction`` where ``reduction`` is the
-        relative drop of image-wise ECE against ``uncalibrated`` (0.34 = 34% lower).
-
-    Example:
-        >>> s = pd.DataFrame({"dataset": ["d"] * 3, "domain": ["dusk"] * 3,
-        ...     "role": ["test"] * 3, "calibrator": ["uncalibrated", "a", "b"],
-        ...     "n_images": [2] * 3, "n_pixels": [8] * 3,
-        ...     "img_ece": [0.1, 0.05, 0.05], "nll": [1.0, 0.9, 0.8]})
-        >>> best_per_domain(s)[["domain", "best", "reduction"]].to_dict("records")
-        [{'domain': 'dusk', 'best': 'b', 'reduction': 0.5}]
-    """
-    columns = ["domain", "datasets", "n_images", "best", "img_ece", "nll",
-               "uncalibrated_img_ece", "uncalibrated_nll", "reduction"]
-    # Oracle rows (a temperature fitted on the set's own labels) are bounds, never candidates.
-    oracle = summary["calibrator"].astype(str).str.contains("oracle", case=False)
-    test = summary[(summary["role"] == "test") & ~oracle]
-    records = []
-    for domain, rows in test.groupby("domain", sort=False):
-        pooled = rows.groupby("calibrator", sort=False).apply(
-            lambda g: pd.Series({
-                "img_ece": np.average(g["img_ece"], weights=g["n_images"]),
-                "nll": np.average(g["nll"], weights=g["n_pixels"]),
-                "n_images": int(g["n_images"].sum()),
-            }),
-            include_groups=False,
-        )
-        ranked = pooled.reset_index().sort_values(["img_ece", "nll", "calibrator"],
-                                                  kind="stable")
-        best = ranked.iloc[0]
-        base = pooled.loc[UNCALIBRATED] if UNCALIBRATED in pooled.index else None
-        base_ece = math.nan if base is None else float(base["img_ece"])
-        records.append({
-            "domain": domain,
-            "datasets": "+".join(dict.fromkeys(rows["dataset"])),
-            "n_images": int(best["n_images"]),
-            "best": best["calibrator"],
-            "img_ece": float(best["img_ece"]),
-            "nll": float(best["nll"]),
-            "uncalibrated_img_ece": base_ece,
-            "uncalibrated_nll": math.nan if base is None else float(base["nll"]),
-            "reduction": (base_ece - float(best["img_ece"])) / base_ece if base_ece else math.nan,
-        })
-    return pd.DataFrame.from_records(records, columns=columns)
 
 
 def _feature_rows(per_image: Path, datasets: Sequence[str]) -> pd.DataFrame:

@@ -47,7 +47,7 @@ from matplotlib.figure import Figure
 
 from pipeline import report_data as rd
 from pipeline.config import JobConfig, config_hash
-from pipeline.evaluate import UNCALIBRATED
+from pipeline.evaluate_tables import UNCALIBRATED
 from pipeline.metrics.functional import ece_from_bins
 from pipeline.paths import (
     BEST,

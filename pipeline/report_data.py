@@ -91,7 +91,7 @@ class Recommendation:
 
 def _interval(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
     # Imported here: pipeline.evaluate pulls in torch; the report only needs this function.
-    from pipeline.evaluate import bootstrap_interval
+    from pipeline.evaluate_tables import bootstrap_interval
 
     return bootstrap_interval(values, resamples=resamples, seed=seed)
 

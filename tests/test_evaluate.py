@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import NUM_CLASSES, make_logits
 
-from pipeline import evaluate
+from pipeline import evaluate, evaluate_rows
 from pipeline.calibrators import Calibrator, build_calibrator, save
 from pipeline.config import config_hash, parse_config
 from pipeline.extract import content_hash
@@ -538,7 +538,7 @@ def test_interrupted_evaluation_leaves_the_previous_report_intact(tmp_path, monk
             raise KeyboardInterrupt  # a killed run, not only an exception
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "image_stats_per_calibrator", failing)
+    monkeypatch.setattr(evaluate_rows, "image_stats_per_calibrator", failing)
     with pytest.raises(KeyboardInterrupt):
         evaluate.run(cfg, local=True)
     after = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()

@@ -429,7 +429,7 @@ def test_estimates_on_the_calibration_images_match_the_truth(run):
 @pytest.mark.parametrize("scale", [1e-9, 1.0, 8.0, 200.0], ids=["flat", "mild", "sharp", "p0"])
 def test_cpu_features_equal_image_features(scale):
     """The CPU path's fused kernel against label_free.image_features, the one definition."""
-    from pipeline.evaluate import _features_cpu
+    from pipeline.evaluate_rows import _features_cpu
     from pipeline.label_free import image_features
     from pipeline.metrics import first_argmax
 
