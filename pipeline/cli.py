@@ -158,7 +158,7 @@ def label_free_lines(entry: dict) -> list[str]:
 
 def _run_all(args: argparse.Namespace) -> Path:
     """Run every stage of ``args.config``, skipping current ones; returns the output folder."""
-    from pipeline.refresh import STAGES, run_stages
+    from pipeline.stages import STAGES, run_stages
 
     cfg = _load(args)
     if args.command != "demo":  # the demo's shipped config is known good
@@ -196,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from pipeline.refresh import run_stages
+    from pipeline.stages import run_stages
 
     cfg = _load(args)
     if args.command == "extract":  # the only stage that reads the data and runs the model

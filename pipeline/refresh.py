@@ -1,15 +1,6 @@
-"""Run the stages incrementally, and the nightly refresh with champion/challenger promotion.
+"""The nightly refresh with champion/challenger promotion.
 
-:func:`run_stages` runs extract, fit, evaluate and report in order and skips a stage whose
-outputs are current. The rule, kept deliberately simple:
-
-- extract always runs: it is incremental by itself (images already in a manifest with the same
-  model fingerprint are skipped), so a rerun only extracts what is new.
-- fit, evaluate and report leave a stamp ``OUTPUT/.stages/<stage>.json`` holding a digest of their
-  inputs: the config hash plus, for fit, the calibration shards (names and sha256 from the
-  manifests); for evaluate, every dataset's shards and the artifacts' bytes; for report,
-  the tables evaluate wrote. A stage is skipped when its stamp matches and its outputs exist.
-  Any config change therefore reruns fit, evaluate and report.
+The stages themselves, and the runner that skips current ones, are in :mod:`pipeline.stages`.
 
 :func:`refresh` (``segcal refresh``) runs the stages, then re-evaluates the champion's
 calibrators on the same shards (so both are measured on today's data), compares by image-wise
@@ -28,28 +19,22 @@ exits with code 4 (``--no-drift-exit``: 0). Oracle bounds are never compared nor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline import registry
+from pipeline import registry, stages
 from pipeline.paths import (
-    BEST,
     CARD,
-    DOMAIN_SHIFT,
     LABEL_FREE,
-    PER_IMAGE,
-    REPORT_HTML,
     SUMMARY,
-    atomic_write_json,
 )
 
 if TYPE_CHECKING:
@@ -57,12 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("extract", "fit", "evaluate", "report")
-STAMPS = ".stages"
 CHAMPION_EVAL = "champion_eval"
-EVAL_TABLES = (
-    PER_IMAGE, SUMMARY, DOMAIN_SHIFT, BEST, LABEL_FREE,
-)
 ESTIMATES = ("est_pixel_acc", "est_pixel_acc_doc", "est_img_ece", "true_pixel_acc", "true_img_ece")
 """The label-free estimates (and their truth) of one calibrator that ``history.jsonl`` keeps."""
 
@@ -84,173 +64,6 @@ def _source_changes(cfg: JobConfig) -> dict[str, dict[str, int]]:
         except (FileNotFoundError, ValueError):  # a stubbed stage in tests wrote no manifest
             out[ds.name] = {}
     return out
-
-
-def call_stage(cfg: JobConfig, stage: str) -> Any:
-    """Run one stage of ``cfg`` in this process (imported lazily: stages pull in Ray and torch).
-
-    Raises:
-        ValueError: an unknown stage name.
-    """
-    if stage == "extract":
-        from pipeline import extract
-
-        return extract.run(cfg)
-    if stage == "fit":
-        from pipeline import fit
-
-        return fit.run(cfg)
-    if stage == "evaluate":
-        from pipeline import evaluate
-
-        return evaluate.run(cfg)
-    if stage == "report":
-        from pipeline import report
-
-        return report.write(cfg)
-    raise ValueError(f"Expected `stage` to be one of {list(STAGES)}, but got {stage!r}")
-
-
-# --- stamps ------------------------------------------------------------------------------------
-
-
-def _run_paths(cfg: JobConfig):  # -> RunPaths
-    from pipeline.models import model_fingerprint
-    from pipeline.paths import RunPaths
-
-    return RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
-
-
-def _shards_digest(cfg: JobConfig, role: str | None) -> list[Any]:
-    from pipeline.shards import MANIFEST_NAME, read_manifest
-
-    datasets = [ds for ds in cfg.datasets if role is None or ds.role == role]
-    paths = _run_paths(cfg) if datasets else None
-    out: list[Any] = []
-    for ds in datasets:
-        folder = paths.dataset_dir(ds.name)
-        if not (folder / MANIFEST_NAME).is_file():
-            out.append([ds.name, None])
-            continue
-        manifest = read_manifest(folder)
-        # Shard names and checksums, not the manifest bytes: a rerun that extracts nothing new
-        # rewrites the manifest (new timestamp) without changing what fit or evaluate read.
-        out.append(
-            [ds.name, manifest.model_fingerprint, [[s.file, s.sha256] for s in manifest.shards],
-             sorted(manifest.image_ids())]
-        )
-    return out
-
-
-def _file_digest(paths: Sequence[Path]) -> list[Any]:
-    return [
-        [p.name, hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None] for p in paths
-    ]
-
-
-def stage_inputs(cfg: JobConfig, stage: str) -> str | None:
-    """Digest of what ``stage`` reads, or None for a stage that always runs (extract)."""
-    from pipeline.config import config_hash
-
-    output = Path(cfg.output)
-    if stage == "extract":
-        return None
-    if stage == "fit":
-        # The calibrators fit on the calibration shards, the oracle_ts bounds on the test sets'.
-        inputs: Any = [_shards_digest(cfg, "calibration"), _shards_digest(cfg, "test")]
-    elif stage == "evaluate":
-        inputs = [_shards_digest(cfg, None), registry.artifact_digest(output)]
-    elif stage == "report":
-        inputs = _file_digest([output / name for name in EVAL_TABLES])
-    else:
-        raise ValueError(f"Expected `stage` to be one of {list(STAGES)}, but got {stage!r}")
-    blob = json.dumps([config_hash(cfg), inputs], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def _outputs_exist(cfg: JobConfig, stage: str) -> bool:
-    output = Path(cfg.output)
-    if stage == "fit":
-        return all(
-            (output / "artifacts" / s.key / CARD).is_file() for s in cfg.calibrators
-        )
-    if stage == "evaluate":
-        return (output / SUMMARY).is_file()
-    if stage == "report":
-        return (output / REPORT_HTML).is_file()
-    return False
-
-
-def _stamp_path(cfg: JobConfig, stage: str) -> Path:
-    return Path(cfg.output) / STAMPS / f"{stage}.json"
-
-
-def is_current(cfg: JobConfig, stage: str) -> bool:
-    """Whether ``stage``'s outputs exist and were made from its current inputs."""
-    digest = stage_inputs(cfg, stage)
-    if digest is None or not _outputs_exist(cfg, stage):
-        return False
-    try:
-        stamp = json.loads(_stamp_path(cfg, stage).read_text())
-    except (OSError, ValueError):
-        return False
-    return stamp.get("inputs") == digest
-
-
-def run_stages(
-    cfg: JobConfig,
-    stages: Sequence[str] = STAGES,
-    *,
-    force: bool = False,
-    call: Callable[[JobConfig, str], Any] | None = None,
-) -> dict[str, bool]:
-    """Run ``stages`` in order, skipping those whose outputs are current.
-
-    Args:
-        cfg: the run config.
-        stages: stage names, a subsequence of :data:`STAGES`.
-        force: run every stage even when current.
-        call: runs one stage (default :func:`call_stage`: import and call ``pipeline.<stage>``).
-
-    Returns:
-        Stage name -> whether it ran (False: skipped as current).
-
-    Raises:
-        ValueError: an unknown stage name.
-        OutputLockedError: another run is writing ``cfg.output``.
-        Exception: whatever a stage raises; later stages do not run and its stamp is removed.
-    """
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"Expected stages from {list(STAGES)}, but got {unknown}")
-    call = call or call_stage
-    from pipeline.config import write_resolved_config
-    from pipeline.paths import output_lock
-
-    with output_lock(cfg.output):
-        # What produced the outputs, beside them, before any stage writes.
-        write_resolved_config(cfg)
-        return _run_locked(cfg, stages, force, call)
-
-
-def _run_locked(
-    cfg: JobConfig, stages: Sequence[str], force: bool, call: Callable[[JobConfig, str], Any]
-) -> dict[str, bool]:
-    ran: dict[str, bool] = {}
-    for stage in stages:
-        if not force and is_current(cfg, stage):
-            logger.info("%s: current, skipped", stage)
-            ran[stage] = False
-            continue
-        stamp = _stamp_path(cfg, stage)
-        stamp.unlink(missing_ok=True)
-        logger.info("%s: running", stage)
-        call(cfg, stage)
-        digest = stage_inputs(cfg, stage)
-        if digest is not None:
-            atomic_write_json(stamp, {"inputs": digest})
-        ran[stage] = True
-    return ran
 
 
 # --- refresh -----------------------------------------------------------------------------------
@@ -301,7 +114,7 @@ def champion_summary(
             "evaluate": cfg.evaluate.model_copy(update={"bootstrap": 0}),
         }
     )
-    (call or call_stage)(champ_cfg, "evaluate")
+    (call or stages.call_stage)(champ_cfg, "evaluate")
     return pd.read_csv(scratch / SUMMARY)
 
 
@@ -508,7 +321,7 @@ def refresh(
             "allow_adaptive": allow_adaptive,
         }
         try:
-            ran = run_stages(cfg, call=call)
+            ran = stages.run_stages(cfg, call=call)
             entry["stages_ran"] = [s for s, r in ran.items() if r]
             entry["sources"] = _source_changes(cfg)
             # The same artifacts as a stored run (nothing new since) are not stored twice.

@@ -1,6 +1,6 @@
 """The ``segcal`` CLI: help, exit codes, incremental ``run``, and the registry commands.
 
-Stages are replaced by fakes (``pipeline.refresh.call_stage``) so these tests exercise the CLI's
+Stages are replaced by fakes (``pipeline.stages.call_stage``) so these tests exercise the CLI's
 own logic; tests/test_e2e_cluster.py runs the real stages through a real cluster.
 """
 
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipeline import cli, registry
-from pipeline import refresh as refresh_mod
+from pipeline import stages as stages_mod
 
 COMMANDS = [
     "run",
@@ -67,7 +67,7 @@ class FakeStages:
 @pytest.fixture
 def stages(monkeypatch):
     fake = FakeStages()
-    monkeypatch.setattr(refresh_mod, "call_stage", fake)
+    monkeypatch.setattr(stages_mod, "call_stage", fake)
     monkeypatch.setattr(cli, "_init_ray", lambda: None)
     return fake
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline import cli, demo
-from pipeline import refresh as refresh_mod
+from pipeline import stages as stages_mod
 from pipeline.evaluate import SUMMARY_COLUMNS
 
 SPLITS = {"train": 3, "val": 2, "test": 2}
@@ -302,7 +302,7 @@ def fake_stages(monkeypatch):
         elif stage == "report":
             (out / "report.html").write_text("<html></html>")
 
-    monkeypatch.setattr(refresh_mod, "call_stage", call_stage)
+    monkeypatch.setattr(stages_mod, "call_stage", call_stage)
     monkeypatch.setattr(cli, "_init_ray", lambda: None)
     # cmd_demo sets both; setenv first so that they are restored after the test.
     monkeypatch.setenv("CAMVID_ROOT", "")

@@ -130,17 +130,17 @@ def test_fit_is_stale_when_a_test_sets_shards_change(run, tmp_path):
     import dataclasses
     import shutil
 
-    from pipeline import refresh
+    from pipeline import stages
     from pipeline.shards import read_manifest, write_manifest
 
     cfg, paths, _, _ = run
     copy = cfg.model_copy(update={"output": str(tmp_path / "run")})
     shutil.copytree(cfg.output, copy.output)
     copied = RunPaths(Path(copy.output), paths.model_fingerprint)
-    before = refresh.stage_inputs(copy, "fit")
-    assert refresh.stage_inputs(copy, "fit") == before  # deterministic
+    before = stages.stage_inputs(copy, "fit")
+    assert stages.stage_inputs(copy, "fit") == before  # deterministic
 
     manifest = read_manifest(copied.dataset_dir("dusk"))
     write_manifest(copied.dataset_dir("dusk"),
                    dataclasses.replace(manifest, shards=manifest.shards[:-1]))
-    assert refresh.stage_inputs(copy, "fit") != before
+    assert stages.stage_inputs(copy, "fit") != before

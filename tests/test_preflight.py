@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline import cli
-from pipeline import refresh as refresh_mod
+from pipeline import stages as stages_mod
 from pipeline.config import ConfigError, parse_config
 from pipeline.models import load_model
 from pipeline.preflight import PreflightError, preflight, recipe_advice
@@ -354,7 +354,7 @@ def test_mistakes_stop_before_ray_with_one_line(data, no_ray, capsys, command, k
 def test_run_with_the_right_config_starts_ray_after_the_preflight(data, monkeypatch, capsys):
     events: list[str] = []
     monkeypatch.setattr(cli, "_init_ray", lambda: events.append("ray"))
-    monkeypatch.setattr(refresh_mod, "call_stage", lambda cfg, stage: events.append(stage))
+    monkeypatch.setattr(stages_mod, "call_stage", lambda cfg, stage: events.append(stage))
     code, out, err = segcal("run", _config_file(data), capsys=capsys)
     assert code == cli.OK
     assert events[:2] == ["ray", "extract"]
@@ -414,7 +414,7 @@ def test_stage_failure_is_one_line_traceback_only_with_v(data, monkeypatch, caps
         inner = ValueError("Expected finite logits from model `m`, but got 3 NaN/inf values")
         raise RuntimeError("Ray Data execution failed") from _RemoteError(inner)
 
-    monkeypatch.setattr(refresh_mod, "call_stage", fail)
+    monkeypatch.setattr(stages_mod, "call_stage", fail)
     argv = ["extract", _config_file(data), "--no-check"] + (["-v"] if verbose else [])
     code, _, err = segcal(*argv, capsys=capsys)
     assert code == cli.FAILED
@@ -441,7 +441,7 @@ def test_importing_the_preflight_is_light():
 
 def test_run_output_option(data, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(cli, "_init_ray", lambda: None)
-    monkeypatch.setattr(refresh_mod, "call_stage", lambda cfg, stage: None)
+    monkeypatch.setattr(stages_mod, "call_stage", lambda cfg, stage: None)
     monkeypatch.chdir(tmp_path)
     code, out, _ = segcal("run", _config_file(data), "--output", "elsewhere", "-q", capsys=capsys)
     assert code == cli.OK

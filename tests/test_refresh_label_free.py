@@ -20,6 +20,7 @@ import yaml
 
 from pipeline import cli, registry, report_history
 from pipeline import refresh as refresh_mod
+from pipeline import stages as stages_mod
 from pipeline.config import parse_config
 from pipeline.refresh import label_free_record, read_label_free, refresh, run_calibrator
 
@@ -311,7 +312,7 @@ def test_oracle_rows_never_count_in_a_decision():
 @pytest.fixture
 def cli_stages(monkeypatch):
     fake = LabelFreeStages({"ts": 0.05}, alarm=("night-cam",))
-    monkeypatch.setattr(refresh_mod, "call_stage", fake)
+    monkeypatch.setattr(stages_mod, "call_stage", fake)
     monkeypatch.setattr(cli, "_init_ray", lambda: None)
     return fake
 

@@ -47,7 +47,7 @@ import yaml
 from pipeline import registry
 from pipeline.config import load_config
 from pipeline.evaluate import SUMMARY, TABLES
-from pipeline.refresh import STAGES, is_current, run_stages
+from pipeline.stages import STAGES, is_current, run_stages
 from tests.extract_helpers import NUM_CLASSES, write_pairs
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
