@@ -369,7 +369,14 @@ def test_an_evaluation_actor_killed_mid_evaluation_is_replaced_each_image_once(r
                 if err.errno != errno.ENXIO:
                     raise
                 time.sleep(0.02)
-        (victim,) = _holders(shard)
+        # The writer's open succeeds while the reader is still inside open(), before its fd
+        # shows in /proc: look again until it does.
+        holders = _holders(shard)
+        while not holders:
+            assert time.monotonic() < deadline, "the FIFO's reader never showed in /proc"
+            time.sleep(0.02)
+            holders = _holders(shard)
+        (victim,) = holders
         assert victim != os.getpid()
         os.kill(victim, signal.SIGKILL)
         while not _gone(victim):
