@@ -190,6 +190,11 @@ def goal_checks(table: pd.DataFrame, gated: str, in_domain: tuple[str, ...]) -> 
         ok = closed >= GOAL_GAP_CLOSED
         lines.append(f"{'PASS' if ok else 'MISS'}: mean share of the TS-to-oracle gap closed on "
                      f"severity >= 3 sets {_num(closed)} (goal >= {GOAL_GAP_CLOSED})")
+        gaps = severe[TEMPERATURE] - severe[ORACLE]
+        if ORACLE in severe.columns and float(gaps.sum()) > 0:
+            pooled = float((severe[TEMPERATURE] - severe[gated]).sum() / gaps.sum())
+            lines.append(f"info: share of the summed TS-to-oracle gap closed on severity >= 3 "
+                         f"sets {_num(pooled)}")
     else:
         lines.append(f"n/a: no {ORACLE!r} rows, no gap closed")
     for name in in_domain:
