@@ -41,7 +41,7 @@ import pandas as pd
 
 from pipeline.config import ConfigError
 from pipeline.models import download
-from pipeline.paths import SUMMARY, atomic_write_text
+from pipeline.paths import ORACLE, SUMMARY, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -354,6 +354,8 @@ def headline_table(output: str | Path, detail: Sequence[str] = ("day", "dusk")) 
         "",
         f"NLL (* = best) and mIoU on {', '.join(names)}:",
         block.to_string(line_width=100),
+        *([f"\n{ORACLE} is a bound (a temperature fitted on each set's own labels): never marked."]
+          if ORACLE in ece.index else []),
     ])
 
 
@@ -367,9 +369,11 @@ def _pivot(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
 def _marked(table: pd.DataFrame) -> pd.DataFrame:
     """Values to 3 decimals, ``*`` after the lowest of each column (a space after the others).
 
-    Ties are judged on the printed values, so equal-looking entries are marked alike.
+    Ties are judged on the printed values, so equal-looking entries are marked alike. The
+    ``oracle_ts`` row (a bound fitted on each set's own labels) is shown but never marked.
     """
     table = table.round(3)
-    best = table.eq(table.min())
+    candidates = table[table.index != ORACLE]
+    best = table.eq(candidates.min()) & (table.index != ORACLE)[:, None]
     text = table.map(lambda v: "-" if v != v else f"{v:.3f}")  # v != v: NaN
     return text + best.map(lambda b: "*" if b else " ")

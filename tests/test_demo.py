@@ -273,6 +273,23 @@ def test_headline_table_marks_best(tmp_path):
     assert max(len(line) for line in text.splitlines()) <= 100
 
 
+def test_headline_table_never_marks_the_oracle_bound(tmp_path):
+    ece = {
+        "uncalibrated": {"day": 0.055, "fog-3": 0.420},
+        "oracle_ts": {"day": 0.030, "fog-3": 0.120},  # lower everywhere: fitted on the labels
+        "temperature": {"day": 0.032, "fog-3": 0.387},
+    }
+    write_summary(tmp_path, ece, nll={"oracle_ts": {"day": 0.2}, "temperature": {"day": 0.3}})
+    text = demo.headline_table(tmp_path)
+    table = cells(text)
+    assert table[("oracle_ts", "day")] == "0.030"
+    assert table[("temperature", "day")] == "0.032*"
+    assert table[("temperature", "fog-3")] == "0.387*"
+    assert "oracle_ts is a bound" in text
+    assert re.search(r"oracle_ts\s+0\.200\s", text)  # NLL: shown, not marked
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
 def test_headline_table_wraps_many_sets(tmp_path):
     datasets = [f"noise-{i}" for i in range(1, 21)]
     write_summary(tmp_path, {c: dict.fromkeys(datasets, 0.1) for c in ("uncalibrated", "ts")})
