@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+DRIFT_ALARM = 4  # `segcal refresh`'s exit code when it decided but a drift alarm fired (cli.DRIFT)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 JOBS = ("run", "extract", "fit", "evaluate", "report", "refresh")
 
@@ -631,5 +633,11 @@ def follow_job(client: JobSubmissionClient, job_id: str, *, out: TextIO = sys.st
     if status == JobStatus.SUCCEEDED:
         return 0
     info = client.get_job_info(job_id)
+    if info.driver_exit_code == DRIFT_ALARM:
+        # Ray calls any non-zero exit a failure; a refresh that decided and then raised the drift
+        # alarm did not fail.
+        logger.warning("Job %s finished with a drift alarm (exit code %d): the refresh decided "
+                       "as usual; see its output above", job_id, DRIFT_ALARM)
+        return DRIFT_ALARM
     logger.error("Job %s %s: %s", job_id, status.value, info.message)
     return info.driver_exit_code or 1

@@ -410,6 +410,18 @@ def test_follow_returns_job_status(status, exit_code, expected, monkeypatch):
     assert out.getvalue() == "a\nb\n"
 
 
+def test_follow_reports_a_drift_alarm_as_such_not_as_a_failure(monkeypatch, caplog):
+    from pipeline import cli
+
+    monkeypatch.setattr(sub, "POLL_S", 0.0)
+    out = io.StringIO()
+    code = sub.follow_job(FakeClient("FAILED", cli.DRIFT), "raysubmit_123", out=out)
+    assert code == cli.DRIFT == sub.DRIFT_ALARM
+    assert "finished with a drift alarm (exit code 4)" in caplog.text
+    assert "FAILED" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_follow_survives_a_dropped_log_stream(monkeypatch, caplog):
     monkeypatch.setattr(sub, "POLL_S", 0.0)
     out = io.StringIO()
