@@ -149,6 +149,10 @@ def _watch_node() -> None:
     )
 
 
+# Ray 2.60's logger for "Token authentication is enabled for this Ray cluster ..."
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def _ray_logging_level() -> int:
     """The level of Ray's own loggers: INFO when segcal logs INFO (-v), else WARNING.
 
@@ -165,10 +169,6 @@ def _ray_logging_level() -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger(_TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
     return logging.WARNING
-
-
-# Ray 2.60's logger for "Token authentication is enabled for this Ray cluster ..."
-_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def init_ray() -> None:
