@@ -321,7 +321,9 @@ class CalibratorSpec(_Strict):
 class FitConfig(_Strict):
     """Stage 2 options."""
 
-    mode: Literal["local", "ray"] = "local"
+    # local: in this process; ray: Ray Train workers; auto: Ray Train only where
+    # benchmarks/fit.py measured it faster (`pipeline.fit.resolve_mode`), else local.
+    mode: Literal["local", "ray", "auto"] = "local"
     num_workers: Int = Field(default=1, ge=1)
     use_gpu: Bool = False
     pixels_per_image: Int = Field(default=4096, ge=1)
