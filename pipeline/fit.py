@@ -40,21 +40,18 @@ fit data of its layout, so that it knows the in-domain images even when it fits 
 copies too (its temperature, feature statistics and gate band come from the clean images).
 
 Oracle (issue 14): every labelled test set (role ``test``) also gets an oracle temperature,
-fitted in-process on that set's own labelled pixels by the fit stage's sampling rule
-(``fit.pixels_per_image``, ``fit.seed``) and written to ``OUTPUT/artifacts/oracle_ts/<set>/``.
-Evaluation applies it to that set only (calibrator ``oracle_ts`` in ``summary.csv``): a bound
-on what one temperature could do there, never a candidate for best. Test sets whose shards are
-missing are skipped with a warning; oracle folders of sets no longer configured are removed.
+fitted on that set's own labelled pixels and written to ``OUTPUT/artifacts/oracle_ts/<set>/``
+(`pipeline.oracle`): a bound on what one temperature could do there, never a candidate.
 
-Layout: `pipeline.sampling` (the split, pixel sampling, maps, `FitSource`) and
-`pipeline.fit_ray` (the Train worker loop and runs) are this stage's lower modules.
+Layout: `pipeline.fit_plan` (the jobs and every check before data is read),
+`pipeline.sampling` (the split, pixel sampling, maps, `FitSource`), `pipeline.fit_ray` (the
+Train worker loop and runs) and `pipeline.oracle` are this stage's lower modules.
 
 Run it with ``segcal fit CONFIG`` or ``python jobs/fit.py CONFIG``.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import shutil
 import time
@@ -69,18 +66,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from pipeline.calibrators import (
-    CALIBRATORS,
-    Calibrator,
-    FitData,
-    build_calibrator,
-    save,
-)
-from pipeline.config import CalibratorSpec, DatasetConfig, JobConfig
+from pipeline.calibrators import Calibrator, FitData, build_calibrator, save
+from pipeline.config import FIT_OPTIONS, CalibratorSpec, JobConfig
+from pipeline.fit_plan import FitJob, plan_jobs, read_manifests, spec_options
 from pipeline.fit_ray import concurrent_runs, fit_ray, train_loop_per_worker
 from pipeline.metrics import ece
 from pipeline.models import model_fingerprint
-from pipeline.paths import ORACLE, RunPaths
+from pipeline.oracle import fit_oracles, save_oracles
+from pipeline.paths import RunPaths
 from pipeline.sampling import (
     FitSource,
     check_classes,
@@ -92,12 +85,11 @@ from pipeline.sampling import (
     sample_pixels,
     split_heldout,
 )
-from pipeline.shards import Manifest, data_fingerprint, iter_dataset, read_manifest
+from pipeline.shards import Manifest, data_fingerprint, iter_dataset
 
 __all__ = [
     "FIT_OPTIONS",
     "FitSource",
-    "fit_oracles",
     "fit_spec",
     "fit_specs",
     "heldout_metrics",
@@ -111,147 +103,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Spec options read by this stage, never passed to the calibrator.
-FIT_OPTIONS = ("use_corrupted", "augment_corruptions")
 # The Ray dataset of each layout: sampled pixels (pointwise calibrators) or maps (spatial ones).
 _LAYOUTS = {False: "pixels", True: "maps"}
-
-
-# --------------------------------------------------------------------------------------------
-# Planning and validation: everything that can fail before data is read or a worker starts.
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One calibrator to fit: its spec, its place in the config and the datasets it uses."""
-
-    index: int
-    spec: CalibratorSpec
-    datasets: tuple[str, ...]
-    spatial: bool
-
-    @property
-    def label(self) -> str:
-        return self.spec.key
-
-
-def _fit_options(
-    spec: CalibratorSpec, index: int
-) -> tuple[dict[str, Any], bool, list[tuple[str, int]] | None]:
-    options = dict(spec.options)
-    where = f"calibrators.{index}.options"
-    use_corrupted = options.pop("use_corrupted", False)
-    if not isinstance(use_corrupted, bool):
-        raise TypeError(f"Expected `{where}.use_corrupted` to be a bool, but got {use_corrupted!r}")
-    augment = options.pop("augment_corruptions", None)
-    if augment is None:
-        return options, use_corrupted, None
-    wanted = []
-    if not isinstance(augment, list) or not augment:
-        raise ValueError(
-            f"Expected `{where}.augment_corruptions` to be a non-empty list of "
-            f"{{kind, severity}}, but got {augment!r}"
-        )
-    for item in augment:
-        if not isinstance(item, dict) or set(item) != {"kind", "severity"}:
-            raise ValueError(
-                f"Expected each of `{where}.augment_corruptions` to be {{kind, severity}}, but "
-                f"got {item!r}"
-            )
-        wanted.append((item["kind"], item["severity"]))
-    return options, True, wanted
-
-
-def _spec_options(
-    cfg: JobConfig, spec: CalibratorSpec, index: int
-) -> tuple[dict[str, Any], bool, list[tuple[str, int]] | None]:
-    """The calibrator's options, ``use_corrupted`` and the wanted corruptions of a spec.
-
-    ``fit.epochs`` becomes the default of calibrators that take an ``epochs`` option.
-    """
-    options, use_corrupted, wanted = _fit_options(spec, index)
-    cls = CALIBRATORS.get(spec.name)
-    if cls is not None and "epochs" in inspect.signature(cls.__init__).parameters:
-        options = {"epochs": cfg.fit.epochs, **options}
-    return options, use_corrupted, wanted
-
-
-def _plan(cfg: JobConfig) -> list[_Job]:
-    calibration = cfg.datasets_with_role("calibration")
-    if not calibration:
-        raise ValueError(
-            "Expected at least one dataset with role 'calibration' in `datasets`, but got "
-            f"none (datasets: {[d.name for d in cfg.datasets]})"
-        )
-    clean = tuple(d.name for d in calibration if d.corruption is None)
-    if not clean:
-        raise ValueError(
-            "Expected at least one calibration dataset without `corruption`, but every one of "
-            f"{[d.name for d in calibration]} is corrupted"
-        )
-    if not cfg.calibrators:
-        raise ValueError("Expected at least one entry in `calibrators`, but got none")
-    corrupted = [d for d in calibration if d.corruption is not None]
-    jobs = []
-    for i, spec in enumerate(cfg.calibrators):
-        if spec.key == ORACLE:
-            raise ValueError(
-                f"Expected `calibrators.{i}` to use a label other than {ORACLE!r} (the folder of "
-                f"the per-test-set oracle temperatures), but got {spec.key!r}"
-            )
-        options, use_corrupted, wanted = _spec_options(cfg, spec, i)
-        try:  # build once: unknown names and options fail here, before any data is read
-            calibrator = build_calibrator(spec.name, cfg.model.num_classes, **options)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"Invalid calibrator `calibrators.{i}` ({spec.key!r}): {err}") from err
-        extra = _pick_corrupted(corrupted, use_corrupted, wanted, i) if use_corrupted else ()
-        jobs.append(_Job(i, spec, clean + extra, type(calibrator).spatial))
-    return jobs
-
-
-def _pick_corrupted(
-    corrupted: Sequence[DatasetConfig], use: bool, wanted: list[tuple[str, int]] | None, i: int
-) -> tuple[str, ...]:
-    if not corrupted:
-        raise ValueError(
-            f"Expected calibration datasets with a `corruption` for `calibrators.{i}` "
-            "(use_corrupted / augment_corruptions), but got none: add calibration datasets "
-            "with `corruption: {kind, severity}` to the config"
-        )
-    if wanted is None:
-        return tuple(d.name for d in corrupted)
-    have = {(d.corruption.kind, d.corruption.severity) for d in corrupted if d.corruption}
-    missing = [w for w in wanted if w not in have]
-    if missing:
-        raise ValueError(
-            f"Expected a calibration dataset for each corruption in "
-            f"`calibrators.{i}.options.augment_corruptions`, but none has {missing} "
-            f"(available: {sorted(have)})"
-        )
-    return tuple(
-        d.name for d in corrupted
-        if d.corruption and (d.corruption.kind, d.corruption.severity) in wanted
-    )
-
-
-def _read_manifests(cfg: JobConfig, paths: RunPaths, names: Iterable[str]) -> dict[str, Manifest]:
-    manifests = {}
-    for name in sorted(set(names)):
-        directory = paths.dataset_dir(name)
-        manifest = read_manifest(directory)
-        if manifest.num_classes != cfg.model.num_classes:
-            raise ValueError(
-                f"Expected `num_classes` in {directory / 'manifest.json'} to equal "
-                f"model.num_classes={cfg.model.num_classes} from the config, but got "
-                f"{manifest.num_classes}"
-            )
-        if manifest.n_images == 0:
-            raise ValueError(
-                f"Expected calibration dataset {name!r} ({directory}) to hold images, but its "
-                "manifest lists none"
-            )
-        manifests[name] = manifest
-    return manifests
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +285,7 @@ def fit_specs(
     indices = list(range(len(specs))) if indices is None else list(indices)
     calibrators, options = [], []
     for spec, index in zip(specs, indices, strict=True):
-        options.append(_spec_options(cfg, spec, index)[0])
+        options.append(spec_options(cfg, spec, index)[0])
         calibrators.append(build_calibrator(spec.name, cfg.model.num_classes, **options[-1]))
         clean = None if reference is None else reference.get(type(calibrators[-1]).spatial)
         if (clean is not None and hasattr(calibrators[-1], "reference_options")
@@ -543,10 +396,10 @@ def run(cfg: JobConfig) -> dict[str, Path]:
         TypeError: A calibrator option of the wrong type.
         FileNotFoundError: A calibration dataset was never extracted.
     """
-    jobs = _plan(cfg)
+    jobs = plan_jobs(cfg)
     paths = RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
     calibration = cfg.datasets_with_role("calibration")
-    manifests = _read_manifests(cfg, paths, [d.name for d in calibration])
+    manifests = read_manifests(cfg, paths, [d.name for d in calibration])
     clean = [d.name for d in calibration if d.corruption is None]
     ignore_index = manifests[clean[0]].ignore_index
     # The split covers every calibration set's ids, as `pipeline.evaluate` recomputes it.
@@ -577,7 +430,7 @@ def run(cfg: JobConfig) -> dict[str, Path]:
         spatial: parts(clean, spatial, False) for spatial in {job.spatial for job in jobs}
     }
     # Calibrators that fit on the same datasets share one fit (one Ray Train run).
-    groups: dict[tuple[str, ...], list[_Job]] = {}
+    groups: dict[tuple[str, ...], list[FitJob]] = {}
     for job in jobs:
         groups.setdefault(job.datasets, []).append(job)
     results: dict[int, tuple[Calibrator, dict[str, Any]]] = {}
@@ -619,90 +472,5 @@ def run(cfg: JobConfig) -> dict[str, Path]:
         )
         for job, calibrator, metrics, fingerprint in fitted
     }
-    _save_oracles(cfg, paths, oracles)
+    save_oracles(cfg, paths, oracles)
     return written
-
-
-# --------------------------------------------------------------------------------------------
-# The oracle: a temperature fitted on each labelled test set's own labels (a bound).
-
-
-@dataclass(frozen=True)
-class Oracle:
-    """One test set's oracle temperature, ready to save."""
-
-    dataset: str
-    calibrator: Calibrator
-    ignore_index: int
-    fingerprint: str
-    pixels: int
-
-
-def fit_oracles(cfg: JobConfig, paths: RunPaths) -> list[Oracle]:
-    """Fit the oracle temperature of every labelled test set on its own sampled pixels.
-
-    Pixels are drawn by the fit stage's rule (`pipeline.sampling.fit_samples`: up to
-    ``fit.pixels_per_image`` valid pixels per image, seeded by ``fit.seed`` and the image id)
-    from every image of the set, and `TemperatureScaling` is fitted on them in this process.
-    Sets without shards are skipped with a warning.
-
-    Args:
-        cfg: The run config (datasets of role ``test``, ``fit``).
-        paths: The run's folders.
-
-    Returns:
-        One `Oracle` per test set with shards, in config order.
-
-    Raises:
-        ValueError: A test set whose shards hold another class count or no valid pixel.
-    """
-    oracles = []
-    for ds in cfg.datasets_with_role("test"):
-        directory = paths.dataset_dir(ds.name)
-        try:
-            manifest = read_manifest(directory)
-        except FileNotFoundError:
-            logger.warning("test set %r has no shards in %s: no oracle temperature for it",
-                           ds.name, directory)
-            continue
-        if manifest.num_classes != cfg.model.num_classes:
-            raise ValueError(
-                f"Expected `num_classes` in {directory / 'manifest.json'} to equal "
-                f"model.num_classes={cfg.model.num_classes} from the config, but got "
-                f"{manifest.num_classes}"
-            )
-        parts = []
-        for record in iter_dataset(directory):
-            check_classes(record, cfg.model.num_classes)
-            points, _ = fit_samples(record, cfg.fit, manifest.ignore_index, manifest.ignore_index,
-                                    held=False, pixels=True, maps=False)
-            if points is not None:
-                parts.append((record_key(record), points))
-        data = concat_fit_data([p for _, p in sorted(parts, key=lambda p: p[0])])
-        if data is None:
-            raise ValueError(
-                f"Expected test set {ds.name!r} ({directory}) to hold pixels not equal to "
-                f"`ignore_index`={manifest.ignore_index} for its oracle temperature, but all "
-                f"{manifest.n_images} images are fully ignored"
-            )
-        calibrator = build_calibrator("temperature", cfg.model.num_classes)
-        calibrator.fit(data.logits, data.labels, seed=cfg.fit.seed)
-        logger.info("%s: oracle temperature %.4f on %d pixels of %s", ORACLE,
-                    calibrator.summary()["temperature"], len(data.labels), ds.name)
-        oracles.append(Oracle(ds.name, calibrator, manifest.ignore_index,
-                              data_fingerprint([manifest]), len(data.labels)))
-    return oracles
-
-
-def _save_oracles(cfg: JobConfig, paths: RunPaths, oracles: Sequence[Oracle]) -> None:
-    root = paths.artifacts / ORACLE
-    root.mkdir(parents=True, exist_ok=True)
-    for oracle in oracles:
-        save(oracle.calibrator, paths.oracle_dir(oracle.dataset), class_names=cfg.model.names(),
-             ignore_index=oracle.ignore_index,
-             metrics={"bound": True, "dataset": oracle.dataset, "fit_pixels": oracle.pixels},
-             data_fingerprint=oracle.fingerprint)
-    keep = {o.dataset for o in oracles}
-    for stale in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if stale.name not in keep:
-            shutil.rmtree(stale)

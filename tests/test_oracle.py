@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from test_evaluate import make_run
 
-from pipeline import evaluate, fit, sampling
+from pipeline import evaluate, fit, oracle, sampling
 from pipeline.calibrators import load
 from pipeline.models import model_fingerprint
 from pipeline.paths import ORACLE, RunPaths
@@ -33,8 +33,8 @@ def run(tmp_path_factory):
     cfg, records = make_run(tmp_path_factory.mktemp("oracle"), DATASETS,
                             evaluate_options={"bootstrap": 0})
     paths = RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
-    oracles = fit.fit_oracles(cfg, paths)
-    fit._save_oracles(cfg, paths, oracles)
+    oracles = oracle.fit_oracles(cfg, paths)
+    oracle.save_oracles(cfg, paths, oracles)
     output = evaluate.run(cfg, local=True)
     return cfg, paths, oracles, output
 
@@ -102,8 +102,8 @@ def test_stale_or_missing_oracles_are_left_out(run, tmp_path, caplog):
     # Saving only the day oracle removes the folder of dusk (a set no longer listed).
     copy = cfg.model_copy(update={"output": str(tmp_path / "run")})
     copy_paths = RunPaths(tmp_path / "run", paths.model_fingerprint)
-    fit._save_oracles(copy, copy_paths, oracles)
-    fit._save_oracles(copy, copy_paths, [o for o in oracles if o.dataset == "day"])
+    oracle.save_oracles(copy, copy_paths, oracles)
+    oracle.save_oracles(copy, copy_paths, [o for o in oracles if o.dataset == "day"])
     assert sorted(p.name for p in (copy_paths.artifacts / ORACLE).iterdir()) == ["day"]
     # Shards that changed since the oracle was fitted: left out, with a warning.
     card = paths.oracle_dir("day") / "calibrator.json"
