@@ -31,8 +31,9 @@ from pipeline.label_free import (
     image_features,
 )
 from pipeline.metrics import N_SCORE_BINS, ImageStats, first_argmax
-from pipeline.metrics import functional as MF
+from pipeline.metrics.checks import as_scores, valid_mask
 from pipeline.metrics.confidence import confidence_sums
+from pipeline.metrics.per_image import boundary_mask, image_sums
 from pipeline.metrics.stats import stats_from_image_sums
 from pipeline.metrics.torch_stats import image_stats_torch, prepare_targets
 from pipeline.paths import (
@@ -178,8 +179,8 @@ def image_stats_per_calibrator(
             if labels2d.dtype != np.int64:
                 labels2d = labels2d.astype(np.int64)
             labels = labels2d.reshape(-1)
-            valid = MF.valid_mask(labels, c, ignore_index)
-            boundary = MF.boundary_mask(labels2d, boundary_width).reshape(-1)
+            valid = valid_mask(labels, c, ignore_index)
+            boundary = boundary_mask(labels2d, boundary_width).reshape(-1)
         else:
             targets = prepare_targets(record.labels, c, ignore_index=ignore_index,
                                       boundary_width=boundary_width, device=device)
@@ -207,9 +208,9 @@ def image_stats_per_calibrator(
                 elif use_numba:
                     flat_score = None
                     if score is not None:
-                        flat_score = MF.as_scores(score.reshape(-1).double().numpy(),
-                                                  labels.shape)
-                    sums = MF.image_sums(
+                        flat_score = as_scores(score.reshape(-1).double().numpy(),
+                                               labels.shape)
+                    sums = image_sums(
                         probs.numpy().reshape(c, -1), labels, valid, boundary, flat_score,
                         n_bins, N_SCORE_BINS, check=False, preds=preds,
                     )

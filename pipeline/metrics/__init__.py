@@ -10,8 +10,9 @@ predicted classes (e.g. of logits, for ``image_stats(..., preds=...)``) fast.
 
 from __future__ import annotations
 
-from pipeline.metrics.functional import ece, first_argmax, image_ece
+from pipeline.metrics.per_image import first_argmax
 from pipeline.metrics.stats import N_SCORE_BINS, ROW_KEYS, ImageStats, image_stats
+from pipeline.metrics.top_label import ece, image_ece
 from pipeline.metrics.torch_stats import image_stats_torch
 
 __all__ = [

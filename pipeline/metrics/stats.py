@@ -16,7 +16,23 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from pipeline.metrics import functional as F
+from pipeline.metrics.checks import (
+    as_labels,
+    as_preds,
+    as_probs,
+    as_scores,
+    check_ignore_index,
+    check_n_bins,
+    valid_mask,
+)
+from pipeline.metrics.compute import (
+    auroc_from_histograms,
+    ece_from_bins,
+    mce_from_bins,
+    miou_from_confusion,
+    sce_from_bins,
+)
+from pipeline.metrics.per_image import ImageSums, adaptive_bins, boundary_mask, image_sums
 
 N_SCORE_BINS = 1000
 """Default bins of the misprediction score histograms (AUROC, flag precision/recall)."""
@@ -243,11 +259,11 @@ class ImageStats:
 
     def ece(self) -> float:
         """Pooled top-label ECE over all pixels."""
-        return F.ece_from_bins(self.count, self.conf_sum, self.correct_sum)
+        return ece_from_bins(self.count, self.conf_sum, self.correct_sum)
 
     def mce(self) -> float:
         """Maximum calibration error over the non-empty bins."""
-        return F.mce_from_bins(self.count, self.conf_sum, self.correct_sum)
+        return mce_from_bins(self.count, self.conf_sum, self.correct_sum)
 
     def ace(self) -> float:
         """Adaptive (equal-mass bins) calibration error, averaged over images."""
@@ -255,7 +271,7 @@ class ImageStats:
 
     def sce(self) -> float:
         """Static (classwise) calibration error."""
-        return F.sce_from_bins(self.cls_count, self.cls_conf_sum, self.cls_correct_sum)
+        return sce_from_bins(self.cls_count, self.cls_conf_sum, self.cls_correct_sum)
 
     def nll(self) -> float:
         """Mean negative log-likelihood per pixel."""
@@ -267,7 +283,7 @@ class ImageStats:
 
     def miou(self) -> float:
         """Mean IoU over classes present in labels or predictions."""
-        return F.miou_from_confusion(self.confusion)
+        return miou_from_confusion(self.confusion)
 
     def pixel_acc(self) -> float:
         """Fraction of pixels whose top label is right."""
@@ -275,17 +291,17 @@ class ImageStats:
 
     def boundary_ece(self) -> float:
         """ECE over boundary pixels only."""
-        return F.ece_from_bins(
+        return ece_from_bins(
             self.boundary_count, self.boundary_conf_sum, self.boundary_correct_sum
         )
 
     def ece_correct(self) -> float:
         """ECE over correctly predicted pixels only (accuracy 1 in every bin)."""
-        return F.ece_from_bins(self.cor_count, self.cor_conf_sum, self.cor_count)
+        return ece_from_bins(self.cor_count, self.cor_conf_sum, self.cor_count)
 
     def ece_incorrect(self) -> float:
         """ECE over wrongly predicted pixels only (accuracy 0 in every bin)."""
-        return F.ece_from_bins(self.inc_count, self.inc_conf_sum, np.zeros_like(self.count))
+        return ece_from_bins(self.inc_count, self.inc_conf_sum, np.zeros_like(self.count))
 
     def image_ece_mean(self) -> float:
         """Mean over images of each image's ECE."""
@@ -300,11 +316,11 @@ class ImageStats:
 
     def mis_auroc(self) -> float:
         """AUROC of the selector's score for detecting mispredicted pixels (NaN without one)."""
-        return F.auroc_from_histograms(self.mis_hist_inc, self.mis_hist_cor)
+        return auroc_from_histograms(self.mis_hist_inc, self.mis_hist_cor)
 
     def msp_auroc(self) -> float:
         """AUROC of the ``1 - confidence`` (max prob) baseline for detecting mispredictions."""
-        return F.auroc_from_histograms(self.msp_hist_inc, self.msp_hist_cor)
+        return auroc_from_histograms(self.msp_hist_inc, self.msp_hist_cor)
 
     def mis_precision(self) -> float:
         """Share of pixels flagged by the selector (score > 0.5) that are mispredicted."""
@@ -350,7 +366,7 @@ def image_stats(
 ) -> ImageStats:
     """Sufficient statistics of one image.
 
-    One compiled pass over the image on the CPU (:func:`pipeline.metrics.functional.image_sums`)
+    One compiled pass over the image on the CPU (:func:`pipeline.metrics.per_image.image_sums`)
     plus a sort of its confidences for ACE. Per-pixel terms are computed in the input precision
     (float32 unless float64 is given) and summed in float64. A probability of exactly 0 on the
     true class (a float32 softmax underflow) is floored at the dtype's smallest normal number,
@@ -369,7 +385,7 @@ def image_stats(
         n_bins: Number of equal-width confidence bins.
         ignore_index: Label value whose pixels are left out, or None.
         boundary_width: Shift in pixels defining boundary pixels (see
-            :func:`pipeline.metrics.functional.boundary_mask`).
+            :func:`pipeline.metrics.per_image.boundary_mask`).
         mis_score: Optional (H, W) float selector score in [0, 1], P(pixel is mispredicted).
         n_score_bins: Bins of the score histograms; even, so ``score > 0.5`` is a bin edge.
         validate_args: Check probability values (finite, >= 0, sum to 1). Shapes, dtypes and
@@ -392,37 +408,37 @@ def image_stats(
         >>> round(stats.ece(), 4), stats.pixel_acc()
         (0.35, 0.5)
     """
-    n_bins = F.check_n_bins(n_bins)
-    n_score_bins = F.check_n_bins(n_score_bins, "n_score_bins")
+    n_bins = check_n_bins(n_bins)
+    n_score_bins = check_n_bins(n_score_bins, "n_score_bins")
     if n_score_bins % 2:
         raise ValueError(f"Expected `n_score_bins` to be even, but got {n_score_bins}")
     width = _check_width(boundary_width)
-    ignore_index = F.check_ignore_index(ignore_index)
-    p = F.as_probs(probs, (3,), "(C, H, W)")
+    ignore_index = check_ignore_index(ignore_index)
+    p = as_probs(probs, (3,), "(C, H, W)")
     c, h, w = p.shape
-    lab2d = F.as_labels(labels, (h, w))
+    lab2d = as_labels(labels, (h, w))
     score = None
     if mis_score is not None:
-        score = F.as_scores(mis_score, (h, w)).reshape(-1).astype(np.float64)
-    pred = None if preds is None else F.as_preds(preds, (h, w), c)
+        score = as_scores(mis_score, (h, w)).reshape(-1).astype(np.float64)
+    pred = None if preds is None else as_preds(preds, (h, w), c)
     lab = lab2d.reshape(-1).astype(np.int64)
-    sums = F.image_sums(
-        np.ascontiguousarray(p.reshape(c, h * w)), lab, F.valid_mask(lab, c, ignore_index),
-        F.boundary_mask(lab2d, width).reshape(-1), score, n_bins, n_score_bins,
+    sums = image_sums(
+        np.ascontiguousarray(p.reshape(c, h * w)), lab, valid_mask(lab, c, ignore_index),
+        boundary_mask(lab2d, width).reshape(-1), score, n_bins, n_score_bins,
         check=validate_args, preds=pred,
     )
     return stats_from_image_sums(sums, n_bins, c)
 
 
-def stats_from_image_sums(sums: F.ImageSums, n_bins: int, num_classes: int) -> ImageStats:
-    """One image's :class:`ImageStats` from :func:`pipeline.metrics.functional.image_sums`.
+def stats_from_image_sums(sums: ImageSums, n_bins: int, num_classes: int) -> ImageStats:
+    """One image's :class:`ImageStats` from :func:`pipeline.metrics.per_image.image_sums`.
 
     Adds ACE (a sort of the image's confidences) to the kernel's sums.
     """
     n_valid = sums.conf_cor.size + sums.conf_inc.size
     ace = math.nan
     if n_valid:
-        ace = F.ece_from_bins(*F.adaptive_bins(sums.conf_cor, sums.conf_inc, n_bins))
+        ace = ece_from_bins(*adaptive_bins(sums.conf_cor, sums.conf_inc, n_bins))
     return stats_from_sums(
         n_bins=n_bins, num_classes=num_classes, n_valid=n_valid, top_count=sums.top_count,
         top_sum=sums.top_sum, cls_count=sums.cls_count, cls_sum=sums.cls_sum,

@@ -36,7 +36,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.metrics import functional as F
+from pipeline.metrics.checks import (
+    SUM_TOLERANCE,
+    _raise_bad_pixel,
+    as_scores,
+    check_ignore_index,
+    check_n_bins,
+)
+from pipeline.metrics.compute import ece_from_bins
 from pipeline.metrics.stats import N_SCORE_BINS, ImageStats, _check_width, stats_from_sums
 
 
@@ -68,7 +75,7 @@ class Targets:
 
 
 def boundary_mask_torch(labels: Tensor, width: int) -> Tensor:
-    """Torch twin of :func:`pipeline.metrics.functional.boundary_mask` ((H, W) -> (H, W) bool)."""
+    """Torch twin of :func:`pipeline.metrics.per_image.boundary_mask` ((H, W) -> (H, W) bool)."""
     mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     for s in range(1, width + 1):
         rows = labels[s:] != labels[:-s]
@@ -104,7 +111,7 @@ def prepare_targets(
         TypeError: If ``labels`` is not an integer tensor/array of rank 2.
         ValueError: On a label outside ``[0, C)`` that is not ``ignore_index``.
     """
-    ignore_index = F.check_ignore_index(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     width = _check_width(boundary_width)
     if isinstance(labels, Tensor):
         lab = labels
@@ -137,7 +144,7 @@ def prepare_targets(
 
 
 def _bins(values64: Tensor, n_bins: int) -> Tensor:
-    """:func:`pipeline.metrics.functional.bin_of` on a float64 tensor (int64 bins)."""
+    """:func:`pipeline.metrics.per_image.bin_of` on a float64 tensor (int64 bins)."""
     return (values64 * n_bins).ceil_().sub_(1).clamp_(0, n_bins - 1).long()
 
 
@@ -152,11 +159,11 @@ def _hist(index: Tensor, size: int, weights: Tensor | None = None) -> Tensor:
 
 def _check_values(x: Tensor, name: str) -> None:
     """The numba kernel's value check: finite, >= 0, sums within ``SUM_TOLERANCE`` of 1."""
-    ok = (x.sum(0) - 1.0).abs_() <= F.SUM_TOLERANCE
+    ok = (x.sum(0) - 1.0).abs_() <= SUM_TOLERANCE
     ok &= x.amin(0) >= 0  # NaN compares false in both
     if not bool(ok.all()):
         pixel = int((~ok).nonzero()[0, 0])
-        F._raise_bad_pixel(x[:, pixel].cpu().numpy(), pixel, name)
+        _raise_bad_pixel(x[:, pixel].cpu().numpy(), pixel, name)
 
 
 def _sq_sum(xv: Tensor) -> Tensor:
@@ -223,8 +230,8 @@ def image_stats_torch(
         >>> round(stats.ece(), 4), stats.pixel_acc()
         (0.35, 0.5)
     """
-    n_bins = F.check_n_bins(n_bins)
-    n_score_bins = F.check_n_bins(n_score_bins, "n_score_bins")
+    n_bins = check_n_bins(n_bins)
+    n_score_bins = check_n_bins(n_score_bins, "n_score_bins")
     if n_score_bins % 2:
         raise ValueError(f"Expected `n_score_bins` to be even, but got {n_score_bins}")
     if not isinstance(probs, Tensor):
@@ -294,7 +301,7 @@ def image_stats_torch(
             )
         score = mis_score.reshape(-1).to(device=device, dtype=torch.float64)
         if validate_args:
-            F.as_scores(score.cpu().numpy(), (h * w,))
+            as_scores(score.cpu().numpy(), (h * w,))
     return _stats(x, pred, score, targets, n_bins, n_score_bins)
 
 
@@ -365,7 +372,7 @@ def _stats(
     top_sum_, cls_sum_, rest = np.split(floats, np.cumsum((4 * n_bins, c * n_bins)))
     ace = math.nan
     if runs:
-        ace = F.ece_from_bins(ace_count_, rest[2 : 2 + runs], rest[2 + runs :])
+        ace = ece_from_bins(ace_count_, rest[2 : 2 + runs], rest[2 + runs :])
     return stats_from_sums(
         n_bins=n_bins, num_classes=c, n_valid=n,
         top_count=top_count_.reshape(4, n_bins), top_sum=top_sum_.reshape(4, n_bins),

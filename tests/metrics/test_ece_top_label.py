@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import ece, image_ece, image_stats
-from pipeline.metrics import functional as F
+from pipeline.metrics import ece, image_ece, image_stats, top_label
 
 
 def images(n=3, c=7, h=33, w=40, seed=0, ignore=None):
@@ -51,7 +50,7 @@ def test_uint8_labels_and_huge_temperature_ties():
 
 
 def test_result_does_not_depend_on_threads(monkeypatch):
-    monkeypatch.setattr(F, "_PARALLEL_MIN", 0)  # threads even on this small input
+    monkeypatch.setattr(top_label, "_PARALLEL_MIN", 0)  # threads even on this small input
     _, probs, labels = images(n=6)
     before = torch.get_num_threads()
     try:
@@ -65,7 +64,7 @@ def test_result_does_not_depend_on_threads(monkeypatch):
 
 
 def test_rows_spanning_several_blocks(monkeypatch):
-    monkeypatch.setattr(F, "_ROWS", 1000)
+    monkeypatch.setattr(top_label, "_ROWS", 1000)
     _, probs, labels = images(n=2, h=40, w=50)
     flat, flat_labels = probs.permute(0, 2, 3, 1).reshape(-1, 7), labels.reshape(-1)
     expected = (image_stats(probs[0], labels[0]) + image_stats(probs[1], labels[1])).ece()

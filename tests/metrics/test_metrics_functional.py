@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from pipeline.metrics import ece, first_argmax, image_ece, image_stats
-from pipeline.metrics.functional import (
-    adaptive_bins,
-    auroc_from_histograms,
-    bin_of,
-    boundary_mask,
-    ece_from_bins,
-    miou_from_confusion,
-)
+from pipeline.metrics.compute import auroc_from_histograms, ece_from_bins, miou_from_confusion
+from pipeline.metrics.per_image import adaptive_bins, bin_of, boundary_mask
 
 from . import reference as ref
 
