@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import submit as sub
+from pipeline import submit_package as pkg
 
 # --- pure pieces -------------------------------------------------------------------------------
 
@@ -147,7 +148,7 @@ def test_package_is_an_allow_list(tmp_path, caplog):
     root = tmp_path / "project"
     _tree(root, {**CODE, **SECRETS})
     config = root / "configs" / ".." / "configs" / "a.yaml"
-    with sub.staged_package(config, _named(root), root) as staged:
+    with pkg.staged_package(config, _named(root), root) as staged:
         renv = sub.runtime_env({"A": "1"}, staged)
         assert renv == {"working_dir": str(staged), "env_vars": {"A": "1"}}
         create_package(str(staged), tmp_path / "pkg.zip", include_gitignore=True)
@@ -179,7 +180,7 @@ def test_package_refuses_links_out_of_the_project(tmp_path):
     (root / "pipeline" / "env.py").symlink_to(root / ".env")  # inside, but to a refused file
     (root / "pipeline" / "home").symlink_to(tmp_path / "home", target_is_directory=True)
     (root / "pipeline" / "same.py").symlink_to(root / "pipeline" / "cli.py")  # harmless
-    files = {str(p) for p in sub.package_files(None, {}, root)}
+    files = {str(p) for p in pkg.package_files(None, {}, root)}
     assert "pipeline/same.py" in files
     assert not {
         f for f in files if f.startswith(("pipeline/creds", "pipeline/env", "pipeline/home"))
@@ -203,7 +204,7 @@ def test_package_refuses_links_out_of_the_project(tmp_path):
     ],
 )
 def test_refused(rel, refused):
-    assert (sub.refused(rel) is not None) == refused
+    assert (pkg.refused(rel) is not None) == refused
 
 
 def test_named_paths_of_a_config(tmp_path):
@@ -227,7 +228,7 @@ def test_named_paths_of_a_config(tmp_path):
             "calibrators": [{"name": "temperature", "label": "ts"}],
         }
     )
-    named = sub.named_paths(cfg, root)
+    named = pkg.named_paths(cfg, root)
     assert named == {
         "model.path[0]": root / "tests" / "__init__.py",
         "model.path[1]": root / "tests" / "helpers.py",
