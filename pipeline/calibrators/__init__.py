@@ -1,10 +1,11 @@
 """Post-hoc calibrators: one registry, one interface (see `Calibrator`), pickle-free artifacts.
 
-Layout: `base` (the interface, input checks, the reduce hook, the optimisation loop),
-`registry` (`register`, `build_calibrator`), `training` (the training loop and samplers that the
-network calibrators share), one module per family, and `artifacts` (save, load, export). Each
-calibrator module registers its classes with ``@register``; importing this package imports them
-all, so `CALIBRATORS` is complete.
+Layout: `base` (the `Calibrator` interface, `FitData`), `checks` (option and input checks),
+`reduce` (the reduce hook: `Reduce`, `DistributedReduce`), `registry` (`register`,
+`build_calibrator`), `training` (`optimise`, `batch_plan`, and the training loop and samplers
+that the network calibrators share), one module per family, and `artifacts` (save, load,
+export). Each calibrator module registers its classes with ``@register``; importing this
+package imports them all, so `CALIBRATORS` is complete.
 
 Example:
     >>> import torch
@@ -35,7 +36,7 @@ from pipeline.calibrators.artifacts import (
     read_card,
     save,
 )
-from pipeline.calibrators.base import Calibrator, FitData, optimise
+from pipeline.calibrators.base import Calibrator, FitData
 from pipeline.calibrators.registry import (
     CALIBRATORS,
     build_calibrator,
@@ -43,6 +44,7 @@ from pipeline.calibrators.registry import (
     register,
 )
 from pipeline.calibrators.temperature import fit_temperature
+from pipeline.calibrators.training import optimise
 
 __all__ = [
     "CALIBRATORS",

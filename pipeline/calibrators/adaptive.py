@@ -44,19 +44,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import (
-    LOCAL,
-    Calibrator,
-    FitData,
-    Reduce,
-    check_choice,
-    check_float,
-    check_int,
-    optimise,
-)
+from pipeline.calibrators.base import Calibrator, FitData
+from pipeline.calibrators.checks import check_choice, check_float, check_int
+from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
 from pipeline.calibrators.temperature import fit_temperature
-from pipeline.calibrators.training import require_maps
+from pipeline.calibrators.training import optimise, require_maps
 
 __all__ = [
     "FEATURES",

@@ -16,19 +16,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import (
-    LOCAL,
-    Calibrator,
-    FitData,
-    Reduce,
-    batch_plan,
-    check_bool,
-    check_float,
-    check_int,
-)
+from pipeline.calibrators.base import Calibrator, FitData
+from pipeline.calibrators.checks import check_bool, check_float, check_int
+from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
 from pipeline.calibrators.temperature import fit_temperature
 from pipeline.calibrators.training import (
+    batch_plan,
     chunked_mean,
     map_batches,
     require_images,

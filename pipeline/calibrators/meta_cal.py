@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import LOCAL, Calibrator, FitData, Reduce, check_float
+from pipeline.calibrators.base import Calibrator, FitData
+from pipeline.calibrators.checks import check_float
+from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
 from pipeline.calibrators.temperature import fit_temperature
 

@@ -45,26 +45,22 @@ try:  # Python 3.11+
 except ImportError:  # pragma: no cover - Python 3.10
     from typing_extensions import Self
 
-from pipeline.calibrators.base import (
-    LOCAL,
-    Calibrator,
-    FitData,
-    Reduce,
-    batch_plan,
+from pipeline.calibrators.base import Calibrator, FitData, from_points, to_points
+from pipeline.calibrators.checks import (
     check_bool,
     check_choice,
     check_float,
     check_images,
     check_int,
     check_logits,
-    from_points,
-    optimise,
-    to_points,
 )
+from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import build_calibrator, register
 from pipeline.calibrators.training import (
+    batch_plan,
     chunked_mean,
     map_batches,
+    optimise,
     pixel_batches,
     train_with_early_stopping,
     with_valid_pixels,

@@ -13,17 +13,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import (
-    LOCAL,
-    FitData,
-    Reduce,
-    batch_plan,
-    check_bool,
-    check_int,
-)
+from pipeline.calibrators.base import FitData
+from pipeline.calibrators.checks import check_bool, check_int
+from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
 from pipeline.calibrators.selective import SelectiveScaling, selector_features
 from pipeline.calibrators.training import (
+    batch_plan,
     map_batches,
     require_images,
     require_maps,

@@ -8,14 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import (
-    LOCAL,
-    Calibrator,
-    FitData,
-    Reduce,
-    check_float,
-    check_int,
-)
+from pipeline.calibrators.base import Calibrator, FitData
+from pipeline.calibrators.checks import check_float, check_int
+from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
 
 __all__ = ["TemperatureScaling", "fit_temperature"]

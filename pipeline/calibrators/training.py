@@ -1,28 +1,34 @@
-"""Training helpers shared by the calibrators that train networks (selective scaling, LTS, IBTS).
+"""Fit helpers shared by the calibrators: the optimisation loops, mini-batch plans and samplers.
 
-The AdamW loop with held-out early stopping (`train_with_early_stopping`), the mini-batch
-samplers over pixels (`pixel_batches`, `balanced_order`) and over whole maps (`map_batches`),
-and the checks and chunked held-out losses of calibrators that train on whole (N, C, H, W) maps.
-Everything goes through the `Reduce` hook, so the same steps run in-process and in each Ray
-Train worker.
+`optimise` is the loop every gradient-trained fit runs (full-batch L-BFGS or AdamW steps) and
+`batch_plan` splits a global mini-batch over workers. For the calibrators that train networks
+(selective scaling, LTS, IBTS): the AdamW loop with held-out early stopping
+(`train_with_early_stopping`), the mini-batch samplers over pixels (`pixel_batches`,
+`balanced_order`) and over whole maps (`map_batches`), and the checks and chunked held-out
+losses of calibrators that train on whole (N, C, H, W) maps. Everything goes through the
+`Reduce` hook, so the same steps run in-process and in each Ray Train worker.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import LOCAL, FitData, Reduce, batch_plan, optimise
+from pipeline.calibrators.base import FitData
+from pipeline.calibrators.checks import check_choice, check_int
+from pipeline.calibrators.reduce import LOCAL, Reduce
 
 __all__ = [
     "balanced_order",
+    "batch_plan",
     "chunked_mean",
     "map_batches",
+    "optimise",
     "pixel_batches",
     "require_images",
     "require_maps",
@@ -30,6 +36,113 @@ __all__ = [
     "train_with_early_stopping",
     "with_valid_pixels",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# The optimisation loop every gradient-trained fit runs (in-process and in Ray Train workers).
+
+
+def optimise(
+    loss_fn: Callable[[], Tensor],
+    params: Iterable[Tensor],
+    *,
+    method: Literal["lbfgs", "adamw"] = "lbfgs",
+    max_iter: int = 100,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    tol: float = 1e-7,
+    callback: Callable[[int, float], bool] | None = None,
+    reduce: Reduce = LOCAL,
+) -> float:
+    """Minimise ``loss_fn()`` over ``params``.
+
+    ``lbfgs`` runs full-batch L-BFGS with a strong-Wolfe line search (``lr`` default 1.0);
+    ``adamw`` runs ``max_iter`` AdamW steps (``lr`` default 1e-3), where ``loss_fn`` may draw
+    a new mini-batch on each call and ``callback(step, loss)`` returning True stops early.
+    With a `DistributedReduce`, ``loss_fn`` returns this worker's share of the global loss
+    (e.g. its mean times `Reduce.share` of its rows): loss values and gradients are summed over
+    workers, so every worker takes the same steps on the global objective.
+
+    Args:
+        loss_fn: Computes the scalar loss (gradients are zeroed and backpropagated here).
+        params: The tensors to optimise.
+        method: ``"lbfgs"`` or ``"adamw"``.
+        max_iter: L-BFGS iterations or AdamW steps.
+        lr: Learning rate; None picks the method's default.
+        weight_decay: AdamW weight decay.
+        tol: L-BFGS gradient and change tolerance.
+        callback: AdamW only: called after each step with (step, loss); True stops.
+        reduce: The reduce hook (`LOCAL`: the identity).
+
+    Returns:
+        The last (global) loss value.
+
+    Raises:
+        ValueError: On an unknown method or a non-finite loss.
+    """
+    check_choice("method", method, ["lbfgs", "adamw"])
+    check_int("max_iter", max_iter, ge=1)
+    params = [p for p in params if p.requires_grad]
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        loss = reduced = loss_fn()
+        if reduce is not LOCAL:
+            reduced = reduce.sum(loss)
+        if not bool(torch.isfinite(reduced)):
+            raise ValueError(
+                f"Expected a finite training loss, but got {float(reduced.detach())}"
+            )
+        loss.backward()
+        reduce.grads(params)
+        return reduced
+
+    if method == "lbfgs":
+        optimiser = torch.optim.LBFGS(
+            params, lr=1.0 if lr is None else lr, max_iter=max_iter, tolerance_grad=tol,
+            tolerance_change=tol * 1e-2, history_size=20, line_search_fn="strong_wolfe",
+        )
+        optimiser.step(closure)
+        with torch.no_grad():
+            return float(reduce.sum(loss_fn()))
+    optimiser = torch.optim.AdamW(
+        params, lr=1e-3 if lr is None else lr, weight_decay=weight_decay
+    )
+    loss = float("nan")
+    for step in range(max_iter):
+        loss = float(optimiser.step(closure).detach())
+        if callback is not None and callback(step, loss):
+            break
+    return loss
+
+
+def batch_plan(
+    n_local: int, batch_size: int, reduce: Reduce, *, min_size: int = 1
+) -> tuple[int, int, float]:
+    """Mini-batches of a loop over ``n`` global rows: (local batch size, steps per epoch, weight).
+
+    In-process: ``size = min(batch_size, n)`` rows per step and ``n // size`` steps per epoch.
+    Across workers every worker takes the same number of steps, each on its share of the
+    global batch, and weights its batch-mean loss by that share, so that the summed gradient is
+    the gradient of the global batch's mean.
+
+    Args:
+        n_local: Rows (pixels or maps) this worker holds.
+        batch_size: Rows per step, over all workers.
+        reduce: The reduce hook.
+        min_size: Smallest local batch (BatchNorm needs 2 pixels).
+
+    Returns:
+        ``(size, steps, weight)``; ``weight`` is 1.0 in-process.
+    """
+    (n,) = reduce.sum_floats(float(n_local))
+    size = min(batch_size, int(n))
+    steps = int(n) // size
+    if reduce.world_size == 1:
+        return size, steps, 1.0
+    local = min(n_local, max(min_size, round(size * n_local / n)))
+    (total,) = reduce.sum_floats(float(local))
+    return local, steps, local / total
 
 
 # --------------------------------------------------------------------------------------------

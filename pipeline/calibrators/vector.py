@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.calibrators.base import LOCAL, Calibrator, FitData, Reduce, check_int, optimise
+from pipeline.calibrators.base import Calibrator, FitData
+from pipeline.calibrators.checks import check_int
+from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
+from pipeline.calibrators.training import optimise
 
 __all__ = ["VectorScaling"]
 

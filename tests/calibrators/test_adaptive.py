@@ -22,7 +22,7 @@ from pipeline.calibrators.adaptive import (
     GatedAdaptiveTemperatureScaling,
     image_features,
 )
-from pipeline.calibrators.base import DistributedReduce
+from pipeline.calibrators.reduce import DistributedReduce
 from pipeline.calibrators.temperature import fit_temperature
 
 C = 5

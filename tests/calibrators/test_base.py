@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from pipeline.calibrators import build_calibrator, optimise
-from pipeline.calibrators.base import FitData, check_float, check_int, from_points, to_points
+from pipeline.calibrators.base import FitData, from_points, to_points
+from pipeline.calibrators.checks import check_float, check_int
 
 C = 5
 

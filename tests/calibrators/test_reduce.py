@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F  # noqa: N812
 
 from pipeline.calibrators import build_calibrator
-from pipeline.calibrators.base import LOCAL, DistributedReduce, batch_plan
+from pipeline.calibrators.reduce import LOCAL, DistributedReduce
+from pipeline.calibrators.training import batch_plan
 from tests.conftest import make_logits
 
 
