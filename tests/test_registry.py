@@ -506,6 +506,41 @@ def test_record_after_switch_completes_it(tmp_path):
     assert registry.history(root)[-1]["current"] == second  # what actually happened
 
 
+def test_record_failing_after_the_switch_is_recovered_at_the_next_lock(tmp_path, monkeypatch):
+    # promote() looks `record` up in pipeline.registry_store (where it runs), not in the
+    # pipeline.registry facade: a fault injected there is the one promote meets.
+    from pipeline import registry_store
+
+    root, first, second = _two_runs(tmp_path)
+
+    def boom(root, entry):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(registry_store, "record", boom)
+    with registry.lock(root), pytest.raises(OSError, match="disk full"):
+        registry.promote(root, second, {"action": "promote", "decision": "promoted"})
+    monkeypatch.undo()
+    assert registry.current(root) == second
+    assert (root / registry.JOURNAL).is_file()
+    with registry.lock(root):
+        pass
+    last = registry.history(root)[-1]
+    assert (last["decision"], last["recovered"], last["current"]) == ("promoted", True, second)
+    assert not (root / registry.JOURNAL).exists()
+
+
+def test_registry_module_reexports_its_parts():
+    from pipeline import registry_history, registry_layout, registry_store
+
+    homes = {}
+    for module in (registry_layout, registry_history, registry_store):
+        homes.update({k: v for k, v in vars(module).items() if not k.startswith("_")})
+    for name in registry.__all__:
+        assert hasattr(registry, name), name
+        if name in homes and callable(homes[name]):
+            assert getattr(registry, name) is homes[name], name
+
+
 @pytest.mark.parametrize(
     ("tail", "kept"),
     [
