@@ -45,7 +45,9 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from pipeline import report_calibrators as rc
 from pipeline import report_data as rd
+from pipeline import report_label_free as rlf
 from pipeline.config import JobConfig, config_hash
 from pipeline.evaluate_tables import UNCALIBRATED
 from pipeline.metrics.functional import ece_from_bins
@@ -272,21 +274,21 @@ def build(
                                                      else None))
     if outcome:
         lines.append(outcome)
-    flagged = {} if per_image is None else rd.flagged_share(per_image)
-    params = {label: rd.describe_card(card, flagged.get(label))
+    flagged = {} if per_image is None else rc.flagged_share(per_image)
+    params = {label: rc.describe_card(card, flagged.get(label))
               for label, card in (cards or {}).items()}
     columns = rd.matrix_columns(summary)
     held = rd.is_heldout(summary)
-    selectors = rd.selector_table(summary)
+    selectors = rc.selector_table(summary)
     if per_image is not None:
-        classes, where = rd.class_table(per_image, cfg.model.names(), columns)
+        classes, where = rc.class_table(per_image, cfg.model.names(), columns)
     else:
         classes, where = pd.DataFrame(), ""
     lf = tables.get(LABEL_FREE)
     lf = pd.DataFrame() if lf is None else lf
     chosen = rec.pick or rec.leader
     shown = [UNCALIBRATED] + ([chosen] if chosen and not rd.is_reference_column(chosen) else [])
-    lf_errors = pd.DataFrame() if lf.empty else rd.label_free_errors(lf)
+    lf_errors = pd.DataFrame() if lf.empty else rlf.label_free_errors(lf)
     return Content(
         title=f"segcal report: {Path(cfg.output).name}",
         source=str(cfg.source or "<dict>"), config_hash=config_hash(cfg),
@@ -296,11 +298,11 @@ def build(
         test_sets=list(dict.fromkeys(summary.loc[~held & (summary["role"] == "test"),
                                                  "dataset"])),
         shift=tables[DOMAIN_SHIFT], shift_figures=dict(shift_figures or {}), params=params,
-        selectors=selectors, selector_text=rd.selector_sentence(summary),
+        selectors=selectors, selector_text=rc.selector_sentence(summary),
         classes=classes, classes_where=where, figures=dict(figures),
-        label_free=rd.label_free_table(lf, shown),
+        label_free=rlf.label_free_table(lf, shown),
         label_free_errors=lf_errors.rename_axis("calibrator").reset_index(),
-        label_free_text=rd.label_free_sentence(lf),
+        label_free_text=rlf.label_free_sentence(lf),
     )
 
 
@@ -504,7 +506,7 @@ def write(cfg: JobConfig) -> Path:
                 name = f"{PLOTS}/shift-{kind}.png"
                 plot_family(kind, curve, (0.0, 1.05 * top), tmp / name)
                 shift_figures[kind] = name
-        cards = rd.read_cards(output, [c for c in rd.matrix_columns(summary)
+        cards = rc.read_cards(output, [c for c in rd.matrix_columns(summary)
                                        if not rd.is_reference_column(c)])
         markdown, page = render(cfg, tables, figures, per_image=per_image,
                                 shift_figures=shift_figures, cards=cards)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from test_evaluate import DATASETS, make_run
 
-from pipeline import evaluate, report, report_data
+from pipeline import evaluate, report, report_calibrators, report_data
 from pipeline.metrics.functional import ece_from_bins
 
 
@@ -183,8 +183,8 @@ def test_shift_curves_fitted_values_and_classes(shifted):
     # Classwise ECE per class, pooled over the unshifted test set: its mean is the set's SCE.
     summary = pd.read_csv(output / "summary.csv")
     per_image = report.read_per_image(output / "per_image.parquet")
-    classes, where = report_data.class_table(per_image, cfg.model.names(),
-                                             ["uncalibrated", "temperature"])
+    classes, where = report_calibrators.class_table(per_image, cfg.model.names(),
+                                                    ["uncalibrated", "temperature"])
     assert where == "day"
     for c in ("uncalibrated", "temperature"):
         sce = summary[(summary.dataset == "day") & (summary.calibrator == c)].sce.iloc[0]
@@ -217,5 +217,5 @@ def test_render_without_per_image_rows_leaves_out_what_needs_them(reported):
     assert "Classwise ECE" not in markdown
     assert 'id="matrix"' in page
     bare = pd.DataFrame({"dataset": ["day"], "calibrator": ["uncalibrated"]})
-    assert report_data.flagged_share(bare) == {}
-    assert report_data.class_table(bare, [], ["uncalibrated"])[0].empty
+    assert report_calibrators.flagged_share(bare) == {}
+    assert report_calibrators.class_table(bare, [], ["uncalibrated"])[0].empty

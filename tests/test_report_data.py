@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline import report_calibrators as rc
 from pipeline import report_data as rd
 from pipeline.evaluate import bootstrap_interval
 
@@ -102,14 +103,14 @@ def test_the_recommendation_never_looks_at_test_rows():
         "On the test sets (shown, not used to choose) temperature is lowest on 0 of 1; "
         "image-wise ECE -33% against uncalibrated on average.")
     # The selector diagnostics say plainly where the selector is no better than 1 - max p.
-    table = rd.selector_table(summary)
+    table = rc.selector_table(summary)
     assert table.to_dict("records") == [
         {"set": "cal-heldout", "selective: AUROC / 1 - max p": "0.700 / 0.800 no better",
          "selective: flags precision / recall": "0.300 / 0.400"},
         {"set": "fog", "selective: AUROC / 1 - max p": "0.900 / 0.800",
          "selective: flags precision / recall": "0.500 / 0.600"},
     ]
-    assert rd.selector_sentence(summary) == (
+    assert rc.selector_sentence(summary) == (
         "selective's selector is no better than 1 - max p on 1 of 2 sets.")
 
 
@@ -151,7 +152,7 @@ def test_several_heldout_sets_are_pooled_image_by_image():
      "alpha = 0.500, beta = mean 2.00, range 1.00 to 3.00"),
 ])
 def test_fitted_values_in_plain_words(card, words):
-    assert rd.describe_card(card, flagged=0.125) == words
+    assert rc.describe_card(card, flagged=0.125) == words
 
 
 def test_corruption_families_from_names_with_the_reference_at_severity_zero():
@@ -184,9 +185,9 @@ def test_adaptive_cards_are_described_in_words():
     # A card whose summary holds a list of feature names (not numbers) once failed the report.
     summary = {"features": ["mean_confidence", "mean_entropy"], "gate": "soft", "hidden": 16,
                "temperature": 1.3199987}
-    gated = rd.describe_card({"name": "adaptive_ts_gated", "summary": summary})
+    gated = rc.describe_card({"name": "adaptive_ts_gated", "summary": summary})
     assert gated.startswith("a temperature per image, T = 1.32")
     assert "(mean_confidence, mean_entropy)" in gated
     assert "soft gate" in gated
-    plain = rd.describe_card({"name": "adaptive_ts", "summary": summary})
+    plain = rc.describe_card({"name": "adaptive_ts", "summary": summary})
     assert "gate" not in plain

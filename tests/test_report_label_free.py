@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from pipeline import report
-from pipeline import report_data as rd
+from pipeline import report_label_free as rlf
 from pipeline.config import parse_config
 from pipeline.paths import LABEL_FREE
 
@@ -117,7 +117,7 @@ def test_label_free_section_shows_estimates_beside_the_truth(cfg):
     t_ece = (abs(0.02 - 0.03) + abs(0.15 - 0.16)) / 2
     assert mae.endswith(f"| {t_atc:.3f} / {t_doc:.3f} | {t_ece:.4f} |")
     # Per calibrator: every one, the monitor set left out of the errors.
-    errors = rd.label_free_errors(_label_free())
+    errors = rlf.label_free_errors(_label_free())
     assert list(errors.index) == ["uncalibrated", "temperature", "selective"]
     assert errors.loc["selective", "img_ece MAE"] == pytest.approx((0.04 + 0.02) / 2)
     assert errors.loc["temperature", "pixel acc MAE (ATC)"] == pytest.approx(t_atc)
@@ -151,7 +151,7 @@ def test_only_monitor_sets_give_no_error_row(cfg):
 def test_an_oracle_in_the_label_free_table_is_not_an_estimate_to_score():
     lf = _label_free()
     oracle = lf[lf["calibrator"] == "temperature"].assign(calibrator="oracle_ts")
-    errors = rd.label_free_errors(pd.concat([lf, oracle]))
+    errors = rlf.label_free_errors(pd.concat([lf, oracle]))
     assert "oracle_ts" not in errors.index
 
 
@@ -181,8 +181,8 @@ def test_read_tables_picks_up_label_free_csv_when_present(tmp_path):
     table = report.read_tables(tmp_path)[LABEL_FREE]
     assert len(table) == 9
     # Read back from CSV the section is the same as from the frame.
-    assert rd.label_free_table(table, ["temperature"]).equals(
-        rd.label_free_table(_label_free(), ["temperature"]))
+    assert rlf.label_free_table(table, ["temperature"]).equals(
+        rlf.label_free_table(_label_free(), ["temperature"]))
 
 
 def test_reliability_bins_skip_monitor_rows_without_bins(tmp_path):
@@ -201,7 +201,7 @@ def test_reliability_bins_skip_monitor_rows_without_bins(tmp_path):
 
 
 def test_label_free_alarm_cells_read_csv_spellings():
-    assert [rd._alarm(v) for v in (True, False, "True", "false", NAN, None)] == [
+    assert [rlf._alarm(v) for v in (True, False, "True", "false", NAN, None)] == [
         "ALARM", "no", "ALARM", "no", "–", "–"]
     assert Path(LABEL_FREE).name == "label_free.csv"
 

@@ -1,0 +1,234 @@
+"""Section 5 of the report: each calibrator's fitted values in words, selectors, classes.
+
+Computed from the artifact cards (``artifacts/<label>/calibrator.json``), ``summary.csv`` and
+``per_image.parquet``; no rendering here (:mod:`pipeline.report` renders it):
+:func:`describe_card` puts a card's fitted values into words, :func:`selector_table` and
+:func:`selector_sentence` say whether a selector finds mispredicted pixels better than
+``1 - max p``, :func:`flagged_share` how many held-out pixels it flags, and :func:`class_table`
+gives classwise ECE per calibrator. The shared vocabulary is :mod:`pipeline.report_data`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.report_data import HELDOUT_SUFFIX, UNCALIBRATED
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (int, float)):
+        value = float(value)
+        if abs(value) >= 1e6:
+            return f"{value:.0e}"
+        # Three significant digits, trailing zeros kept: T = 1.30, not 1.3.
+        return f"{value:#.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _spread(values: Sequence[float]) -> str:
+    arr = np.asarray(values, dtype=float)
+    return f"mean {_num(arr.mean())}, range {_num(arr.min())} to {_num(arr.max())}"
+
+
+def describe_card(card: Mapping[str, Any], flagged: float | None = None) -> str:
+    """A calibrator's fitted values in plain words, from its ``calibrator.json``.
+
+    Args:
+        card: the artifact card.
+        flagged: share of held-out pixels the selector flags (score > 0.5), if known.
+
+    Example:
+        >>> describe_card({"name": "temperature", "summary": {"temperature": 1.3124}})
+        'one temperature, T = 1.31'
+        >>> describe_card({"name": "new", "summary": {"t": [1.0, 3.0], "inputs": ["a", "b"]}})
+        't = mean 2.00, range 1.00 to 3.00, inputs = a, b'
+    """
+    name, s = str(card.get("name")), dict(card.get("summary") or {})
+    options = dict(card.get("options") or {})
+    if name == "temperature" and "temperature" in s:
+        return f"one temperature, T = {_num(s['temperature'])}"
+    if name == "ets" and "temperature" in s:
+        w = s.get("weights") or []
+        mix = " / ".join(_num(x) for x in w)
+        return (f"one temperature, T = {_num(s['temperature'])}, mixed with the raw and the "
+                f"uniform distribution (weights {mix})")
+    if name in ("lts", "ibts"):
+        where = "per image" if name == "ibts" else "per pixel"
+        return (f"a small conv net predicts a temperature {where}, starting from "
+                f"T = {_num(s.get('init_temperature'))}")
+    if name == "meta_cal":
+        threshold = s.get("threshold")
+        gate = ("nothing gated" if threshold is None else
+                f"pixels with entropy above {_num(threshold)} nats (the {_num(s.get('quantile'))}"
+                " quantile) get the uniform distribution")
+        return f"one temperature, T = {_num(s.get('temperature'))}; {gate}"
+    if name == "vector" and "scale" in s:
+        return (f"one scale and one bias per class (scales {_spread(s['scale'])}; biases "
+                f"{_spread(s['bias'])})")
+    if name in ("matrix", "dirichlet") and "diag_mean" in s:
+        return (f"a full {card.get('num_classes')}x{card.get('num_classes')} linear map: "
+                f"diagonal mean {_num(s['diag_mean'])}, off-diagonal mean |w| "
+                f"{_num(s['offdiag_abs_mean'])}, ODIR strength {_num(s.get('odir'))}")
+    if name.startswith("selective") and "t_mis" in s:
+        t_cor = s.get("t_cor")
+        t_cor_text = (f"{_spread(t_cor)} (per class)" if isinstance(t_cor, list)
+                      else _num(t_cor))
+        parts = [f"a selector flags likely-wrong pixels ({options.get('gate', '?')} gate, "
+                 f"features {options.get('features', '?')}); flagged pixels get "
+                 f"T_mis = {_num(s['t_mis'])}"
+                 + (" (the uniform distribution)" if float(s["t_mis"]) >= 1e6 else "")
+                 + f", the others T_cor = {t_cor_text}"]
+        if isinstance(s.get("base"), dict) and options.get("base"):
+            parts.append(f"on top of {options['base']} "
+                         f"({describe_card({'name': options['base'], 'summary': s['base']})})")
+        if flagged is not None and not math.isnan(flagged):
+            parts.append(f"flags {100 * flagged:.1f}% of the held-out pixels")
+        return "; ".join(parts)
+    if name.startswith("adaptive") and "temperature" in s:
+        gated = ("; kept at T inside the clean calibration images' feature band, adapted "
+                 f"outside it ({s.get('gate', '?')} gate)" if name.endswith("_gated") else "")
+        return (f"a temperature per image, T = {_num(s['temperature'])} (temperature scaling's) "
+                f"times a factor a small net predicts from the image's label-free features "
+                f"({', '.join(map(str, s.get('features') or []))}){gated}")
+    if not s:
+        return "no fitted values recorded"
+    return ", ".join(f"{k} = {_value(v)}" for k, v in s.items())
+
+
+def _value(value: Any) -> str:
+    """A fitted value in words: a number, the spread of a list of numbers, or the text."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, (int, float)) for v in value):
+            return _spread(value)
+        return ", ".join(map(str, value))
+    return _num(value)
+
+
+def read_cards(output: Path, labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Label -> artifact card, for the labels whose card can be read (others are skipped)."""
+    from pipeline.calibrators.artifacts import read_card
+
+    cards = {}
+    for label in labels:
+        try:
+            cards[label] = read_card(output / "artifacts" / label)
+        except (FileNotFoundError, ValueError):
+            continue
+    return cards
+
+
+def _beats(selector: float, baseline: float) -> bool:
+    """Whether a selector's AUROC beats 1 - max p's by more than rounding (0.005)."""
+    return selector > baseline + 0.005
+
+
+def selector_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per set, two columns per selector: AUROC against 1 - max p, flag quality.
+
+    The AUROC cell reads ``selector / 1 - max p`` and says ``no better`` when the selector does
+    not beat the baseline (by more than 0.005); the flags cell reads ``precision / recall`` of
+    the pixels it flags (score > 0.5).
+    """
+    rows = summary[summary["mis_auroc"].notna()]
+    if rows.empty:
+        return pd.DataFrame()
+    cells: dict[str, dict[str, str]] = {}
+    for r in rows.itertuples(index=False):
+        verdict = "" if _beats(r.mis_auroc, r.msp_auroc) else " no better"
+        cells.setdefault(r.dataset, {})[f"{r.calibrator}: AUROC / 1 - max p"] = (
+            f"{r.mis_auroc:.3f} / {r.msp_auroc:.3f}{verdict}")
+        cells[r.dataset][f"{r.calibrator}: flags precision / recall"] = (
+            f"{r.flag_precision:.3f} / {r.flag_recall:.3f}")
+    table = pd.DataFrame.from_dict(cells, orient="index").fillna("–")
+    table.index.name = "set"
+    return table.reset_index()
+
+
+def selector_sentence(summary: pd.DataFrame) -> str:
+    """Per selector, in plain words: on how many sets it beats 1 - max p at finding errors."""
+    rows = summary[summary["mis_auroc"].notna()]
+    lines = []
+    for calibrator, g in rows.groupby("calibrator", sort=False):
+        worse = int(sum(not _beats(a, b) for a, b in zip(g["mis_auroc"], g["msp_auroc"],
+                                                         strict=True)))
+        if worse == len(g):
+            lines.append(f"{calibrator}'s selector is no better than 1 - max p at finding "
+                         f"mispredicted pixels on any of the {len(g)} sets.")
+        elif worse:
+            lines.append(f"{calibrator}'s selector is no better than 1 - max p on {worse} of "
+                         f"{len(g)} sets.")
+        else:
+            lines.append(f"{calibrator}'s selector beats 1 - max p on all {len(g)} sets.")
+    return " ".join(lines)
+
+
+def flagged_share(per_image: pd.DataFrame) -> dict[str, float]:
+    """Calibrator -> share of held-out pixels its selector flags (score > 0.5)."""
+    out: dict[str, float] = {}
+    if not {"mis_hist_cor", "mis_hist_inc", "role"} <= set(per_image.columns):
+        return out
+    rows = per_image[per_image["dataset"].str.endswith(HELDOUT_SUFFIX)
+                     | (per_image["role"] == "calibration")]
+    for calibrator, g in rows.groupby("calibrator", sort=False):
+        cor, inc = (np.stack(g[c].to_numpy()).sum(0) for c in ("mis_hist_cor", "mis_hist_inc"))
+        total = cor.sum() + inc.sum()
+        if total == 0:
+            continue
+        half = len(cor) // 2
+        out[str(calibrator)] = float((cor[half:].sum() + inc[half:].sum()) / total)
+    return out
+
+
+def class_table(
+    per_image: pd.DataFrame, class_names: Sequence[str], calibrators: Sequence[str]
+) -> tuple[pd.DataFrame, str]:
+    """Per class: pixel share, classwise ECE per calibrator, mean probability vs frequency.
+
+    Pooled over the unshifted test sets (all test sets when every one is shifted); worst classes
+    (by uncalibrated classwise ECE) first.
+
+    Returns:
+        ``(table, where)``: ``where`` names the pooled sets.
+    """
+    needed = {"role", "reference", "num_classes", "cls_count", "cls_conf_sum", "cls_correct_sum"}
+    if not needed <= set(per_image.columns):
+        return pd.DataFrame(), ""
+    test = per_image[per_image["role"] == "test"]
+    plain = test[test["reference"].isna() | (test["reference"] == "")]
+    rows = plain if not plain.empty else test
+    where = ", ".join(dict.fromkeys(rows["dataset"]))
+    records: dict[str, dict[str, float]] = {}
+    first = None
+    for calibrator in calibrators:
+        g = rows[rows["calibrator"] == calibrator]
+        if g.empty:
+            continue
+        c = int(g["num_classes"].iloc[0])
+        count, conf, correct = (np.stack(g[k].to_numpy()).sum(0).reshape(c, -1)
+                                for k in ("cls_count", "cls_conf_sum", "cls_correct_sum"))
+        total = max(int(count[0].sum()), 1)
+        ece = np.abs(conf - correct).sum(1) / total
+        if first is None:
+            first = calibrator
+            names = list(class_names) if len(class_names) == c else [f"class_{i}" for i in range(c)]
+            records = {n: {"pixel share": correct[i].sum() / total} for i, n in enumerate(names)}
+            for i, n in enumerate(names):
+                records[n]["mean p (uncal.)" if calibrator == UNCALIBRATED
+                           else f"mean p ({calibrator})"] = conf[i].sum() / total
+        for i, n in enumerate(records):
+            records[n][f"{calibrator}"] = ece[i]
+    if not records:
+        return pd.DataFrame(), where
+    table = pd.DataFrame.from_dict(records, orient="index")
+    table = table.sort_values(first, ascending=False)
+    table.index.name = "class"
+    return table.reset_index(), where
+
