@@ -3,9 +3,10 @@
 Layout: `base` (the `Calibrator` interface, `FitData`), `checks` (option and input checks),
 `reduce` (the reduce hook: `Reduce`, `DistributedReduce`), `registry` (`register`,
 `build_calibrator`), `training` (`optimise`, `batch_plan`, and the training loop and samplers
-that the network calibrators share), one module per family, and `artifacts` (save, load,
-export). Each calibrator module registers its classes with ``@register``; importing this
-package imports them all, so `CALIBRATORS` is complete.
+that the network calibrators share), one module per family, `artifacts` (save, load, the
+file format), `artifact_checks` (the bounded, fuzz-safe reading and checks `load` relies on)
+and `export` (TorchScript export). Each calibrator module registers its classes with
+``@register``; importing this package imports them all, so `CALIBRATORS` is complete.
 
 Example:
     >>> import torch
@@ -29,14 +30,9 @@ from pipeline.calibrators import (  # noqa: F401
     temperature,
     vector,
 )
-from pipeline.calibrators.artifacts import (
-    export_torchscript,
-    export_with_model,
-    load,
-    read_card,
-    save,
-)
+from pipeline.calibrators.artifacts import load, read_card, save
 from pipeline.calibrators.base import Calibrator, FitData
+from pipeline.calibrators.export import export_torchscript, export_with_model
 from pipeline.calibrators.registry import (
     CALIBRATORS,
     build_calibrator,

@@ -1,4 +1,4 @@
-"""Calibrator artifacts: safetensors weights plus a JSON card, and TorchScript export.
+"""Calibrator artifacts: safetensors weights plus a JSON card (save, load, the file format).
 
 An artifact folder holds::
 
@@ -15,69 +15,49 @@ them); timings, which change at every run, live apart in ``timings.json`` (see `
 ``torch.load``) and refuses a card whose hash, registry name or class count does not match the
 weights. It treats both files as untrusted: sizes, JSON nesting depth, ``num_classes``
 (at most `MAX_CLASSES`) and every tensor's declared shape are checked before anything of that
-size is allocated, non-finite weights are refused, and every defect raises ValueError.
+size is allocated, non-finite weights are refused, and every defect raises ValueError (the
+bounded readers and checks are in `pipeline.calibrators.artifact_checks`). TorchScript export
+is in `pipeline.calibrators.export`.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import io
 import json
-import logging
-import math
 import os
-import re
 import shutil
-import struct
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors.torch
-import torch
-import torch.nn.functional as F  # noqa: N812
-from torch import Tensor, nn
 
 import pipeline
+from pipeline.calibrators.artifact_checks import (
+    MAX_CARD_BYTES,
+    MAX_CLASSES,
+    MAX_WEIGHTS_BYTES,
+    allowed_infinite,
+    expected_state,
+    non_finite,
+    parse_json,
+    read_header,
+    require_fitted,
+)
 from pipeline.calibrators.base import Calibrator
-from pipeline.paths import CARD, TIMINGS, atomic_write_bytes, make_temp_dir
+from pipeline.calibrators.export import InputRecipe, export_torchscript, export_with_model
+from pipeline.paths import CARD, TIMINGS, make_temp_dir
 
 __all__ = [
-    "CARD", "MAX_CLASSES", "TIMINGS", "WEIGHTS", "InputRecipe", "export_torchscript",
-    "export_with_model", "load", "read_card", "read_timings", "save", "split_timings",
+    "CARD", "MAX_CLASSES", "TIMINGS", "WEIGHTS", "load", "read_card", "read_timings", "save",
+    "split_timings",
+    # Defined in `export`, still importable from here: pipeline/cli.py and
+    # tests/models/test_export_with_model.py import them from this module.
+    "InputRecipe", "export_torchscript", "export_with_model",
 ]
-
-logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 FORMAT = "segcal.calibrator/1"
 _REQUIRED = ("format", "name", "options", "num_classes", "class_names", "ignore_index", "sha256")
-
-# Bounds `load` checks before allocating anything of the declared size.
-MAX_CLASSES = 4096
-MAX_CARD_BYTES = 16 * 2**20
-MAX_WEIGHTS_BYTES = 512 * 2**20
-MAX_JSON_DEPTH = 64
-# Tensors that may hold +inf in a valid fit (a sentinel, e.g. meta_cal's "never gate"
-# threshold); a calibrator class can also list them in an ``infinite_ok`` attribute.
-_INFINITE_OK = {"meta_cal": ("threshold",)}
-_SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
-}
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-
-
-def _require_fitted(calibrator: Calibrator, action: str) -> None:
-    if not isinstance(calibrator, Calibrator):
-        raise TypeError(
-            f"Expected `calibrator` to be a pipeline.calibrators.Calibrator, but got "
-            f"{type(calibrator).__name__}"
-        )
-    if not bool(calibrator.fitted):
-        raise RuntimeError(f"Expected a fitted calibrator to {action}, but it was never fitted")
 
 
 def _is_timing(key: str) -> bool:
@@ -116,20 +96,6 @@ def split_timings(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return kept, timings
 
 
-def _infinite_ok(calibrator_or_cls: Any) -> tuple[str, ...]:
-    name = getattr(calibrator_or_cls, "name", None)
-    return (*getattr(calibrator_or_cls, "infinite_ok", ()), *_INFINITE_OK.get(name, ()))
-
-
-def _non_finite(key: str, tensor: Tensor, infinite_ok: tuple[str, ...]) -> int:
-    """How many values of ``tensor`` are not allowed: NaN, -inf, and +inf unless allowed."""
-    if not tensor.is_floating_point():
-        return 0
-    if key in infinite_ok:
-        return int((torch.isnan(tensor) | (tensor == -math.inf)).sum())
-    return int((~torch.isfinite(tensor)).sum())
-
-
 def save(
     calibrator: Calibrator,
     directory: str | Path,
@@ -165,16 +131,16 @@ def save(
         ValueError: When ``class_names`` has the wrong length, the card or the timings are not
             json-able, or a fitted tensor holds NaN or inf (`load` would refuse it).
     """
-    _require_fitted(calibrator, "save it")
+    require_fitted(calibrator, "save it")
     if class_names is not None and len(class_names) != calibrator.num_classes:
         raise ValueError(
             f"Expected `class_names` to hold {calibrator.num_classes} names, but got "
             f"{len(class_names)}"
         )
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in calibrator.state_dict().items()}
-    allowed = _infinite_ok(calibrator)
+    allowed = allowed_infinite(calibrator)
     for key, tensor in tensors.items():
-        bad = _non_finite(key, tensor, allowed)
+        bad = non_finite(key, tensor, allowed)
         if bad:
             raise ValueError(
                 f"Expected finite values in the fitted tensor `{key}` of {calibrator.name!r}, "
@@ -243,32 +209,10 @@ def read_timings(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / TIMINGS
     if not path.is_file():
         return {}
-    timings = _parse_json(path.read_bytes(), path)
+    timings = parse_json(path.read_bytes(), path)
     if not isinstance(timings, dict):
         raise ValueError(f"Expected {path} to hold a JSON object, but got {type(timings).__name__}")
     return timings
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _parse_json(data: bytes, where: Path | str) -> Any:
-    """``json.loads`` with the nesting depth bounded first and only ValueError raised."""
-    # Brackets outside strings; json's decoder recurses per level, so depth is checked first.
-    bare = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
-    if bare.size:
-        steps = np.isin(bare, (0x5B, 0x7B)).astype(np.int64) - np.isin(bare, (0x5D, 0x7D))
-        depth = int(np.cumsum(steps).max())
-        if depth > MAX_JSON_DEPTH:
-            raise ValueError(
-                f"Expected JSON nested at most {MAX_JSON_DEPTH} levels deep in {where}, but got "
-                f"{depth}"
-            )
-    try:
-        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ValueError(f"Expected {where} to hold JSON, but got: {err}") from None
 
 
 def read_card(directory: str | Path) -> dict[str, Any]:
@@ -291,7 +235,7 @@ def read_card(directory: str | Path) -> dict[str, Any]:
     size = path.stat().st_size
     if size > MAX_CARD_BYTES:
         raise ValueError(f"Expected {path} to be at most {MAX_CARD_BYTES} bytes, but got {size}")
-    card = _parse_json(path.read_bytes(), path)
+    card = parse_json(path.read_bytes(), path)
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         got = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise ValueError(f"Expected `format` in {path} to be {FORMAT!r}, but got {got!r}")
@@ -300,65 +244,6 @@ def read_card(directory: str | Path) -> dict[str, Any]:
             raise ValueError(f"Expected key `{key}` in {path}, but it is missing")
     return card
 
-
-def _read_header(weights_path: Path, size: int) -> dict[str, Any]:
-    """The safetensors header (tensor name -> dtype, shape, offsets), checked; nothing else read.
-
-    The format: an 8-byte little-endian header length n, n bytes of JSON, then the data.
-    """
-    if size < 8:
-        raise ValueError(
-            f"Expected {weights_path} to be a safetensors file, but it has {size} bytes"
-        )
-    with open(weights_path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > min(size - 8, MAX_CARD_BYTES):
-            raise ValueError(
-                f"Expected the safetensors header of {weights_path} to fit in the file, but it "
-                f"declares {n} bytes for a file of {size}"
-            )
-        header = _parse_json(f.read(n), f"the safetensors header of {weights_path}")
-    if not isinstance(header, dict):
-        raise ValueError(f"Expected the safetensors header of {weights_path} to be a JSON object")
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    for key, entry in header.items():
-        ok = isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES
-        shape = entry.get("shape") if ok else None
-        offsets = entry.get("data_offsets") if ok else None
-        ok = (
-            isinstance(shape, list) and len(shape) <= 8
-            and all(type(d) is int and 0 <= d <= MAX_WEIGHTS_BYTES for d in shape)
-            and isinstance(offsets, list) and len(offsets) == 2
-            and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_size
-        )
-        if ok:
-            nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[entry["dtype"]]
-            ok = offsets[1] - offsets[0] == nbytes
-        if not ok:
-            raise ValueError(
-                f"Expected tensor `{key}` in {weights_path} to declare a dtype, a shape and "
-                f"data offsets inside the file that match, but got {entry!r}"
-            )
-    return header
-
-
-def _expected_state(build: Any, name: str, num_classes: int, options: dict[str, Any],
-                    card_path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Name -> (shape, bytes) of the state the card describes, built without allocating."""
-    try:
-        with torch.device("meta"):
-            state = build(name, num_classes, **options).state_dict()
-    except (NotImplementedError, RuntimeError):
-        # A constructor that needs real tensors: the bounded num_classes keeps this small.
-        try:
-            state = build(name, num_classes, **options).state_dict()
-        except Exception as err:
-            raise ValueError(f"Invalid `options` or `num_classes` in {card_path}: {err}") from None
-    except Exception as err:  # TypeError, ValueError, OverflowError from option checks
-        raise ValueError(f"Invalid `options` or `num_classes` in {card_path}: {err}") from None
-    return {k: (tuple(v.shape), v.numel() * v.element_size()) for k, v in state.items()}
 
 
 def load(directory: str | Path) -> Calibrator:
@@ -424,7 +309,7 @@ def load(directory: str | Path) -> Calibrator:
                          f"{card['sha256']!r}")
     if not weights_path.is_file():
         raise FileNotFoundError(f"Expected weights at {weights_path}, but it does not exist")
-    expected = _expected_state(build_calibrator, name, num_classes, options, card_path)
+    expected = expected_state(build_calibrator, name, num_classes, options, card_path)
     total = sum(nbytes for _, nbytes in expected.values())
     size = weights_path.stat().st_size
     if total > MAX_WEIGHTS_BYTES or size > MAX_WEIGHTS_BYTES:
@@ -432,7 +317,7 @@ def load(directory: str | Path) -> Calibrator:
             f"Expected at most {MAX_WEIGHTS_BYTES} bytes of weights, but {card_path} describes "
             f"{total} and {weights_path} holds {size}"
         )
-    header = _read_header(weights_path, size)
+    header = read_header(weights_path, size)
     if set(header) != set(expected):
         raise ValueError(
             f"Expected tensors {sorted(expected)} in {weights_path}, but got {sorted(header)}"
@@ -458,9 +343,9 @@ def load(directory: str | Path) -> Calibrator:
         calibrator = build_calibrator(name, num_classes, **options)
     except Exception as err:
         raise ValueError(f"Invalid `options` or `num_classes` in {card_path}: {err}") from None
-    allowed = _infinite_ok(calibrator)
+    allowed = allowed_infinite(calibrator)
     for key, tensor in tensors.items():
-        bad = _non_finite(key, tensor, allowed)
+        bad = non_finite(key, tensor, allowed)
         if bad:
             raise ValueError(
                 f"Expected finite values in tensor `{key}` of {weights_path}, but got {bad} "
@@ -473,309 +358,3 @@ def load(directory: str | Path) -> Calibrator:
     if not bool(calibrator.fitted):
         raise ValueError(f"Expected a fitted calibrator in {weights_path}, but `fitted` is false")
     return calibrator.requires_grad_(False).eval()
-
-
-# --------------------------------------------------------------------------------------------
-# TorchScript export.
-
-
-def _script(module: nn.Module) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        # TorchScript is deprecated in favour of torch.export, but it is still the format a
-        # service can load with nothing but libtorch / torch.jit.load.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
-        return torch.jit.script(module)
-
-
-def _save_script(module: torch.jit.ScriptModule, path: str | Path) -> Path:
-    buffer = io.BytesIO()
-    torch.jit.save(module, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
-def _frozen(calibrator: Calibrator) -> Calibrator:
-    # A copy without autograd: the caller's calibrator keeps its requires_grad flags.
-    return copy.deepcopy(calibrator).requires_grad_(False).eval()
-
-
-def export_torchscript(calibrator: Calibrator, path: str | Path) -> Path:
-    """Write a TorchScript file of the calibrator alone: ``(logits, image=None) -> logits``.
-
-    The module is compiled with ``torch.jit.script``, so any batch and map size works;
-    load it with ``torch.jit.load(path)`` (no segcal needed). Its parameters do not require
-    gradients, so its outputs carry no autograd history.
-
-    Args:
-        calibrator: A fitted calibrator.
-        path: The output file (written atomically).
-
-    Returns:
-        ``path``.
-
-    Raises:
-        RuntimeError: When the calibrator is not fitted.
-    """
-    _require_fitted(calibrator, "export it")
-    return _save_script(_script(_frozen(calibrator)), path)
-
-
-class InputRecipe(nn.Module):
-    """The pipeline's input recipe as a TorchScript module: RGB in [0, 1] -> network input.
-
-    Mirrors :meth:`pipeline.models.SegmentationModel.preprocess` for an image given as
-    ``uint8 / 255``: the image is taken to 0..255, resized to ``input_size`` (bilinear,
-    align_corners=False; None keeps its size), reordered to BGR when asked, and normalised as
-    ``(x * scale - mean) / std``, ``mean`` and ``std`` given in the network's channel order.
-
-    Args:
-        input_size: (height, width) the network expects, or None.
-        channel_order: ``"rgb"`` or ``"bgr"``.
-        scale: Factor applied to the 0..255 values.
-        mean: Per-channel mean, after scaling.
-        std: Per-channel standard deviation, after scaling.
-
-    Raises:
-        ValueError: A bad channel order, size or std.
-    """
-
-    def __init__(
-        self,
-        input_size: tuple[int, int] | None = None,
-        channel_order: str = "rgb",
-        scale: float = 1.0 / 255.0,
-        mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
-        std: tuple[float, float, float] = (1.0, 1.0, 1.0),
-    ) -> None:
-        super().__init__()
-        if channel_order not in ("rgb", "bgr"):
-            raise ValueError(f"Expected `channel_order` to be 'rgb' or 'bgr', but got "
-                             f"{channel_order!r}")
-        if input_size is not None and (len(input_size) != 2 or min(input_size) < 1):
-            raise ValueError(f"Expected `input_size` to be (height, width), but got {input_size}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"Expected 3 means and 3 positive stds, but got {mean} and {std}")
-        self.resize = input_size is not None
-        # Never empty: TorchScript infers an attribute's type from its value.
-        self.size = [0, 0] if input_size is None else [int(v) for v in input_size]
-        self.bgr = channel_order == "bgr"
-        self.scale = float(scale)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, image: Tensor) -> Tensor:
-        """(N, 3, H, W) RGB in [0, 1] -> (N, 3, h, w) network input."""
-        x = image.float() * 255.0
-        if self.resize and (x.shape[-2] != self.size[0] or x.shape[-1] != self.size[1]):
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        if self.bgr:
-            x = x.flip(1)
-        return (x * self.scale - self.mean) / self.std
-
-
-# Keys tried, in order, when a network returns a mapping (as pipeline.models does): torchvision
-# returns {"out", "aux"}, transformers a ModelOutput holding "logits".
-_OUTPUT_KEYS = ("out", "logits")
-
-
-class _PickKey(nn.Module):
-    """A scripted network returning Dict[str, Tensor] -> the first of ``keys`` it holds."""
-
-    def __init__(self, net: nn.Module, keys: list[str]) -> None:
-        super().__init__()
-        self.net = net
-        self.keys = keys
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.net(x)
-        for key in self.keys:
-            if key in out:
-                return out[key]
-        raise ValueError("Expected the model output to hold one of the keys " + str(self.keys))
-
-
-class _PickIndex(nn.Module):
-    """A scripted network returning a tuple or list -> its element ``index``."""
-
-    index: torch.jit.Final[int]
-
-    def __init__(self, net: nn.Module, index: int) -> None:
-        super().__init__()
-        self.net = net
-        self.index = index
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)[self.index]
-
-
-class _Traceable(nn.Module):
-    """Any network with the logits picked in Python, for ``torch.jit.trace``."""
-
-    def __init__(self, net: nn.Module, output_index: str | int | None) -> None:
-        super().__init__()
-        self.net = net
-        self.output_index = output_index
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _pick(self.net(x), self.output_index)
-
-
-def _pick(out: Any, output_index: str | int | None) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        keys = [output_index] if output_index is not None else list(_OUTPUT_KEYS)
-        for key in keys:
-            if key in out:
-                return out[key]
-        raise ValueError(
-            f"Expected the model output to hold one of the keys {keys} (set `output_index`), "
-            f"but got keys {list(out.keys())}"
-        )
-    if isinstance(out, (tuple, list)):
-        index = 0 if output_index is None else output_index
-        if not isinstance(index, int) or not -len(out) <= index < len(out):
-            raise ValueError(
-                f"Expected `output_index` to index the {len(out)} outputs of the model, but "
-                f"got {index!r}"
-            )
-        return out[index]
-    raise ValueError(
-        f"Expected the model to return a tensor, dict or tuple, but got {type(out).__name__}"
-    )
-
-
-def _select_scripted(
-    net: torch.jit.ScriptModule, output_index: str | int | None
-) -> nn.Module | None:
-    """A scriptable module returning the logits of a scripted ``net``, None if its type is odd."""
-    try:
-        kind = net.forward.schema.returns[0].type.kind()
-    except (AttributeError, IndexError, RuntimeError):
-        return None
-    if kind == "TensorType":
-        return net
-    if kind == "DictType" and not isinstance(output_index, int):
-        return _PickKey(net, [output_index] if output_index is not None else list(_OUTPUT_KEYS))
-    if kind in ("TupleType", "ListType") and not isinstance(output_index, str):
-        return _PickIndex(net, 0 if output_index is None else output_index)
-    return None
-
-
-def _network(
-    model: nn.Module, output_index: str | int | None, example: Tensor | None, method: str
-) -> nn.Module:
-    """The model as a TorchScript module from network input to logits (N, C', h, w)."""
-    errors = []
-    if method in ("auto", "script"):
-        try:
-            scripted = model if isinstance(model, torch.jit.ScriptModule) else _script(model)
-            picked = _select_scripted(scripted, output_index)
-            if picked is not None:
-                return _script(picked) if picked is not scripted else scripted
-            errors.append("its output is not a tensor, a dict of tensors or a tuple of tensors")
-        except Exception as err:  # TorchScript raises several error types while compiling
-            errors.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0]}")
-        if method == "script" or example is None:
-            raise ValueError(
-                f"Expected a TorchScript-compilable model, but scripting failed ({errors[0]}); "
-                f"pass `example_input` to trace it instead"
-            )
-        logger.warning(
-            "The model could not be scripted (%s); tracing it on an input of shape %s, which "
-            "fixes the shapes it was traced with", errors[0], tuple(example.shape),
-        )
-    if example is None:
-        raise ValueError("Expected `example_input` to trace the model, but got None")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        return torch.jit.trace(_Traceable(model, output_index), example, check_trace=False)
-
-
-class _ModelWithCalibrator(nn.Module):
-    """Image in, calibrated probabilities out: recipe, model, crop, resize, calibrator, softmax."""
-
-    def __init__(
-        self, model: nn.Module, calibrator: Calibrator, num_classes: int, preprocess: nn.Module
-    ) -> None:
-        super().__init__()
-        self.preprocess = preprocess
-        self.model = model
-        self.calibrator = calibrator
-        self.num_classes = num_classes
-        self.pass_image = type(calibrator).spatial
-
-    def forward(self, image: Tensor) -> Tensor:
-        with torch.no_grad():
-            logits = self.model(self.preprocess(image))[:, : self.num_classes].float()
-            if logits.shape[-2:] != image.shape[-2:]:
-                logits = F.interpolate(
-                    logits, size=[image.shape[-2], image.shape[-1]], mode="bilinear",
-                    align_corners=False,
-                )
-            if self.pass_image:
-                return torch.softmax(self.calibrator(logits, image), dim=1)
-            return torch.softmax(self.calibrator(logits, None), dim=1)
-
-
-def export_with_model(
-    model: nn.Module,
-    calibrator: Calibrator,
-    path: str | Path,
-    *,
-    num_classes: int,
-    example_input: Tensor | None = None,
-    preprocess: nn.Module | None = None,
-    output_index: str | int | None = None,
-    method: str = "auto",
-) -> Path:
-    """Write one TorchScript file of model + calibrator: image in, calibrated probabilities out.
-
-    The exported module maps an (N, 3, H, W) float image to (N, C, H, W) probabilities without
-    autograd: it applies ``preprocess`` (e.g. :class:`InputRecipe`; none: the image is the
-    network input), runs ``model``, picks the logits from a dict/tuple output (``output_index``,
-    else the keys ``out``/``logits`` or element 0, as the pipeline does), keeps the first
-    ``num_classes`` channels, resizes them bilinearly to (H, W) when they differ, applies the
-    calibrator (spatial calibrators also get the image, which must then be RGB in [0, 1], as
-    in the pipeline) and a softmax.
-
-    The model is compiled with ``torch.jit.script`` when it can be (any input size then works);
-    otherwise (``method="auto"``) or when ``method="trace"`` it is traced on ``example_input``,
-    which fixes the sizes it was traced with.
-
-    Args:
-        model: The segmentation network, a ``torch.jit.ScriptModule`` or an ``nn.Module``.
-        calibrator: A fitted calibrator with ``num_classes`` classes.
-        path: The output file (written atomically).
-        num_classes: The class count C the calibrator expects.
-        example_input: An example (N, 3, H, W) image (the exported module's input), used to
-            trace the model when it cannot be scripted.
-        preprocess: A scriptable module from the exported input to the network input.
-        output_index: Key or index of the logits when the network returns a dict or tuple.
-        method: ``"auto"`` (script, else trace), ``"script"`` or ``"trace"``.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        RuntimeError: When the calibrator is not fitted.
-        ValueError: When ``num_classes`` differs from the calibrator's, ``method`` is unknown,
-            or the model can be neither scripted nor traced (no ``example_input``).
-    """
-    _require_fitted(calibrator, "export it")
-    if num_classes != calibrator.num_classes:
-        raise ValueError(
-            f"Expected `num_classes` to equal the calibrator's {calibrator.num_classes}, but "
-            f"got {num_classes}"
-        )
-    if method not in ("auto", "script", "trace"):
-        raise ValueError(
-            f"Expected `method` to be one of ['auto', 'script', 'trace'], but got {method!r}"
-        )
-    preprocess = (preprocess if preprocess is not None else nn.Identity()).eval()
-    example = None
-    if example_input is not None:
-        with torch.no_grad():
-            example = preprocess(example_input)
-    net = _network(model.eval(), output_index, example, method)
-    wrapped = _ModelWithCalibrator(net, _frozen(calibrator), num_classes, preprocess)
-    return _save_script(_script(wrapped), path)
