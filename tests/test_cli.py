@@ -68,7 +68,7 @@ class FakeStages:
 def stages(monkeypatch):
     fake = FakeStages()
     monkeypatch.setattr(stages_mod, "call_stage", fake)
-    monkeypatch.setattr(cli, "_init_ray", lambda: None)
+    monkeypatch.setattr("pipeline.cli_commands._init_ray", lambda: None)
     return fake
 
 

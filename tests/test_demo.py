@@ -320,7 +320,7 @@ def fake_stages(monkeypatch):
             (out / "report.html").write_text("<html></html>")
 
     monkeypatch.setattr(stages_mod, "call_stage", call_stage)
-    monkeypatch.setattr(cli, "_init_ray", lambda: None)
+    monkeypatch.setattr("pipeline.cli_commands._init_ray", lambda: None)
     # cmd_demo sets both; setenv first so that they are restored after the test.
     monkeypatch.setenv("CAMVID_ROOT", "")
     monkeypatch.setenv("SEGCAL_ESPNET_WEIGHTS", "")

@@ -295,7 +295,7 @@ def no_ray(monkeypatch):
     def refuse() -> None:
         raise AssertionError("Ray started")
 
-    monkeypatch.setattr(cli, "_init_ray", refuse)
+    monkeypatch.setattr("pipeline.cli_commands._init_ray", refuse)
 
 
 def _config_file(data: Path, **kw) -> Path:
@@ -353,7 +353,7 @@ def test_mistakes_stop_before_ray_with_one_line(data, no_ray, capsys, command, k
 
 def test_run_with_the_right_config_starts_ray_after_the_preflight(data, monkeypatch, capsys):
     events: list[str] = []
-    monkeypatch.setattr(cli, "_init_ray", lambda: events.append("ray"))
+    monkeypatch.setattr("pipeline.cli_commands._init_ray", lambda: events.append("ray"))
     monkeypatch.setattr(stages_mod, "call_stage", lambda cfg, stage: events.append(stage))
     code, out, err = segcal("run", _config_file(data), capsys=capsys)
     assert code == cli.OK
@@ -408,7 +408,7 @@ def test_root_cause_finds_the_original_error():
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_stage_failure_is_one_line_traceback_only_with_v(data, monkeypatch, capsys, verbose):
-    monkeypatch.setattr(cli, "_init_ray", lambda: None)
+    monkeypatch.setattr("pipeline.cli_commands._init_ray", lambda: None)
 
     def fail(cfg, stage):
         inner = ValueError("Expected finite logits from model `m`, but got 3 NaN/inf values")
@@ -440,7 +440,7 @@ def test_importing_the_preflight_is_light():
 
 
 def test_run_output_option(data, monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(cli, "_init_ray", lambda: None)
+    monkeypatch.setattr("pipeline.cli_commands._init_ray", lambda: None)
     monkeypatch.setattr(stages_mod, "call_stage", lambda cfg, stage: None)
     monkeypatch.chdir(tmp_path)
     code, out, _ = segcal("run", _config_file(data), "--output", "elsewhere", "-q", capsys=capsys)

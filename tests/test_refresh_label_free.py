@@ -313,7 +313,7 @@ def test_oracle_rows_never_count_in_a_decision():
 def cli_stages(monkeypatch):
     fake = LabelFreeStages({"ts": 0.05}, alarm=("night-cam",))
     monkeypatch.setattr(stages_mod, "call_stage", fake)
-    monkeypatch.setattr(cli, "_init_ray", lambda: None)
+    monkeypatch.setattr("pipeline.cli_commands._init_ray", lambda: None)
     return fake
 
 
