@@ -2,7 +2,7 @@
 
 The selector sees each pixel's neighbourhood of the logit map (and the image), and with
 ``context`` the map-wide means of its inputs (image-level evidence of a shift). Temperatures,
-gate, features, base and refinement are `SelectiveScaling`'s (see `SelectiveOptions`).
+gate, features, base and refinement are `SelectiveScaling`'s (see `SHARED_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pipeline.calibrators.base import FitData
 from pipeline.calibrators.checks import check_bool, check_int
 from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
-from pipeline.calibrators.selective import SelectiveScaling, selector_features
+from pipeline.calibrators.selective import SelectiveScaling
+from pipeline.calibrators.selector import selector_features
 from pipeline.calibrators.training import (
     batch_plan,
     map_batches,

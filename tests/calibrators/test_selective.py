@@ -17,12 +17,9 @@ from torchmetrics.functional.classification import binary_auroc
 
 from pipeline.calibrators import CALIBRATORS
 from pipeline.calibrators.base import FitData
-from pipeline.calibrators.selective import (
-    SelectiveScaling,
-    fit_group_temperatures,
-    selector_features,
-)
+from pipeline.calibrators.selective import SelectiveScaling
 from pipeline.calibrators.selective_spatial import SpatialSelectiveScaling
+from pipeline.calibrators.selector import fit_group_temperatures, selector_features
 from pipeline.calibrators.training import balanced_order
 
 C = 6
