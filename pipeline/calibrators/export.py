@@ -26,7 +26,8 @@ from pipeline.paths import atomic_write_bytes
 
 __all__ = ["InputRecipe", "export_torchscript", "export_with_model"]
 
-logger = logging.getLogger(__name__)
+# The name it had before export moved out of artifacts, so that log filters keep matching.
+logger = logging.getLogger("pipeline.calibrators.artifacts")
 
 
 def _script(module: nn.Module) -> torch.jit.ScriptModule:
