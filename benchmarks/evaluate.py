@@ -24,11 +24,12 @@ CamVid-size (11 x 360 x 480), Cityscapes at stride 4 (19 x 256 x 512) and ADE20K
 (150 x 128 x 128) labels, logits stored at ``--stride``, with ``uncalibrated``, temperature,
 selective (published: hard gate, T_mis = 1e10) and LTS, and prints the cost per image x
 calibrator of each stage: Parquet read + decode, float16 -> float32, upsampling (shared by an
-image's calibrators, so divided among them), then per calibrator its forward, softmax,
-statistics and row building. Beside it: the statistics kernel alone
-(:func:`pipeline.metrics.image_stats` on the same probabilities) and evaluations per second
-(from a second, untimed pass). Goals: on the CPU a pointwise calibrator's whole cost <= 2x the
-kernel alone; on one GPU >= 200 image x calibrator evaluations per second at cityscapes/4.
+image's calibrators, so divided among them), row building (per shard, divided likewise), then
+per calibrator its forward, softmax, statistics and label-free features. Beside it: the
+statistics kernel alone (:func:`pipeline.metrics.image_stats` on the same probabilities) and
+evaluations per second (from a second, untimed pass). Goals: on the CPU a pointwise
+calibrator's whole cost <= 2x the kernel alone; on one GPU >= 200 image x calibrator
+evaluations per second at cityscapes/4.
 """
 
 from __future__ import annotations
@@ -191,7 +192,9 @@ def profile(args: argparse.Namespace) -> None:
             cost = seconds / n_evals * 1e3
             print(f"  {stage + ' (shared)':<28}" + "".join(f"{cost:>14.2f}" for _ in labels))
         totals = dict.fromkeys(labels, sum(shared.values()) / n_evals * 1e3)
-        for stage in ("calibrator forward", "softmax", "statistics", "row building"):
+        # Every per-calibrator stage the evaluator timed ("<stage>|<label>"), in its order.
+        stages = dict.fromkeys(k.split("|")[0] for k in timer.seconds if "|" in k)
+        for stage in stages:
             cells = []
             for label in labels:
                 ms = timer.seconds.get(f"{stage}|{label}", 0.0) / args.images * 1e3
