@@ -62,3 +62,20 @@ def test_mismatched_inputs_are_refused():
         confidence_sums(z, z.astype(np.float64), np.zeros(4, np.int64), EDGES)
     with pytest.raises(ValueError, match=r"Expected `preds` of shape \(4,\)"):
         confidence_sums(z, z, np.zeros(3, np.int64), EDGES)
+
+
+def test_histogram_bins_equal_searchsorted_on_and_around_edges():
+    from pipeline.label_free import CONF_EDGES
+
+    for edges in (EDGES, CONF_EDGES[1:-1], np.array([0.5])):
+        conf = np.concatenate([
+            edges, np.nextafter(edges, 0.0), np.nextafter(edges, 1.0), [0.0, 1.0, np.nan],
+            np.random.default_rng(0).random(5000),
+        ])
+        # Two classes with these top-label confidences (all >= 0.5 after the max).
+        conf = np.maximum(conf, 1.0 - conf)
+        probs = np.stack([conf, 1.0 - conf])
+        logits = np.log(np.maximum(probs, 1e-300))
+        _, _, hist = confidence_sums(probs, logits, np.zeros(conf.size, np.int64), edges)
+        want = np.bincount(np.searchsorted(edges, conf), minlength=len(edges) + 1)
+        assert hist.tolist() == want.tolist()
