@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="registry folder (default: refresh.registry in the config)")
     p.add_argument(
         "--allow-adaptive", action="store_true",
-        help="let the target-adapted calibrators (adaptive*) count in the promotion and be the "
+        help="let the target-adapted calibrators (adaptive_ts*) count in the promotion and be the "
         "run's calibrator (default: stored with the run, never chosen)",
     )
     p.add_argument(

@@ -14,7 +14,7 @@ label-free estimates (ATC and DoC pixel accuracy, image-wise ECE; the truth wher
 of the current run's calibrator (:func:`run_calibrator`) on today's data. A drift alarm does
 not change the decision: the refresh promotes or keeps as usual, and ``segcal refresh`` then
 exits with code 4 (``--no-drift-exit``: 0). Oracle bounds are never compared nor chosen;
-``adaptive*`` calibrators only with ``allow_adaptive`` (``segcal refresh --allow-adaptive``).
+target-adapted calibrators only with ``allow_adaptive`` (``segcal refresh --allow-adaptive``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,18 +121,22 @@ def champion_summary(
 # --- label-free monitoring --------------------------------------------------------------------
 
 
-def run_calibrator(summary: pd.DataFrame, *, allow_adaptive: bool = False) -> str | None:
+def run_calibrator(
+    summary: pd.DataFrame, *, allow_adaptive: bool = False, adapted: Collection[str] | None = None
+) -> str | None:
     """The calibrator a run ships: the lowest image-wise ECE on its held-out calibration images.
 
     The same ranking as the report's recommendation (:func:`pipeline.report_data.recommend`:
     held-out rows only, image-wise ECE pooled over images, ties by NLL), without its
     clear-winner test: a nightly record needs one name, and when no calibrator is clearly
     better the leader is as good as any. ``uncalibrated`` can win (the model is kept as it
-    is); oracle bounds never; ``adaptive*`` calibrators only with ``allow_adaptive``.
+    is); oracle bounds never; target-adapted calibrators only with ``allow_adaptive``.
 
     Args:
         summary: the run's ``summary.csv``.
         allow_adaptive: let a target-adapted calibrator be chosen.
+        adapted: the run's target-adapted labels (`pipeline.registry.adapted_labels`); None:
+            those named after an adapted class.
 
     Returns:
         The calibrator label, or None when the summary has no held-out rows (or not the
@@ -152,9 +156,10 @@ def run_calibrator(summary: pd.DataFrame, *, allow_adaptive: bool = False) -> st
         "-heldout"
     )
     rows = summary[held & summary["img_ece"].notna()]
+    adapted = registry.adapted_labels() if adapted is None else adapted
     allowed = rows["calibrator"].astype(str).map(
         lambda c: c == registry.UNCALIBRATED
-        or registry.is_candidate(c, allow_adaptive=allow_adaptive)
+        or registry.is_candidate(c, allow_adaptive=allow_adaptive, adapted=adapted)
     ).astype(bool)
     rows = rows[allowed]
     if rows.empty:
@@ -251,6 +256,7 @@ def _label_free_entry(
     champion: str | None,
     champion_evaluated: bool,
     allow_adaptive: bool,
+    adapted: Collection[str],
 ) -> dict[str, Any] | None:
     """The night's label-free record for the run that is current after the decision."""
     output = Path(cfg.output)
@@ -261,7 +267,7 @@ def _label_free_entry(
         summary = pd.read_csv(output / SUMMARY)
     else:
         summary = registry.read_summary(root, champion)
-    calibrator = run_calibrator(summary, allow_adaptive=allow_adaptive)
+    calibrator = run_calibrator(summary, allow_adaptive=allow_adaptive, adapted=adapted)
     champion_today = output / CHAMPION_EVAL / LABEL_FREE
     if promote or not champion_evaluated:
         # Promoted, or kept because today's artifacts are the champion's own: today's table.
@@ -297,7 +303,7 @@ def refresh(
         cfg: the run config; ``cfg.refresh.tolerance`` bounds how much worse a row may be.
         root: the registry folder.
         call: runs one stage (see :func:`run_stages`).
-        allow_adaptive: let the ``adaptive*`` (target-adapted) calibrators count in the
+        allow_adaptive: let the target-adapted calibrators (adaptive temperatures) count in the
             decision and be the run's calibrator; by default they are stored with the run but
             neither promote it nor hold it back.
 
@@ -324,6 +330,10 @@ def refresh(
             ran = stages.run_stages(cfg, call=call)
             entry["stages_ran"] = [s for s, r in ran.items() if r]
             entry["sources"] = _source_changes(cfg)
+            # Which labels adapt to the target images, from both runs' artifact cards.
+            adapted = registry.adapted_labels(
+                cfg.output, *([registry.run_dir(root, champion)] if champion else [])
+            )
             # The same artifacts as a stored run (nothing new since) are not stored twice.
             challenger = registry.find_run(root, registry.artifact_digest(cfg.output))
             entry["challenger"] = challenger
@@ -343,7 +353,8 @@ def refresh(
                 )
                 champion_evaluated = champion is not None
                 decision = registry.compare(
-                    summary, champ, tolerance=cfg.refresh.tolerance, allow_adaptive=allow_adaptive
+                    summary, champ, tolerance=cfg.refresh.tolerance,
+                    allow_adaptive=allow_adaptive, adapted=adapted,
                 )
                 if challenger is None:
                     meta = {"config_hash": entry["config_hash"], "config": str(cfg.source)}
@@ -354,6 +365,7 @@ def refresh(
             label_free = _label_free_entry(
                 cfg, root, promote=decision.promote, champion=champion,
                 champion_evaluated=champion_evaluated, allow_adaptive=allow_adaptive,
+                adapted=adapted,
             )
             if label_free is not None:
                 entry["label_free"] = label_free

@@ -21,7 +21,8 @@ the runs' ``summary.csv``: the challenger is promoted only if, on every dataset 
 champion was measured on, its image-wise ECE is no worse than the champion's plus a tolerance.
 Rows that measure no shippable calibrator are left out: ``uncalibrated`` (the model), oracle
 bounds (``oracle_ts``: a temperature fitted on each test set's own labels) and, unless the
-refresh allows them, the target-adapted calibrators (``adaptive*``).
+refresh allows them, the target-adapted calibrators (those whose class says it adapts to each
+target image, :func:`adapted_labels`).
 
 The re-exported functions look up their helpers in their own modules: to patch one (a test
 injecting a fault), patch it there, e.g. ``pipeline.registry_store.record``, not here.
@@ -29,7 +30,9 @@ injecting a fault), patch it there, e.g. ``pipeline.registry_store.record``, not
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -60,7 +63,6 @@ from pipeline.registry_layout import (
 from pipeline.registry_store import add_run, lock, promote, recover, switch
 
 __all__ = [
-    "ADAPTIVE_PREFIX",
     "ARTIFACTS",
     "CURRENT",
     "HISTORY",
@@ -79,6 +81,7 @@ __all__ = [
     "Comparison",
     "Decision",
     "RegistryError",
+    "adapted_labels",
     "add_run",
     "artifact_digest",
     "compare",
@@ -103,9 +106,6 @@ __all__ = [
 KEY_COLUMNS = ("dataset", "calibrator")
 METRIC = "img_ece"
 UNCALIBRATED = "uncalibrated"
-ADAPTIVE_PREFIX = "adaptive"
-"""Calibrators named ``adaptive*`` adapt to the unlabelled target domain: they count in a
-decision, and can be the run's calibrator, only when the refresh is told to (``allow_adaptive``)."""
 
 
 @dataclass(frozen=True)
@@ -141,31 +141,70 @@ def is_bound(calibrator: str) -> bool:
     return "oracle" in calibrator.lower()
 
 
-def is_adaptive(calibrator: str) -> bool:
-    """Whether ``calibrator`` names a target-adapted calibrator (``adaptive*``)."""
-    return calibrator.startswith(ADAPTIVE_PREFIX)
+def adapted_labels(*outputs: str | Path) -> frozenset[str]:
+    """The calibrator labels that adapt to each unlabelled target image (adaptive temperatures).
+
+    A calibrator adapts when its class says so (`pipeline.calibrators.adapts_to_target`); its
+    class is read from the card in ``<output>/artifacts/<label>/`` of each run folder given. A
+    label without a readable card there counts by its own name, since a calibrator's label
+    defaults to its registry name.
+
+    Example:
+        >>> sorted(adapted_labels())
+        ['adaptive_ts', 'adaptive_ts_gated']
+    """
+    from pipeline.calibrators import CALIBRATORS, adapts_to_target, read_card
+
+    carded, adapted = set(), set()
+    for output in outputs:
+        for folder in sorted(p for p in (Path(output) / ARTIFACTS).glob("*") if p.is_dir()):
+            try:
+                card = read_card(folder)
+            except (OSError, ValueError):
+                continue  # no card, e.g. the oracle folder: the label counts by its name
+            carded.add(folder.name)
+            if adapts_to_target(str(card.get("name"))):
+                adapted.add(folder.name)  # in either run: adapted in both
+    by_name = {name for name in CALIBRATORS if adapts_to_target(name)} - carded
+    return frozenset(adapted | by_name)
 
 
-def is_candidate(calibrator: str, *, allow_adaptive: bool = False) -> bool:
+def is_adaptive(calibrator: str, adapted: Collection[str] | None = None) -> bool:
+    """Whether the calibrator labelled ``calibrator`` adapts to each target image.
+
+    Args:
+        calibrator: a ``summary.csv`` calibrator label.
+        adapted: the run's adapted labels (:func:`adapted_labels`); None: registry names only.
+    """
+    return calibrator in (adapted_labels() if adapted is None else adapted)
+
+
+def is_candidate(
+    calibrator: str, *, allow_adaptive: bool = False, adapted: Collection[str] | None = None
+) -> bool:
     """Whether ``calibrator`` can count in a decision and be the run's calibrator.
 
-    Never ``uncalibrated`` (the model itself) or a bound; an adaptive calibrator only when
-    ``allow_adaptive``.
+    Never ``uncalibrated`` (the model itself) or a bound; a target-adapted calibrator
+    (:func:`is_adaptive` with ``adapted``) only when ``allow_adaptive``.
 
     Example:
         >>> [is_candidate(c) for c in ("temperature", "oracle_ts", "adaptive_ts", UNCALIBRATED)]
         [True, False, False, False]
         >>> is_candidate("adaptive_ts_gated", allow_adaptive=True)
         True
+        >>> is_candidate("night", adapted={"night"}), is_candidate("adaptive_ts", adapted=set())
+        (False, True)
     """
     return (
         calibrator != UNCALIBRATED
         and not is_bound(calibrator)
-        and (allow_adaptive or not is_adaptive(calibrator))
+        and (allow_adaptive or not is_adaptive(calibrator, adapted))
     )
 
 
-def _metric_table(summary: pd.DataFrame, name: str, allow_adaptive: bool) -> pd.Series:
+def _metric_table(
+    summary: pd.DataFrame, name: str, allow_adaptive: bool, adapted: Collection[str] | None
+) -> pd.Series:
     missing = [c for c in (*KEY_COLUMNS, METRIC) if c not in summary.columns]
     if missing:
         raise ValueError(
@@ -173,7 +212,7 @@ def _metric_table(summary: pd.DataFrame, name: str, allow_adaptive: bool) -> pd.
             f"but it lacks {missing}"
         )
     keep = summary["calibrator"].astype(str).map(
-        lambda c: is_candidate(c, allow_adaptive=allow_adaptive)
+        lambda c: is_candidate(c, allow_adaptive=allow_adaptive, adapted=adapted)
     ).astype(bool)
     table = summary[keep]
     return table.set_index(list(KEY_COLUMNS))[METRIC].astype(float)
@@ -185,13 +224,14 @@ def compare(
     *,
     tolerance: float,
     allow_adaptive: bool = False,
+    adapted: Collection[str] | None = None,
 ) -> Decision:
     """Decide whether the challenger replaces the champion.
 
     Every (dataset, calibrator) row of the champion's summary is compared, except those that
     measure no shippable calibrator (:func:`is_candidate`): ``uncalibrated`` (the model),
     oracle bounds (fitted on each test set's own labels, the same in both runs) and, unless
-    ``allow_adaptive``, the target-adapted ``adaptive*`` calibrators. The challenger wins only
+    ``allow_adaptive``, the target-adapted calibrators. The challenger wins only
     if it has every such row and none is worse than ``champion + tolerance``. Rows only the
     challenger has (a new dataset or calibrator) cannot be compared and do not count; with no
     calibrated champion row at all nothing is established and the champion stays.
@@ -201,7 +241,9 @@ def compare(
             ``img_ece``; one row per dataset x calibrator).
         champion: the current champion's summary, or None when there is no champion yet.
         tolerance: how much worse (absolute image-wise ECE) a row may be and still pass.
-        allow_adaptive: count the ``adaptive*`` calibrators' rows too (default False).
+        allow_adaptive: count the target-adapted calibrators' rows too (default False).
+        adapted: the labels of the target-adapted calibrators of both runs
+            (:func:`adapted_labels`); None: those named after an adapted class.
 
     Returns:
         The decision with one :class:`Comparison` per champion row.
@@ -220,10 +262,11 @@ def compare(
     """
     if tolerance < 0:
         raise ValueError(f"Expected `tolerance` to be >= 0, but got {tolerance}")
-    new = _metric_table(challenger, "challenger", allow_adaptive)
+    adapted = adapted_labels() if adapted is None else adapted
+    new = _metric_table(challenger, "challenger", allow_adaptive, adapted)
     if champion is None:
         return Decision(True, "no champion yet", tolerance)
-    old = _metric_table(champion, "champion", allow_adaptive)
+    old = _metric_table(champion, "champion", allow_adaptive, adapted)
     if old.empty:
         reason = "no calibrator in common with the champion; promote by hand if intended"
         return Decision(False, reason, tolerance)

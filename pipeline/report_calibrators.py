@@ -18,28 +18,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.calibrators import describe
 from pipeline.report_data import HELDOUT_SUFFIX, UNCALIBRATED
-
-
-def _num(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, (int, float)):
-        value = float(value)
-        if abs(value) >= 1e6:
-            return f"{value:.0e}"
-        # Three significant digits, trailing zeros kept: T = 1.30, not 1.3.
-        return f"{value:#.3g}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
-def _spread(values: Sequence[float]) -> str:
-    arr = np.asarray(values, dtype=float)
-    return f"mean {_num(arr.mean())}, range {_num(arr.min())} to {_num(arr.max())}"
 
 
 def describe_card(card: Mapping[str, Any], flagged: float | None = None) -> str:
     """A calibrator's fitted values in plain words, from its ``calibrator.json``.
+
+    The words are the calibrator class's own (`pipeline.calibrators.describe`); this adds the
+    share of held-out pixels a selector flags.
 
     Args:
         card: the artifact card.
@@ -51,65 +38,11 @@ def describe_card(card: Mapping[str, Any], flagged: float | None = None) -> str:
         >>> describe_card({"name": "new", "summary": {"t": [1.0, 3.0], "inputs": ["a", "b"]}})
         't = mean 2.00, range 1.00 to 3.00, inputs = a, b'
     """
-    name, s = str(card.get("name")), dict(card.get("summary") or {})
-    options = dict(card.get("options") or {})
-    if name == "temperature" and "temperature" in s:
-        return f"one temperature, T = {_num(s['temperature'])}"
-    if name == "ets" and "temperature" in s:
-        w = s.get("weights") or []
-        mix = " / ".join(_num(x) for x in w)
-        return (f"one temperature, T = {_num(s['temperature'])}, mixed with the raw and the "
-                f"uniform distribution (weights {mix})")
-    if name in ("lts", "ibts"):
-        where = "per image" if name == "ibts" else "per pixel"
-        return (f"a small conv net predicts a temperature {where}, starting from "
-                f"T = {_num(s.get('init_temperature'))}")
-    if name == "meta_cal":
-        threshold = s.get("threshold")
-        gate = ("nothing gated" if threshold is None else
-                f"pixels with entropy above {_num(threshold)} nats (the {_num(s.get('quantile'))}"
-                " quantile) get the uniform distribution")
-        return f"one temperature, T = {_num(s.get('temperature'))}; {gate}"
-    if name == "vector" and "scale" in s:
-        return (f"one scale and one bias per class (scales {_spread(s['scale'])}; biases "
-                f"{_spread(s['bias'])})")
-    if name in ("matrix", "dirichlet") and "diag_mean" in s:
-        return (f"a full {card.get('num_classes')}x{card.get('num_classes')} linear map: "
-                f"diagonal mean {_num(s['diag_mean'])}, off-diagonal mean |w| "
-                f"{_num(s['offdiag_abs_mean'])}, ODIR strength {_num(s.get('odir'))}")
-    if name.startswith("selective") and "t_mis" in s:
-        t_cor = s.get("t_cor")
-        t_cor_text = (f"{_spread(t_cor)} (per class)" if isinstance(t_cor, list)
-                      else _num(t_cor))
-        parts = [f"a selector flags likely-wrong pixels ({options.get('gate', '?')} gate, "
-                 f"features {options.get('features', '?')}); flagged pixels get "
-                 f"T_mis = {_num(s['t_mis'])}"
-                 + (" (the uniform distribution)" if float(s["t_mis"]) >= 1e6 else "")
-                 + f", the others T_cor = {t_cor_text}"]
-        if isinstance(s.get("base"), dict) and options.get("base"):
-            parts.append(f"on top of {options['base']} "
-                         f"({describe_card({'name': options['base'], 'summary': s['base']})})")
-        if flagged is not None and not math.isnan(flagged):
-            parts.append(f"flags {100 * flagged:.1f}% of the held-out pixels")
-        return "; ".join(parts)
-    if name.startswith("adaptive") and "temperature" in s:
-        gated = ("; kept at T inside the clean calibration images' feature band, adapted "
-                 f"outside it ({s.get('gate', '?')} gate)" if name.endswith("_gated") else "")
-        return (f"a temperature per image, T = {_num(s['temperature'])} (temperature scaling's) "
-                f"times a factor a small net predicts from the image's label-free features "
-                f"({', '.join(map(str, s.get('features') or []))}){gated}")
-    if not s:
-        return "no fitted values recorded"
-    return ", ".join(f"{k} = {_value(v)}" for k, v in s.items())
-
-
-def _value(value: Any) -> str:
-    """A fitted value in words: a number, the spread of a list of numbers, or the text."""
-    if isinstance(value, list):
-        if value and all(isinstance(v, (int, float)) for v in value):
-            return _spread(value)
-        return ", ".join(map(str, value))
-    return _num(value)
+    words = describe(str(card.get("name")), dict(card.get("summary") or {}),
+                     dict(card.get("options") or {}), card.get("num_classes"))
+    if flagged is not None and not math.isnan(flagged):
+        words += f"; flags {100 * flagged:.1f}% of the held-out pixels"
+    return words
 
 
 def read_cards(output: Path, labels: Sequence[str]) -> dict[str, dict[str, Any]]:

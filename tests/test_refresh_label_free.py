@@ -419,3 +419,30 @@ def test_exit_code_4_is_documented_in_the_help(capsys):
     assert "--allow-adaptive" in text
     assert "4  ``refresh`` only" in cli.__doc__
     assert "exits with code 4" in " ".join(refresh_mod.__doc__.split())
+
+
+def test_adapted_labels_come_from_the_cards_not_the_names(tmp_path):
+    """A label is target-adapted when its artifact's class is, whatever the label says."""
+    from pipeline.calibrators import build_calibrator, save
+
+    run = tmp_path / "run"
+    for label, name in (("night", "adaptive_ts"), ("adaptive_ts", "temperature")):
+        calibrator = build_calibrator(name, 3)
+        calibrator.fitted.fill_(True)
+        for band in ("band_lo", "band_hi"):  # finite, as a fit leaves them
+            if hasattr(calibrator, band):
+                getattr(calibrator, band).zero_()
+        save(calibrator, run / "artifacts" / label, class_names=None, ignore_index=None)
+    adapted = registry.adapted_labels(run)
+    assert "night" in adapted and "adaptive_ts" not in adapted
+    assert "adaptive_ts_gated" in adapted  # no card: counts by its registry name
+    summary = _heldout({"uncalibrated": 0.1, "night": 0.01, "adaptive_ts": 0.03})
+    assert run_calibrator(summary, adapted=adapted) == "adaptive_ts"
+    assert run_calibrator(summary, adapted=adapted, allow_adaptive=True) == "night"
+    # Adapted in either run means adapted in both: the champion's card counts too.
+    other = tmp_path / "other"
+    calibrator = build_calibrator("temperature", 3)
+    calibrator.fitted.fill_(True)
+    save(calibrator, other / "artifacts" / "night", class_names=None, ignore_index=None)
+    assert "night" in registry.adapted_labels(run, other)
+    assert "night" in registry.adapted_labels(other, run)

@@ -131,28 +131,30 @@ def test_several_heldout_sets_are_pooled_image_by_image():
     assert (table.loc["temperature", "lo"], table.loc["temperature", "hi"]) == (lo, hi)
 
 
-@pytest.mark.parametrize(("card", "words"), [
-    ({"name": "temperature", "summary": {"temperature": 1.3124}}, "one temperature, T = 1.31"),
-    ({"name": "ets", "summary": {"temperature": 1.5, "weights": [0.9, 0.08, 0.02]}},
+# flagged: the share of held-out pixels a selector flags, known only for calibrators that score
+# pixels (the selective family).
+@pytest.mark.parametrize(("card", "flagged", "words"), [
+    ({"name": "temperature", "summary": {"temperature": 1.3124}}, None, "one temperature, T = 1.31"),
+    ({"name": "ets", "summary": {"temperature": 1.5, "weights": [0.9, 0.08, 0.02]}}, None,
      "one temperature, T = 1.50, mixed with the raw and the uniform distribution (weights "
      "0.900 / 0.0800 / 0.0200)"),
     ({"name": "selective", "options": {"gate": "hard", "features": "logprobs"},
-      "summary": {"t_mis": 1e10, "t_cor": 1.0}},
+      "summary": {"t_mis": 1e10, "t_cor": 1.0}}, 0.125,
      "a selector flags likely-wrong pixels (hard gate, features logprobs); flagged pixels get "
      "T_mis = 1e+10 (the uniform distribution), the others T_cor = 1.00; flags 12.5% of the "
      "held-out pixels"),
     ({"name": "selective", "options": {"gate": "soft", "features": "rich", "base": "temperature"},
-      "summary": {"t_mis": 2.5, "t_cor": 1.0, "base": {"temperature": 1.29}}},
+      "summary": {"t_mis": 2.5, "t_cor": 1.0, "base": {"temperature": 1.29}}}, 0.125,
      "a selector flags likely-wrong pixels (soft gate, features rich); flagged pixels get "
      "T_mis = 2.50, the others T_cor = 1.00; on top of temperature (one temperature, T = 1.29); "
      "flags 12.5% of the held-out pixels"),
-    ({"name": "meta_cal", "summary": {"temperature": 1.2, "threshold": None}},
+    ({"name": "meta_cal", "summary": {"temperature": 1.2, "threshold": None}}, None,
      "one temperature, T = 1.20; nothing gated"),
-    ({"name": "mystery", "summary": {"alpha": 0.5, "beta": [1.0, 3.0]}},
+    ({"name": "mystery", "summary": {"alpha": 0.5, "beta": [1.0, 3.0]}}, None,
      "alpha = 0.500, beta = mean 2.00, range 1.00 to 3.00"),
 ])
-def test_fitted_values_in_plain_words(card, words):
-    assert rc.describe_card(card, flagged=0.125) == words
+def test_fitted_values_in_plain_words(card, flagged, words):
+    assert rc.describe_card(card, flagged=flagged) == words
 
 
 def test_corruption_families_from_names_with_the_reference_at_severity_zero():

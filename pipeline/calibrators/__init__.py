@@ -35,7 +35,9 @@ from pipeline.calibrators.base import Calibrator, FitData
 from pipeline.calibrators.export import export_torchscript, export_with_model
 from pipeline.calibrators.registry import (
     CALIBRATORS,
+    adapts_to_target,
     build_calibrator,
+    describe,
     list_calibrators,
     register,
 )
@@ -46,7 +48,9 @@ __all__ = [
     "CALIBRATORS",
     "Calibrator",
     "FitData",
+    "adapts_to_target",
     "build_calibrator",
+    "describe",
     "export_torchscript",
     "export_with_model",
     "fit_temperature",

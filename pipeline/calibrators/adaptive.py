@@ -38,6 +38,7 @@ up to float summation order.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
 from pipeline.calibrators.temperature import fit_temperature
 from pipeline.calibrators.training import optimise, require_maps
+from pipeline.calibrators.wording import number
 
 __all__ = [
     "FEATURES",
@@ -188,6 +190,7 @@ class AdaptiveTemperatureScaling(Calibrator):
     """
 
     name = "adaptive_ts"
+    adapts_to_target = True
     spatial = True
     distributed = True
 
@@ -339,6 +342,17 @@ class AdaptiveTemperatureScaling(Calibrator):
 
     # -- description -------------------------------------------------------------------------
 
+    @classmethod
+    def describe(cls, summary: Mapping[str, Any], options: Mapping[str, Any],
+                 num_classes: int | None) -> str | None:
+        """TS's temperature times a per-image factor from the listed label-free features."""
+        if "temperature" not in summary:
+            return None
+        features = ", ".join(map(str, summary.get("features") or []))
+        return (f"a temperature per image, T = {number(summary['temperature'])} (temperature "
+                f"scaling's) times a factor a small net predicts from the image's label-free "
+                f"features ({features})")
+
     def summary(self) -> dict[str, Any]:
         """``T0``, the features, the size of ``f`` and the gate."""
         return {
@@ -361,6 +375,16 @@ class GatedAdaptiveTemperatureScaling(AdaptiveTemperatureScaling):
     """
 
     name = "adaptive_ts_gated"
+
+    @classmethod
+    def describe(cls, summary: Mapping[str, Any], options: Mapping[str, Any],
+                 num_classes: int | None) -> str | None:
+        """The adaptive temperature's words, and where the gate keeps TS."""
+        words = super().describe(summary, options, num_classes)
+        if words is None:
+            return None
+        return (f"{words}; kept at T inside the clean calibration images' feature band, adapted "
+                f"outside it ({summary.get('gate', '?')} gate)")
 
     def __init__(
         self,

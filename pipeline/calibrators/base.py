@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -113,6 +114,9 @@ class Calibrator(nn.Module, ABC):
 
     name: ClassVar[str]
     spatial: ClassVar[bool] = False
+    # True when the calibration adapts to each unlabelled target image (label-free features):
+    # a nightly refresh counts such a calibrator only when told to (``--allow-adaptive``).
+    adapts_to_target: ClassVar[bool] = False
     # True when ``_fit(data, heldout, reduce)`` reduces over fit-data shards (Ray Train mode);
     # an instance may clear it (a selective calibrator whose base cannot run sharded).
     distributed: bool = False
@@ -276,6 +280,16 @@ class Calibrator(nn.Module, ABC):
         return FitData(logits, labels)
 
     # -- description -------------------------------------------------------------------------
+
+    @classmethod
+    def describe(cls, summary: Mapping[str, Any], options: Mapping[str, Any],
+                 num_classes: int | None) -> str | None:
+        """A card's fitted values (``summary``) in plain words, for the report.
+
+        None when this class has no words of its own or the summary lacks what they need; the
+        report then lists the values as they are (`pipeline.calibrators.describe`).
+        """
+        return None
 
     def summary(self) -> dict[str, Any]:
         """Json-able fitted values for the artifact card, e.g. ``{"temperature": 1.32}``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
 from pipeline.calibrators.temperature import fit_temperature
 from pipeline.calibrators.training import optimise
+from pipeline.calibrators.wording import number
 
 __all__ = ["EnsembleTemperatureScaling"]
 
@@ -66,6 +68,16 @@ class EnsembleTemperatureScaling(Calibrator):
             )
         finally:
             self.log_temperature.requires_grad_(True)
+
+    @classmethod
+    def describe(cls, summary: Mapping[str, Any], options: Mapping[str, Any],
+                 num_classes: int | None) -> str | None:
+        """The temperature and the weights of its mixture with the raw and uniform outputs."""
+        if "temperature" not in summary:
+            return None
+        mix = " / ".join(number(x) for x in summary.get("weights") or [])
+        return (f"one temperature, T = {number(summary['temperature'])}, mixed with the raw and "
+                f"the uniform distribution (weights {mix})")
 
     def summary(self) -> dict[str, Any]:
         """The temperature and the three mixture weights (tempered, raw, uniform)."""

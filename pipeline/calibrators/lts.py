@@ -10,7 +10,8 @@ start from. Dividing by a positive temperature never changes the argmax.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -31,6 +32,7 @@ from pipeline.calibrators.training import (
     train_with_early_stopping,
     with_valid_pixels,
 )
+from pipeline.calibrators.wording import number
 
 __all__ = ["ImageBasedTemperatureScaling", "LocalTemperatureScaling"]
 
@@ -107,6 +109,7 @@ class LocalTemperatureScaling(Calibrator):
     """
 
     name = "lts"
+    temperature_per: ClassVar[str] = "pixel"  # what the net predicts a temperature for
     spatial = True
     distributed = True
     _per_image = False
@@ -211,6 +214,13 @@ class LocalTemperatureScaling(Calibrator):
             weight=weight, reduce=reduce,
         )
 
+    @classmethod
+    def describe(cls, summary: Mapping[str, Any], options: Mapping[str, Any],
+                 num_classes: int | None) -> str | None:
+        """What the net predicts (a temperature per pixel or per image) and where it started."""
+        return (f"a small conv net predicts a temperature per {cls.temperature_per}, starting "
+                f"from T = {number(summary.get('init_temperature'))}")
+
     def summary(self) -> dict[str, Any]:
         """The global temperature the net started from."""
         return {"init_temperature": float(self.t_init)}
@@ -234,4 +244,5 @@ class ImageBasedTemperatureScaling(LocalTemperatureScaling):
     """
 
     name = "ibts"
+    temperature_per: ClassVar[str] = "image"
     _per_image = True

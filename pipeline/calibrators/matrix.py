@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from pipeline.calibrators.checks import check_float, check_int
 from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
 from pipeline.calibrators.training import optimise
+from pipeline.calibrators.wording import number
 
 __all__ = ["DirichletScaling", "MatrixScaling"]
 
@@ -121,6 +122,17 @@ class _LinearScaling(Calibrator):
             if nll < best_nll:
                 best_nll, best_state = nll, {k: v.clone() for k, v in self.state_dict().items()}
         self.load_state_dict(best_state)
+
+    @classmethod
+    def describe(cls, summary: Mapping[str, Any], options: Mapping[str, Any],
+                 num_classes: int | None) -> str | None:
+        """The size of the map, its diagonal and off-diagonal magnitude and the ODIR strength."""
+        if "diag_mean" not in summary:
+            return None
+        return (f"a full {num_classes}x{num_classes} linear map: diagonal mean "
+                f"{number(summary['diag_mean'])}, off-diagonal mean |w| "
+                f"{number(summary['offdiag_abs_mean'])}, ODIR strength "
+                f"{number(summary.get('odir'))}")
 
     def summary(self) -> dict[str, Any]:
         """The ODIR strength used and the mean diagonal / off-diagonal magnitude of the map."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from pipeline.calibrators.checks import check_float
 from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
 from pipeline.calibrators.temperature import fit_temperature
+from pipeline.calibrators.wording import number
 
 __all__ = ["MetaCalScaling"]
 
@@ -114,6 +115,16 @@ class MetaCalScaling(Calibrator):
             quantile = grid[scores.index(min(scores))]
         self.threshold.fill_(_threshold(entropy, quantile))
         self.quantile.fill_(quantile)
+
+    @classmethod
+    def describe(cls, summary: Mapping[str, Any], options: Mapping[str, Any],
+                 num_classes: int | None) -> str | None:
+        """The temperature and which pixels the entropy gate hands the uniform distribution."""
+        threshold = summary.get("threshold")
+        gate = ("nothing gated" if threshold is None else
+                f"pixels with entropy above {number(threshold)} nats (the "
+                f"{number(summary.get('quantile'))} quantile) get the uniform distribution")
+        return f"one temperature, T = {number(summary.get('temperature'))}; {gate}"
 
     def summary(self) -> dict[str, Any]:
         """The temperature, the entropy threshold (nats) and the quantile it came from."""

@@ -9,11 +9,16 @@ scaling's ``base``) calls `build_calibrator` at fit time, after every module has
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pipeline.calibrators.base import Calibrator
+from pipeline.calibrators.wording import generic
 
-__all__ = ["CALIBRATORS", "build_calibrator", "list_calibrators", "option_names", "register"]
+__all__ = [
+    "CALIBRATORS", "adapts_to_target", "build_calibrator", "describe", "list_calibrators",
+    "option_names", "register",
+]
 
 CALIBRATORS: dict[str, type[Calibrator]] = {}
 """Registry name -> calibrator class."""
@@ -94,3 +99,37 @@ def build_calibrator(name: str, num_classes: int, **options: Any) -> Calibrator:
                 f"{accepted}"
             )
     return cls(num_classes, **options)
+
+
+def describe(
+    name: str,
+    summary: Mapping[str, Any],
+    options: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+) -> str:
+    """A fitted calibrator's values in plain words: its class's `Calibrator.describe`, else each
+    value as ``key = value`` (an unknown name, or a summary without what the words need).
+
+    Example:
+        >>> import pipeline.calibrators
+        >>> describe("temperature", {"temperature": 1.3124})
+        'one temperature, T = 1.31'
+        >>> describe("new", {"t": [1.0, 3.0], "inputs": ["a", "b"]})
+        't = mean 2.00, range 1.00 to 3.00, inputs = a, b'
+    """
+    cls = CALIBRATORS.get(name)
+    words = None if cls is None else cls.describe(summary, options or {}, num_classes)
+    return generic(summary) if words is None else words
+
+
+def adapts_to_target(name: str) -> bool:
+    """Whether the calibrator registered as ``name`` adapts to each target image (False for an
+    unknown name).
+
+    Example:
+        >>> import pipeline.calibrators
+        >>> adapts_to_target("adaptive_ts_gated"), adapts_to_target("temperature")
+        (True, False)
+    """
+    cls = CALIBRATORS.get(name)
+    return cls is not None and cls.adapts_to_target

@@ -33,7 +33,7 @@ The published form is ``build_calibrator("selective", C, t_mis=1e10)``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -55,7 +55,7 @@ from pipeline.calibrators.checks import (
     check_logits,
 )
 from pipeline.calibrators.reduce import LOCAL, Reduce
-from pipeline.calibrators.registry import build_calibrator, register
+from pipeline.calibrators.registry import build_calibrator, describe, register
 from pipeline.calibrators.selector import (
     N_RICH,
     fit_group_temperatures,
@@ -70,6 +70,7 @@ from pipeline.calibrators.training import (
     train_with_early_stopping,
     with_valid_pixels,
 )
+from pipeline.calibrators.wording import number, spread
 
 __all__ = ["SHARED_OPTIONS", "SelectiveScaling"]
 
@@ -529,6 +530,25 @@ class SelectiveScaling(Calibrator):
         return self
 
     # -- description -------------------------------------------------------------------------
+
+    @classmethod
+    def describe(cls, summary: Mapping[str, Any], options: Mapping[str, Any],
+                 num_classes: int | None) -> str | None:
+        """The gate, the features, T_mis and T_cor, and the base calibrator's own words."""
+        if "t_mis" not in summary:
+            return None
+        t_cor = summary.get("t_cor")
+        t_cor_text = f"{spread(t_cor)} (per class)" if isinstance(t_cor, list) else number(t_cor)
+        t_mis = summary["t_mis"]
+        parts = [f"a selector flags likely-wrong pixels ({options.get('gate', '?')} gate, "
+                 f"features {options.get('features', '?')}); flagged pixels get "
+                 f"T_mis = {number(t_mis)}"
+                 + (" (the uniform distribution)" if float(t_mis) >= 1e6 else "")
+                 + f", the others T_cor = {t_cor_text}"]
+        if isinstance(summary.get("base"), dict) and options.get("base"):
+            base = describe(options["base"], summary["base"], num_classes=num_classes)
+            parts.append(f"on top of {options['base']} ({base})")
+        return "; ".join(parts)
 
     def summary(self) -> dict[str, Any]:
         """T_cor (a list when per class) and T_mis, plus the base calibrator's summary."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from pipeline.calibrators.base import Calibrator, FitData
 from pipeline.calibrators.checks import check_float, check_int
 from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
+from pipeline.calibrators.wording import number
 
 __all__ = ["TemperatureScaling", "fit_temperature"]
 
@@ -173,6 +175,14 @@ class TemperatureScaling(Calibrator):
         )
         with torch.no_grad():
             self.log_temperature.fill_(math.log(t))
+
+    @classmethod
+    def describe(cls, summary: Mapping[str, Any], options: Mapping[str, Any],
+                 num_classes: int | None) -> str | None:
+        """``one temperature, T = 1.31``."""
+        if "temperature" not in summary:
+            return None
+        return f"one temperature, T = {number(summary['temperature'])}"
 
     def summary(self) -> dict[str, Any]:
         """The fitted temperature."""

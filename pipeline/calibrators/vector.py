@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from pipeline.calibrators.checks import check_int
 from pipeline.calibrators.reduce import LOCAL, Reduce
 from pipeline.calibrators.registry import register
 from pipeline.calibrators.training import optimise
+from pipeline.calibrators.wording import spread
 
 __all__ = ["VectorScaling"]
 
@@ -51,6 +53,15 @@ class VectorScaling(Calibrator):
             lambda: self.loss(data.logits, data.labels) * share, self.parameters(),
             max_iter=self.options["max_iter"], reduce=reduce,
         )
+
+    @classmethod
+    def describe(cls, summary: Mapping[str, Any], options: Mapping[str, Any],
+                 num_classes: int | None) -> str | None:
+        """The spread of the per-class scales and biases."""
+        if "scale" not in summary:
+            return None
+        return (f"one scale and one bias per class (scales {spread(summary['scale'])}; biases "
+                f"{spread(summary['bias'])})")
 
     def summary(self) -> dict[str, Any]:
         """The fitted per-class scales and biases."""
