@@ -98,6 +98,7 @@ def main() -> None:
           f"{args.size}x{args.size}, {args.classes} classes, {os.cpu_count()} CPUs, torch "
           f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     seconds: dict[tuple[str, str], float] = {}
+    startups: list[float] = []
     nll: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory() as output:
         for spec in specs:
@@ -113,6 +114,7 @@ def main() -> None:
             trainer_runs = list({id(e["ray"]): e["ray"] for _, e in fitted}.values())
             print(f"{run}: {len(trainer_runs)} concurrent TorchTrainer run(s), {wall:.1f} s in all")
             for t in trainer_runs:
+                startups.append(t["startup_seconds"])
                 print(f"  {t['calibrators_in_run']} calibrator(s): start-up "
                       f"{t['startup_seconds']:.1f} s, shard read {t['load_seconds']:.1f} s, "
                       f"fits {sum(t['fit_seconds'].values()):.1f} s")
@@ -121,6 +123,16 @@ def main() -> None:
                 held = data[calibrator.spatial][1]
                 nll[spec.key, run] = heldout_metrics(calibrator, held)["nll"]
     ray.shutdown()
+
+    # fit.mode: auto's cost model (pipeline.fit.LOCAL_SECONDS_PER_MPIXEL, RAY_STARTUP_SECONDS):
+    # the mean local seconds per million fit pixels over the pointwise calibrators fitted here,
+    # and the mean Train start-up per run.
+    pointwise = [s.key for s in specs if not CALIBRATORS[s.name].spatial]
+    if pointwise:
+        per_mpixel = sum(seconds[k, "local"] for k in pointwise) / len(pointwise)
+        print(f"\nauto cost model: local {per_mpixel / (args.pixels / 1e6):.2f} s per million fit "
+              f"pixels and calibrator (mean of {len(pointwise)}); Ray Train start-up "
+              f"{sum(startups) / max(len(startups), 1):.1f} s per run (mean of {len(startups)})")
 
     runs = ["local"] + [f"ray-{w}" for w in args.workers]
     print("\nfit seconds (ray: the calibrator's fit on rank 0, start-up and shard read apart) "

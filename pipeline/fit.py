@@ -7,7 +7,7 @@ maps (spatial ones), fits each entry of ``cfg.calibrators`` and writes
 every calibrator fitted before the first artifact is written, so a failed run leaves the
 previous artifacts untouched.
 
-Two modes (``fit.mode``):
+Three modes (``fit.mode``); ``auto`` is one of the other two, decided by `resolve_mode`:
 
 - ``local``: ``calibrator.fit(..., heldout=...)`` in-process.
 - ``ray``: ``ray.train.torch.TorchTrainer`` runs for each group of calibrators that fit on the
@@ -53,6 +53,7 @@ Run it with ``segcal fit CONFIG`` or ``python jobs/fit.py CONFIG``.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -94,6 +95,7 @@ __all__ = [
     "fit_specs",
     "heldout_metrics",
     "record_map",
+    "resolve_mode",
     "run",
     "sample_pixel_indices",
     "sample_pixels",
@@ -103,6 +105,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# ``fit.mode: auto``'s cost model, as benchmarks/fit.py prints it ("auto cost model";
+# benchmarks/results/fit_2core_1M.txt, 1M pixels x 19 classes on the 2-core machine): a local
+# fit's seconds per million fit pixels and calibrator (the mean over the pointwise
+# calibrators, one thread), and Ray Train's start-up per run (worker group, process group,
+# dataset split).
+LOCAL_SECONDS_PER_MPIXEL = 9.16
+RAY_STARTUP_SECONDS = 12.3
 # The Ray dataset of each layout: sampled pixels (pointwise calibrators) or maps (spatial ones).
 _LAYOUTS = {False: "pixels", True: "maps"}
 
@@ -246,6 +255,81 @@ def _n_valid(data: FitData | FitSource) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# fit.mode: auto.
+
+
+def _parallel_fits(cfg: JobConfig, n_calibrators: int) -> int:
+    """How many fit processes run at once in Ray Train mode: concurrent runs (at most one per
+    calibrator, `pipeline.fit_ray.concurrent_runs`) x ``fit.num_workers``.
+
+    Reads the running Ray cluster (joining ``RAY_ADDRESS`` if set); without one, this machine's
+    CPUs and GPUs, which a local Ray runtime would have.
+    """
+    import ray
+
+    from pipeline.runtime import init_ray
+
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if ray.is_initialized() or (address and address != "local"):
+        init_ray()
+        total = ray.cluster_resources()
+        cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    else:
+        cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+    workers = cfg.fit.num_workers
+    runs = int(cpus // (workers + 1))  # one CPU per run stays free (`concurrent_runs`)
+    if cfg.fit.use_gpu:
+        runs = min(runs, int(gpus // workers))
+    return max(min(runs, n_calibrators), 0) * workers
+
+
+def resolve_mode(cfg: JobConfig, fit_pixels: int, n_calibrators: int) -> str:
+    """``fit.mode`` with ``auto`` decided: Ray Train only where it is expected to be faster.
+
+    The estimate uses the cost model benchmarks/fit.py measured: fitting locally takes
+    `LOCAL_SECONDS_PER_MPIXEL` per million fit pixels and calibrator, one after another; Ray
+    Train pays `RAY_STARTUP_SECONDS` and then spreads the same work over every fit process the
+    cluster holds at once (`_parallel_fits`). So a small fit, or a cluster with no more room
+    than this process, stays local. Both constants were measured with one torch thread per fit, as
+    a Train worker with one CPU runs; a local fit with more threads can be faster than the
+    model says, so on a many-core machine ``auto`` may pick Ray Train where local would have
+    been about as fast.
+
+    Args:
+        cfg: The run config (``fit.mode``, ``fit.num_workers``, ``fit.use_gpu``).
+        fit_pixels: The fit pixels per calibrator (an estimate is enough).
+        n_calibrators: The calibrators to fit.
+
+    Returns:
+        ``"local"`` or ``"ray"``.
+
+    Example:
+        >>> from pipeline.config import JobConfig
+        >>> cfg = JobConfig.model_validate({"output": "runs/x", "datasets": [],
+        ...     "model": {"kind": "torchscript", "path": "m.pt", "num_classes": 19},
+        ...     "fit": {"mode": "ray"}})
+        >>> resolve_mode(cfg, 10, 1)
+        'ray'
+    """
+    if cfg.fit.mode != "auto":
+        return cfg.fit.mode
+    parallel = _parallel_fits(cfg, n_calibrators)
+    local = LOCAL_SECONDS_PER_MPIXEL * fit_pixels / 1e6 * n_calibrators
+    ray_train = RAY_STARTUP_SECONDS + local / max(parallel, 1)
+    mode = "ray" if parallel >= 2 and ray_train < local else "local"
+    logger.info(
+        "fit.mode auto: %s (%d calibrators x %.2g fit pixels: about %.0f s local, %.0f s with "
+        "Ray Train on %d parallel fits)", mode, n_calibrators, fit_pixels, local, ray_train,
+        parallel,
+    )
+    return mode
+
+
+def _with_mode(cfg: JobConfig, mode: str) -> JobConfig:
+    return cfg.model_copy(update={"fit": cfg.fit.model_copy(update={"mode": mode})})
+
+
+# --------------------------------------------------------------------------------------------
 # The stage.
 
 
@@ -282,6 +366,9 @@ def fit_specs(
         Per spec, the fitted calibrator and ``{"mode", "seconds"[, "ray"]}``: ``seconds`` is
         the fit itself; ``ray`` holds the run's timings, Ray Train's start-up apart.
     """
+    if cfg.fit.mode == "auto":
+        fit_pixels = max((_n_valid(fit) for fit, _ in data.values()), default=0)
+        cfg = _with_mode(cfg, resolve_mode(cfg, fit_pixels, len(specs)))
     indices = list(range(len(specs))) if indices is None else list(indices)
     calibrators, options = [], []
     for spec, index in zip(specs, indices, strict=True):
@@ -400,6 +487,10 @@ def run(cfg: JobConfig) -> dict[str, Path]:
     paths = RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
     calibration = cfg.datasets_with_role("calibration")
     manifests = read_manifests(cfg, paths, [d.name for d in calibration])
+    if cfg.fit.mode == "auto":  # decided before reading: ray mode leaves fit pixels in shards
+        images = sum(m.n_images for m in manifests.values())
+        estimate = int(images * (1 - cfg.fit.heldout_fraction) * cfg.fit.pixels_per_image)
+        cfg = _with_mode(cfg, resolve_mode(cfg, estimate, len(jobs)))
     clean = [d.name for d in calibration if d.corruption is None]
     ignore_index = manifests[clean[0]].ignore_index
     # The split covers every calibration set's ids, as `pipeline.evaluate` recomputes it.

@@ -539,3 +539,54 @@ def test_ray_mode_run_reads_the_fit_images_in_the_driver_for_such_a_calibrator(
     assert cards["ray"]["sha256"] == cards["local"]["sha256"]
     assert cards["ray"]["metrics"]["split"] == cards["local"]["metrics"]["split"]
     assert cards["ray"]["metrics"]["fit_pixels"] == cards["local"]["metrics"]["fit_pixels"]
+
+
+# --------------------------------------------------------------------------------------------
+# fit.mode: auto
+
+
+@pytest.mark.parametrize(("parallel", "pixels", "n", "expected"), [
+    (1, 10**9, 8, "local"),   # no more room than this process: never Ray Train
+    (8, 10_000, 2, "local"),  # a small fit: the start-up costs more than it saves
+    (8, 50 * 10**6, 4, "ray"),  # a big fit on 8 parallel fits
+])
+def test_auto_mode_follows_the_measured_cost_model(tmp_path, monkeypatch, parallel, pixels, n,
+                                                   expected):
+    monkeypatch.setattr(fit, "_parallel_fits", lambda cfg, n: parallel)
+    cfg = make_cfg(tmp_path, mode="auto")
+    assert fit.resolve_mode(cfg, pixels, n) == expected
+    # The rule itself: Ray Train when start-up plus the spread work beats the local sum.
+    local = fit.LOCAL_SECONDS_PER_MPIXEL * pixels / 1e6 * n
+    faster = fit.RAY_STARTUP_SECONDS + local / parallel < local
+    assert (expected == "ray") == (parallel >= 2 and faster)
+    # Explicit modes are kept whatever the sizes.
+    for mode in ("local", "ray"):
+        assert fit.resolve_mode(make_cfg(tmp_path, mode=mode), pixels, n) == mode
+
+
+def test_auto_mode_fits_a_small_run_locally(tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    write_dataset(output, "cal", make_records("cal", 6, size=(16, 16), scale=2.0))
+    decided = []
+    resolve = fit.resolve_mode
+    monkeypatch.setattr(fit, "resolve_mode", lambda *a: decided.append(a[1:]) or resolve(*a))
+    out = fit.run(make_cfg(tmp_path, mode="auto"))
+    card = json.loads((out["temperature"] / "calibrator.json").read_text())
+    assert card["metrics"]["mode"] == "local"
+    # Decided once, before the shards are read, on the estimated fit pixels of 6 images.
+    assert decided == [(int(6 * (1 - 0.3) * 128), 1)]
+
+
+def test_parallel_fits_counts_the_local_machine_without_a_cluster(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(fit.os, "cpu_count", lambda: 16)
+    # 16 CPUs, 2 workers per run and one CPU kept free per run: 5 runs of 2 workers, and no
+    # more runs than calibrators.
+    assert fit._parallel_fits(make_cfg(tmp_path, mode="auto", num_workers=2), 8) == 10
+    assert fit._parallel_fits(make_cfg(tmp_path, mode="auto", num_workers=2), 3) == 6
+    # GPU fits on a machine without GPUs: nothing runs in parallel.
+    monkeypatch.setattr(fit.torch.cuda, "device_count", lambda: 0)
+    assert fit._parallel_fits(make_cfg(tmp_path, mode="auto", use_gpu=True), 8) == 0
