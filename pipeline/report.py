@@ -268,7 +268,7 @@ def build(
                                                     "img_ece"]]
     heldout = rd.heldout_table(summary, ece, resamples=cfg.evaluate.bootstrap,
                                seed=cfg.evaluate.seed)
-    rec = rd.recommend(heldout)
+    rec = rd.recommend(heldout, sizes=rc.parameter_counts(cards or {}))
     lines = list(rec.lines)
     outcome = rd.outcome_on_tests(summary, rec.pick or (rec.leader if rec.kind != "no held-out data"
                                                      else None))

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.calibrators import describe
+from pipeline.calibrators import describe, parameter_count
 from pipeline.report_data import HELDOUT_SUFFIX, UNCALIBRATED
 
 
@@ -43,6 +43,18 @@ def describe_card(card: Mapping[str, Any], flagged: float | None = None) -> str:
     if flagged is not None and not math.isnan(flagged):
         words += f"; flags {100 * flagged:.1f}% of the held-out pixels"
     return words
+
+
+def parameter_counts(cards: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """Label -> fitted parameters, for the cards whose calibrator can be rebuilt."""
+    counts = {}
+    for label, card in cards.items():
+        try:
+            counts[label] = parameter_count(str(card.get("name")), int(card["num_classes"]),
+                                            card.get("options") or {})
+        except (KeyError, TypeError, ValueError):
+            continue  # an unknown calibrator or an old card: not counted
+    return counts
 
 
 def read_cards(output: Path, labels: Sequence[str]) -> dict[str, dict[str, Any]]:

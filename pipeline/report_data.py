@@ -144,7 +144,12 @@ def _ci(lo: float, hi: float) -> str:
     return "no interval" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"
 
 
-def recommend(heldout: pd.DataFrame, *, min_images: int = MIN_HELDOUT_IMAGES) -> Recommendation:
+def recommend(
+    heldout: pd.DataFrame,
+    *,
+    min_images: int = MIN_HELDOUT_IMAGES,
+    sizes: Mapping[str, int] | None = None,
+) -> Recommendation:
     """Pick the calibrator by a rule fixed on the held-out calibration images only.
 
     The rule: rank by held-out image-wise ECE (ties: NLL). With fewer than ``min_images``
@@ -155,6 +160,8 @@ def recommend(heldout: pd.DataFrame, *, min_images: int = MIN_HELDOUT_IMAGES) ->
     Args:
         heldout: :func:`heldout_table`'s output.
         min_images: the fewest held-out images needed to decide.
+        sizes: calibrator label -> fitted parameters (`pipeline.calibrators.parameter_count`),
+            to name the simplest of tied calibrators; None names none.
 
     Returns:
         The recommendation with its sentences.
@@ -201,12 +208,16 @@ def recommend(heldout: pd.DataFrame, *, min_images: int = MIN_HELDOUT_IMAGES) ->
         names = ", ".join(tied)
         plain = (" None is clearly better than uncalibrated." if UNCALIBRATED in [leader, *tied]
                  else "")
+        known = {c: sizes[c] for c in [leader, *tied] if sizes and c in sizes}
+        simplest = " (fewest parameters)."
+        if known:
+            label = min(known, key=known.__getitem__)
+            simplest = f": {label}, with {known[label]} fitted parameter" + (
+                "." if known[label] == 1 else "s.")
         return Recommendation(None, "no clear winner", [
             f"No clear winner on the held-out calibration data: {lead_text}, but its 95% "
             f"interval overlaps those of {names}.{plain}",
-            "Any of them is defensible; prefer the simplest"
-            + (": temperature, with one parameter." if "temperature" in [leader, *tied]
-               else " (fewest parameters)."),
+            "Any of them is defensible; prefer the simplest" + simplest,
         ], tied=tied, **common)
     if leader == UNCALIBRATED:
         return Recommendation(UNCALIBRATED, "clear", [

@@ -34,14 +34,22 @@ def test_overlapping_intervals_give_no_clear_winner():
     # The case of the issue: the leader's interval fully overlaps uncalibrated's.
     rec = rd.recommend(_heldout({"uncalibrated": (0.113, 0.0948, 0.1313, 20),
                                  "temperature": (0.118, 0.100, 0.135, 20),
-                                 "selective": (0.112, 0.0951, 0.1295, 20)}))
+                                 "selective": (0.112, 0.0951, 0.1295, 20)}),
+                       sizes={"temperature": 1, "selective": 761})
     assert (rec.pick, rec.kind) == (None, "no clear winner")
     assert rec.leader == "selective"
     assert rec.tied == ["uncalibrated", "temperature"]
     assert rec.lines[0].startswith("No clear winner on the held-out calibration data")
     assert "None is clearly better than uncalibrated." in rec.lines[0]
     assert rec.lines[1] == ("Any of them is defensible; prefer the simplest: temperature, "
-                            "with one parameter.")
+                            "with 1 fitted parameter.")
+
+
+def test_parameter_counts_come_from_the_cards_calibrators():
+    cards = {"ts": {"name": "temperature", "num_classes": 5, "options": {}},
+             "vs": {"name": "vector", "num_classes": 5},
+             "gone": {"name": "no_such_calibrator", "num_classes": 5}, "old": {"name": "vector"}}
+    assert rc.parameter_counts(cards) == {"ts": 1, "vs": 10}
 
 
 def test_too_small_a_heldout_part_names_no_winner_and_states_the_threshold():
@@ -134,7 +142,8 @@ def test_several_heldout_sets_are_pooled_image_by_image():
 # flagged: the share of held-out pixels a selector flags, known only for calibrators that score
 # pixels (the selective family).
 @pytest.mark.parametrize(("card", "flagged", "words"), [
-    ({"name": "temperature", "summary": {"temperature": 1.3124}}, None, "one temperature, T = 1.31"),
+    ({"name": "temperature", "summary": {"temperature": 1.3124}}, None,
+     "one temperature, T = 1.31"),
     ({"name": "ets", "summary": {"temperature": 1.5, "weights": [0.9, 0.08, 0.02]}}, None,
      "one temperature, T = 1.50, mixed with the raw and the uniform distribution (weights "
      "0.900 / 0.0800 / 0.0200)"),

@@ -39,6 +39,7 @@ from pipeline.calibrators.registry import (
     build_calibrator,
     describe,
     list_calibrators,
+    parameter_count,
     register,
 )
 from pipeline.calibrators.temperature import fit_temperature
@@ -57,6 +58,7 @@ __all__ = [
     "list_calibrators",
     "load",
     "optimise",
+    "parameter_count",
     "read_card",
     "register",
     "save",

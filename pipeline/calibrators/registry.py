@@ -17,7 +17,7 @@ from pipeline.calibrators.wording import generic
 
 __all__ = [
     "CALIBRATORS", "adapts_to_target", "build_calibrator", "describe", "list_calibrators",
-    "option_names", "register",
+    "option_names", "parameter_count", "register",
 ]
 
 CALIBRATORS: dict[str, type[Calibrator]] = {}
@@ -133,3 +133,16 @@ def adapts_to_target(name: str) -> bool:
     """
     cls = CALIBRATORS.get(name)
     return cls is not None and cls.adapts_to_target
+
+
+def parameter_count(name: str, num_classes: int, options: Mapping[str, Any] | None = None) -> int:
+    """The fitted parameters of calibrator ``name`` built with ``options`` (its size, for
+    telling the simplest of several apart).
+
+    Example:
+        >>> import pipeline.calibrators
+        >>> parameter_count("temperature", 19), parameter_count("vector", 19)
+        (1, 38)
+    """
+    calibrator = build_calibrator(name, num_classes, **dict(options or {}))
+    return sum(p.numel() for p in calibrator.parameters())
