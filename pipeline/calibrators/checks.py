@@ -130,8 +130,13 @@ def check_logits(logits: Tensor, num_classes: int, name: str = "logits") -> None
         )
     if logits.numel() == 0:
         raise ValueError(f"Expected `{name}` to be non-empty, but got {_fmt_shape(logits.shape)}")
-    # The extremes propagate NaN and hold any inf: ~10x faster than isfinite(...).all().
-    if not (bool(torch.isfinite(logits.amax())) and bool(torch.isfinite(logits.amin()))):
+    # One pass: a sum of values with a NaN or inf among them is NaN or inf (IEEE addition
+    # propagates both, in any order), so a finite sum means finite values. A non-finite sum
+    # may also be an overflow of finite values; only then are the extremes looked at (they
+    # propagate NaN and hold any inf), which decide exactly as before.
+    if not bool(torch.isfinite(logits.sum())) and not (
+        bool(torch.isfinite(logits.amax())) and bool(torch.isfinite(logits.amin()))
+    ):
         raise ValueError(f"Expected `{name}` to be finite, but got NaN or inf values")
 
 

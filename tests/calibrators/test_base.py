@@ -106,6 +106,19 @@ def test_forward_rejects_bad_input(args, error, match):
         _fitted()(*args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_forward_accepts_finite_logits_whose_sum_overflows(dtype):
+    # The finiteness check sums first; a sum overflowing to inf must not reject finite logits.
+    big = torch.full_like(LOGITS, torch.finfo(dtype).max).to(dtype)
+    assert not bool(torch.isfinite(big.sum()))
+    assert _fitted()(big).shape == big.shape  # no ValueError
+    for value in (math.inf, -math.inf, math.nan):
+        bad = big.clone()
+        bad[1, 2, 3, 0] = value
+        with pytest.raises(ValueError, match="`logits` to be finite"):
+            _fitted()(bad)
+
+
 def test_forward_before_fit_raises():
     with pytest.raises(RuntimeError, match="`forward` was called before `fit`"):
         build_calibrator("temperature", C)(LOGITS)
