@@ -43,6 +43,7 @@ from pipeline.shards import (
     ImageRecord,
     decode_table,
     file_sha256,
+    logits_float32,
     upsample_logits,
 )
 
@@ -162,7 +163,7 @@ def image_stats_per_calibrator(
         # A copy: shard arrays are read-only views of Arrow buffers. To a GPU the float16
         # values travel as they are stored (half the bytes) and widen there, exactly.
         if device.type == "cpu":
-            logits = torch.from_numpy(np.array(record.logits, dtype=np.float32))
+            logits = logits_float32(record.logits)
         else:
             logits = torch.from_numpy(np.array(record.logits)).to(device).float()
     with timer("upsampling"):

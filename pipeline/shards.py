@@ -374,6 +374,28 @@ def read_shard(path: str | Path) -> list[ImageRecord]:
         raise type(err)(f"{path}: {err}") from err
 
 
+def logits_float32(logits: np.ndarray) -> torch.Tensor:
+    """Stored logits as a new C-contiguous float32 tensor: ``np.array(logits, np.float32)``.
+
+    Widening float16 is exact, so for finite values every conversion gives the same bits;
+    torch's (F16C on x86) is ~20x faster than NumPy's (0.04 vs 0.7 ms for 19 x 128 x 256
+    values). NaN payloads may differ (F16C quiets signalling NaNs), so an array whose sum is
+    not finite (a NaN or inf among its values: float16 values cannot overflow a float32 sum),
+    a read-only one (torch warns on those) and other dtypes take NumPy's conversion.
+
+    Example:
+        >>> logits_float32(np.array([1.5, -2.0], np.float16))
+        tensor([ 1.5000, -2.0000])
+    """
+    import torch
+
+    if logits.dtype == np.float16 and logits.flags.writeable:
+        x = torch.from_numpy(logits).float().contiguous()
+        if bool(torch.isfinite(x.sum())):
+            return x
+    return torch.from_numpy(np.array(logits, dtype=np.float32))
+
+
 def upsample_logits(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize stored logits to ``size`` bilinearly (``align_corners=False``).
 
@@ -392,8 +414,8 @@ def upsample_logits(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) ->
     import torch.nn.functional as F
 
     if isinstance(logits, np.ndarray):
-        # A copy: shard arrays are read-only views of Arrow buffers, which torch warns about.
-        x = torch.from_numpy(np.array(logits, dtype=np.float32))
+        # A copy: shard arrays may be read-only views of Arrow buffers, which torch warns about.
+        x = logits_float32(logits)
     else:
         x = logits.float()
     if x.ndim != 3:

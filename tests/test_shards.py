@@ -264,3 +264,30 @@ def test_manifest_records_an_unlabelled_set_and_old_manifests_read_as_labelled(t
     del raw["labelled"]  # written before the field existed
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     assert read_manifest(tmp_path).labelled is True
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+def test_byte_planes_join_back_to_the_same_bytes(itemsize):
+    from pipeline.shards import _join_planes
+
+    raw = np.random.default_rng(itemsize).integers(0, 256, 3 * itemsize * 37, dtype=np.uint8)
+    planes = raw.reshape(3, itemsize, 37)
+    expected = np.ascontiguousarray(planes.transpose(0, 2, 1)).reshape(3, -1)
+    joined = _join_planes(planes)
+    assert joined.dtype == np.uint8 and joined.flags.writeable and joined.flags.c_contiguous
+    np.testing.assert_array_equal(joined, expected)
+
+
+def test_logits_float32_gives_numpys_bits_for_every_float16():
+    from pipeline.shards import logits_float32
+
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16)  # NaNs and infs included
+    finite = every[np.isfinite(every)]
+    read_only = finite.copy()
+    read_only.flags.writeable = False
+    for logits in (every, finite, read_only, finite[::3], finite.astype(np.float32)):
+        x = logits_float32(logits)
+        assert x.dtype == torch.float32 and x.is_contiguous()
+        assert not np.shares_memory(x.numpy(), logits)
+        np.testing.assert_array_equal(x.numpy().view(np.uint32),
+                                      np.array(logits, np.float32).view(np.uint32))
