@@ -9,6 +9,7 @@ twins. :data:`ROW_SCHEMA` is the schema of ``per_image.parquet``.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -372,6 +373,36 @@ def _iter_shard(path: Path, sha256: str, rows: int) -> Iterator[ImageRecord]:
         yield from decode_table(pa.Table.from_batches([batch]))
 
 
+# <malloc.h>: glibc's mallopt parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _reuse_freed_memory() -> bool:
+    """Have glibc keep freed blocks of up to 32 MiB for reuse instead of unmapping them.
+
+    Each image x calibrator allocates several (C, H, W) float32 maps (10 MB at Cityscapes/4):
+    the calibrated logits, the probabilities, ... With glibc's defaults, blocks of this size are
+    given back to the kernel when freed (a trimmed heap top, or their own mmap), so the next
+    image's maps fault in, and zero, every page again: ~4,000 page faults per Cityscapes/4
+    image, 1.5-2 ms of CPU time in each of the forward and the softmax. Keeping them (mmap
+    threshold 32 MiB, trim threshold 256 MiB) turns those into reuses of the same memory; the
+    process's resident memory then stays at its largest per-image working set instead of
+    returning to the baseline between images. Values are untouched: every byte an evaluation
+    reads, it wrote first. Does nothing outside glibc.
+
+    Returns:
+        Whether the options were set.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only: the constants are its own
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 256 << 20))
+
+
 def resolve_device(use_gpu: object) -> torch.device:
     """The device an evaluator scores on: ``"auto"`` takes CUDA when this process sees a GPU.
 
@@ -431,6 +462,8 @@ class ShardEvaluator:
         if threads is not None:
             torch.set_num_threads(threads)
         self.device = resolve_device(use_gpu)
+        if self.device.type == "cpu":  # the (C, H, W) maps live in this process's heap
+            _reuse_freed_memory()
         self.calibrators: dict[str, Calibrator | None] = {UNCALIBRATED: None}
         self.calibrators.update(
             {label: load(path).to(self.device) for label, path in artifacts.items()}
