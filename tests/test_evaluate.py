@@ -639,3 +639,17 @@ def test_use_gpu_true_without_a_gpu_fails_early(monkeypatch):
         assert evaluate.resolve_device("auto").type == "cpu"
         with pytest.raises(RuntimeError, match=r"CUDA device"):
             evaluate.resolve_device(True)
+
+
+def test_reuse_freed_memory_sets_glibc_options_where_there_are_any():
+    import ctypes
+    import platform
+
+    try:
+        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018
+        glibc = True
+    except (OSError, AttributeError):
+        glibc = False
+    assert evaluate_rows._reuse_freed_memory() is (glibc and platform.system() == "Linux")
+    # Idempotent: every CPU evaluator in a process calls it.
+    assert evaluate_rows._reuse_freed_memory() is (glibc and platform.system() == "Linux")
