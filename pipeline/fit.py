@@ -106,12 +106,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # ``fit.mode: auto``'s cost model, as benchmarks/fit.py prints it ("auto cost model";
-# benchmarks/results/fit_2core_1M.txt, 1M pixels x 19 classes on the 2-core machine): a local
+# benchmarks/results/fit_2core_20M.txt, 20M pixels x 19 classes on the 2-core machine): a local
 # fit's seconds per million fit pixels and calibrator (the mean over the pointwise
 # calibrators, one thread), and Ray Train's start-up per run (worker group, process group,
-# dataset split).
-LOCAL_SECONDS_PER_MPIXEL = 9.16
-RAY_STARTUP_SECONDS = 12.3
+# dataset split). The 1M-pixel run measured 9.16 s and 12.3 s.
+LOCAL_SECONDS_PER_MPIXEL = 11.12
+RAY_STARTUP_SECONDS = 17.1
 # The Ray dataset of each layout: sampled pixels (pointwise calibrators) or maps (spatial ones).
 _LAYOUTS = {False: "pixels", True: "maps"}
 
@@ -277,10 +277,13 @@ def _parallel_fits(cfg: JobConfig, n_calibrators: int) -> int:
     else:
         cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
     workers = cfg.fit.num_workers
-    runs = int(cpus // (workers + 1))  # one CPU per run stays free (`concurrent_runs`)
+    if cfg.fit.use_gpu and gpus < workers:
+        return 0  # the workers could not be placed
+    # As `concurrent_runs`: one CPU per run stays free, and one run always starts.
+    runs = int(cpus // (workers + 1))
     if cfg.fit.use_gpu:
         runs = min(runs, int(gpus // workers))
-    return max(min(runs, n_calibrators), 0) * workers
+    return max(1, min(runs, n_calibrators)) * workers
 
 
 def resolve_mode(cfg: JobConfig, fit_pixels: int, n_calibrators: int) -> str:

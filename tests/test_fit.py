@@ -587,6 +587,10 @@ def test_parallel_fits_counts_the_local_machine_without_a_cluster(tmp_path, monk
     # more runs than calibrators.
     assert fit._parallel_fits(make_cfg(tmp_path, mode="auto", num_workers=2), 8) == 10
     assert fit._parallel_fits(make_cfg(tmp_path, mode="auto", num_workers=2), 3) == 6
-    # GPU fits on a machine without GPUs: nothing runs in parallel.
+    # One run always starts (as in ray mode): 2 workers on 2 CPUs fit in parallel.
+    monkeypatch.setattr(fit.os, "cpu_count", lambda: 2)
+    assert fit._parallel_fits(make_cfg(tmp_path, mode="auto", num_workers=2), 8) == 2
+    assert fit._parallel_fits(make_cfg(tmp_path, mode="auto"), 8) == 1
+    # GPU fits on a machine without GPUs: the workers could not be placed.
     monkeypatch.setattr(fit.torch.cuda, "device_count", lambda: 0)
     assert fit._parallel_fits(make_cfg(tmp_path, mode="auto", use_gpu=True), 8) == 0
