@@ -145,7 +145,8 @@ def build_config(args: argparse.Namespace, tmp: Path) -> JobConfig:
         path = tmp / "null.pt"
         torch.jit.script(NullNet(num_classes)).save(str(path))
         model.update(kind="torchscript", path=str(path))
-    extract: dict = {"store_stride": args.stride, "precision": args.precision}
+    extract: dict = {"store_stride": args.stride, "precision": args.precision,
+                     "actors_per_gpu": args.actors_per_gpu}
     if args.batch_size is not None:
         extract["batch_size"] = args.batch_size
     return parse_config({
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stride", type=int, choices=[1, 2, 4], default=1,
                         help="extract.store_stride (the stage's default is 1)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--actors-per-gpu", type=int, default=1,
+                        help="extract.actors_per_gpu: model actors sharing each GPU")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="extract.batch_size (default: the stage's default)")
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs (default: all)")

@@ -235,6 +235,9 @@ class ExtractConfig(_Strict):
     # Images per model call: None means 16 per GPU actor, 4 on CPU.
     batch_size: Int | None = Field(default=None, ge=1)
     num_actors: Int | None = Field(default=None, ge=1)
+    # Model actors sharing each GPU (each asks for 1/k of it): for a small model that leaves
+    # the GPU idle between one actor's batches. Scheduling only: stored rows are the same.
+    actors_per_gpu: Int = Field(default=1, ge=1, le=8)
     rows_per_shard: Int = Field(default=64, ge=1)
     store_stride: Literal[1, 2, 4] = 1
     label_resolution: Bool = False

@@ -438,13 +438,15 @@ def _stream(
         rows = block_rows(len(items), float(ray.available_resources().get("CPU", 1.0)),
                           batch_size, _image_bytes(todo[0].uri))
         blocks = math.ceil(len(items) / rows)
-        pool = _pool_resources(cfg.extract.num_actors, blocks, cfg.extract.actor_resources)
+        pool = _pool_resources(cfg.extract.num_actors, blocks, cfg.extract.actor_resources,
+                               cfg.extract.actors_per_gpu)
         task_cpus = pool["task_cpus"]
         dataset = (
             ray.data.from_items(items, override_num_blocks=blocks)
             .map_batches(decode_batch, fn_kwargs={"cfg": ds, "num_classes": num_classes},
                          batch_size=batch_size, batch_format="numpy", num_cpus=task_cpus)
-            # [2] the model: one actor per GPU, logits reduced and cast on the device
+            # [2] the model: one actor per GPU (or actors_per_gpu sharing one), logits
+            #     reduced and cast on the device
             .map_batches(
                 LogitPredictor,
                 fn_constructor_kwargs={

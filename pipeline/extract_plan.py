@@ -57,12 +57,16 @@ def _image_bytes(uri: str) -> int:
 
 
 def _pool_resources(
-    requested: int | None, blocks: int, actor_resources: dict[str, float] | None = None
+    requested: int | None,
+    blocks: int,
+    actor_resources: dict[str, float] | None = None,
+    per_gpu: int = 1,
 ) -> dict[str, Any]:
     """Actor pool size and per-actor resources, from what the cluster has free now.
 
-    GPU clusters get one actor per GPU, each with one CPU for its host-side work; decode and
-    write tasks (``task_cpus`` each) take the other CPUs. On CPU-only clusters the pool has one
+    GPU clusters get ``per_gpu`` actors per GPU (``extract.actors_per_gpu``, each asking for
+    ``1 / per_gpu`` of one), each with up to one CPU for its host-side work; decode and write
+    tasks (``task_cpus`` each) take the other CPUs. On CPU-only clusters the pool has one
     single-threaded actor per free CPU that decodes, infers and writes itself: torch threads
     that wait for work spin, so more threads per actor than cores per actor only burn CPU.
     At least one logical CPU always stays outside the pool: Ray Data hangs
@@ -77,7 +81,7 @@ def _pool_resources(
     cpus, gpus = float(free.get("CPU", 0.0)), int(free.get("GPU", 0.0))
     reserve = 1.0 if cpus >= 2 else cpus / 2
     if gpus >= 1:
-        size = min(requested or gpus, gpus)
+        size = min(requested or gpus * per_gpu, gpus * per_gpu)
     else:
         size = min(requested or max(1, int(cpus)), max(1, int(cpus)))
     for key, amount in (actor_resources or {}).items():
@@ -99,7 +103,7 @@ def _pool_resources(
     total_cpus = float(ray.cluster_resources().get("CPU", cpus))
     return {
         "size": size,
-        "num_gpus": 1 if gpus >= 1 else 0,
+        "num_gpus": 1 / per_gpu if gpus >= 1 else 0,
         "num_cpus": max(0.01, min(1.0, (cpus - reserve) / size)),
         "threads": 1 if gpus >= 1 else max(1, int(total_cpus // size)),
         "task_cpus": min(reserve, 1.0 if gpus >= 1 else 0.5),

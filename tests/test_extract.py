@@ -246,6 +246,20 @@ def test_pool_resources_follow_a_custom_resource(monkeypatch):
         extract._pool_resources(None, 10, {"other": 2.0})
 
 
+def test_pool_resources_share_a_gpu_between_actors(monkeypatch):
+    free = {"CPU": 16.0, "GPU": 2.0}
+    monkeypatch.setattr(extract.ray, "available_resources", lambda: free)
+    monkeypatch.setattr(extract.ray, "cluster_resources", lambda: free)
+    one = extract._pool_resources(None, blocks=20)
+    assert (one["size"], one["num_gpus"]) == (2, 1)
+    three = extract._pool_resources(None, blocks=20, per_gpu=3)
+    assert (three["size"], three["num_gpus"]) == (6, pytest.approx(1 / 3))
+    # Six actors and one decode or write task still fit in the CPUs.
+    assert three["size"] * three["num_cpus"] + three["task_cpus"] <= free["CPU"]
+    assert extract._pool_resources(None, blocks=4, per_gpu=3)["size"] == 4  # never above blocks
+    assert extract._pool_resources(4, blocks=20, per_gpu=3)["size"] == 4  # num_actors wins
+
+
 def test_block_rows_amortise_tasks_and_cap_bytes():
     assert extract.block_rows(8, 2, 4, 1000) == 4  # never below one model batch
     assert extract.block_rows(1200, 2, 4, 700_000) % 4 == 0
