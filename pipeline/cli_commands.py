@@ -206,7 +206,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.with_model:
         import torch
 
-        from pipeline.calibrators.artifacts import InputRecipe
+        from pipeline.calibrators.export import InputRecipe
         from pipeline.models import load_model
 
         # The bare network behind the config's input recipe, which the file applies itself:

@@ -18,7 +18,7 @@ Three modes (``fit.mode``); ``auto`` is one of the other two, decided by `resolv
   and counts the fit images and hands out references to them (`FitSource`); each worker gets
   its share with ``ray.train.get_dataset_shard``, reads those images from the shards and
   samples them by the same seeded rule, then runs the very same ``calibrator.fit`` with a
-  `pipeline.calibrators.base.DistributedReduce` hook that all-reduces the sums, counts, loss
+  `pipeline.calibrators.reduce.DistributedReduce` hook that all-reduces the sums, counts, loss
   values and gradients the loop computes over fit rows (the hook is the identity in-process).
   So the calibrator's own optimiser, defaults, warm starts, grids, refits and early stopping
   run unchanged: deterministic fits agree with the local ones up to float summation order,

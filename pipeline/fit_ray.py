@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pipeline.calibrators import FitData, build_calibrator
-from pipeline.calibrators.base import DistributedReduce
+from pipeline.calibrators.reduce import DistributedReduce
 from pipeline.config import JobConfig
 from pipeline.sampling import FitSource
 

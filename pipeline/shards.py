@@ -410,14 +410,11 @@ def upsample_logits(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) ->
         >>> upsample_logits(np.ones((2, 3, 4), np.float16), (6, 8)).shape
         torch.Size([2, 6, 8])
     """
-    import torch
     import torch.nn.functional as F
 
-    if isinstance(logits, np.ndarray):
-        # A copy: shard arrays may be read-only views of Arrow buffers, which torch warns about.
-        x = logits_float32(logits)
-    else:
-        x = logits.float()
+    # From numpy, a copy: shard arrays may be read-only views of Arrow buffers, which torch
+    # warns about.
+    x = logits_float32(logits) if isinstance(logits, np.ndarray) else logits.float()
     if x.ndim != 3:
         raise ValueError(f"Expected `logits` of shape (C, h, w), but got {tuple(x.shape)}")
     if tuple(x.shape[-2:]) == tuple(size):

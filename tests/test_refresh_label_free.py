@@ -434,7 +434,8 @@ def test_adapted_labels_come_from_the_cards_not_the_names(tmp_path):
                 getattr(calibrator, band).zero_()
         save(calibrator, run / "artifacts" / label, class_names=None, ignore_index=None)
     adapted = registry.adapted_labels(run)
-    assert "night" in adapted and "adaptive_ts" not in adapted
+    assert "night" in adapted
+    assert "adaptive_ts" not in adapted
     assert "adaptive_ts_gated" in adapted  # no card: counts by its registry name
     summary = _heldout({"uncalibrated": 0.1, "night": 0.01, "adaptive_ts": 0.03})
     assert run_calibrator(summary, adapted=adapted) == "adaptive_ts"

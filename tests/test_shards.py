@@ -274,7 +274,9 @@ def test_byte_planes_join_back_to_the_same_bytes(itemsize):
     planes = raw.reshape(3, itemsize, 37)
     expected = np.ascontiguousarray(planes.transpose(0, 2, 1)).reshape(3, -1)
     joined = _join_planes(planes)
-    assert joined.dtype == np.uint8 and joined.flags.writeable and joined.flags.c_contiguous
+    assert joined.dtype == np.uint8
+    assert joined.flags.writeable
+    assert joined.flags.c_contiguous
     np.testing.assert_array_equal(joined, expected)
 
 
@@ -287,7 +289,8 @@ def test_logits_float32_gives_numpys_bits_for_every_float16():
     read_only.flags.writeable = False
     for logits in (every, finite, read_only, finite[::3], finite.astype(np.float32)):
         x = logits_float32(logits)
-        assert x.dtype == torch.float32 and x.is_contiguous()
+        assert x.dtype == torch.float32
+        assert x.is_contiguous()
         assert not np.shares_memory(x.numpy(), logits)
         np.testing.assert_array_equal(x.numpy().view(np.uint32),
                                       np.array(logits, np.float32).view(np.uint32))

@@ -44,15 +44,11 @@ from pipeline.calibrators.artifact_checks import (
     require_fitted,
 )
 from pipeline.calibrators.base import Calibrator
-from pipeline.calibrators.export import InputRecipe, export_torchscript, export_with_model
 from pipeline.paths import CARD, TIMINGS, make_temp_dir
 
 __all__ = [
     "CARD", "MAX_CLASSES", "TIMINGS", "WEIGHTS", "load", "read_card", "read_timings", "save",
     "split_timings",
-    # Defined in `export`, still importable from here: pipeline/cli_commands.py and
-    # tests/models/test_export_with_model.py import them from this module.
-    "InputRecipe", "export_torchscript", "export_with_model",
 ]
 
 WEIGHTS = "model.safetensors"

@@ -36,9 +36,6 @@ except ImportError:  # pragma: no cover - Python 3.10
 from pipeline.calibrators.checks import check_images, check_int, check_labels, check_logits
 from pipeline.calibrators.reduce import LOCAL, Reduce
 
-# Re-exported: pipeline/fit_ray.py imports DistributedReduce from this module.
-from pipeline.calibrators.reduce import DistributedReduce as DistributedReduce
-
 __all__ = ["Calibrator", "FitData", "from_points", "to_points"]
 
 

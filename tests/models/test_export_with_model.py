@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline import calibrators, cli
-from pipeline.calibrators.artifacts import InputRecipe, export_with_model
+from pipeline.calibrators.export import InputRecipe, export_with_model
 from pipeline.config import ModelConfig
 from pipeline.models import ESPNet, load_model
 
