@@ -47,6 +47,7 @@ SUMMARY = "summary.csv"  # OUTPUT/: written last by evaluate, it marks a finishe
 DOMAIN_SHIFT = "domain_shift.csv"
 BEST = "best.csv"
 LABEL_FREE = "label_free.csv"  # OUTPUT/: drift and label-free estimates
+CHAMPION_EVAL = "champion_eval"  # OUTPUT/: refresh re-evaluates the champion's calibrators here
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 ERROR_LOG = "error.log"  # OUTPUT/: the traceback of a failed command

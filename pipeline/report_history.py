@@ -7,8 +7,8 @@ the domain's image-wise ECE (pooled over its test sets, weighted by images) per 
 point per decision, with the promotions marked by vertical lines. The page also lists every
 decision (time, decision, run, drift alarms, reason) and, when a refresh recorded them, the last
 night's drift alarms and label-free estimates per set (``label_free`` in the history entry,
-see :func:`pipeline.refresh.label_free_record`). Like the run report, it is one HTML file with
-its images beside it and opens offline.
+see :func:`pipeline.refresh_label_free.label_free_record`). Like the run report, it is one
+HTML file with its images beside it and opens offline.
 
 Only the decisions that name a stored run (``challenger``) have numbers; failed refreshes are
 listed without.

@@ -18,11 +18,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import cli, registry, report_history
+from pipeline import cli, refresh_label_free, registry, report_history
 from pipeline import refresh as refresh_mod
 from pipeline import stages as stages_mod
 from pipeline.config import parse_config
-from pipeline.refresh import label_free_record, read_label_free, refresh, run_calibrator
+from pipeline.refresh import refresh
+from pipeline.refresh_label_free import label_free_record, read_label_free, run_calibrator
 
 LABEL_FREE_COLUMNS = (
     "dataset", "domain", "reference", "role", "calibrator", "n_images", "drift_score",
@@ -257,16 +258,16 @@ def test_a_broken_label_free_table_fails_the_refresh_before_the_switch(tmp_path,
     root = tmp_path / "reg"
     stages = LabelFreeStages({"temperature": 0.05, "selective": 0.04})
     champion = refresh(_cfg(tmp_path), root, call=stages)["challenger"]
-    real = refresh_mod.read_label_free
+    real = refresh_label_free.read_label_free
 
     def broken(path):
         raise ValueError(f"Expected {path} to have columns [...], but it lacks ['drift_score']")
 
-    monkeypatch.setattr(refresh_mod, "read_label_free", broken)
+    monkeypatch.setattr(refresh_label_free, "read_label_free", broken)
     stages.ece = {"temperature": 0.01, "selective": 0.01}  # would be promoted
     with pytest.raises(ValueError, match="lacks"):
         refresh(_cfg(tmp_path, seed=1), root, call=stages)
-    monkeypatch.setattr(refresh_mod, "read_label_free", real)
+    monkeypatch.setattr(refresh_label_free, "read_label_free", real)
     assert registry.current(root) == champion
     assert registry.history(root)[-1]["decision"] == "failed"
 
