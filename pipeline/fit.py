@@ -70,7 +70,7 @@ from torch import Tensor
 from pipeline.calibrators import Calibrator, FitData, build_calibrator, save
 from pipeline.config import FIT_OPTIONS, CalibratorSpec, JobConfig
 from pipeline.fit_plan import FitJob, plan_jobs, read_manifests, spec_options
-from pipeline.fit_ray import concurrent_runs, fit_ray, train_loop_per_worker
+from pipeline.fit_ray import concurrent_runs, fit_ray, runs_that_fit, train_loop_per_worker
 from pipeline.metrics import ece
 from pipeline.models import model_fingerprint
 from pipeline.oracle import fit_oracles, save_oracles
@@ -276,14 +276,9 @@ def _parallel_fits(cfg: JobConfig, n_calibrators: int) -> int:
         cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     else:
         cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
-    workers = cfg.fit.num_workers
-    if cfg.fit.use_gpu and gpus < workers:
+    if cfg.fit.use_gpu and gpus < cfg.fit.num_workers:
         return 0  # the workers could not be placed
-    # As `concurrent_runs`: one CPU per run stays free, and one run always starts.
-    runs = int(cpus // (workers + 1))
-    if cfg.fit.use_gpu:
-        runs = min(runs, int(gpus // workers))
-    return max(1, min(runs, n_calibrators)) * workers
+    return runs_that_fit(cpus, gpus, cfg.fit, n_calibrators) * cfg.fit.num_workers
 
 
 def resolve_mode(cfg: JobConfig, fit_pixels: int, n_calibrators: int) -> str:

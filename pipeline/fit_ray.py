@@ -20,7 +20,7 @@ from torch import Tensor
 
 from pipeline.calibrators import FitData, build_calibrator
 from pipeline.calibrators.reduce import DistributedReduce
-from pipeline.config import JobConfig
+from pipeline.config import FitConfig, JobConfig
 from pipeline.sampling import FitSource
 
 __all__ = ["concurrent_runs", "fit_ray", "train_loop_per_worker"]
@@ -187,22 +187,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _report(metrics, states if rank == 0 else None)
 
 
-def concurrent_runs(cfg: JobConfig, n_jobs: int) -> int:
-    """TorchTrainer runs the cluster holds at once: each takes ``num_workers`` CPUs (GPUs).
-
-    One CPU per run stays free for Ray Data's split coordination (Train workers that hold
-    every CPU starve it). 1 when Ray is not started yet (the trainer starts it).
+def runs_that_fit(cpus: float, gpus: float, fit: FitConfig, n_jobs: int) -> int:
+    """TorchTrainer runs that fit at once in ``cpus`` and ``gpus``: each takes
+    ``fit.num_workers`` CPUs (GPUs with ``fit.use_gpu``) and one more CPU, which stays free for
+    Ray Data's split coordination (Train workers that hold every CPU starve it). At most one
+    run per job, and at least one run.
     """
+    workers = fit.num_workers
+    room = int(cpus // (workers + 1))
+    if fit.use_gpu:
+        room = min(room, int(gpus // workers))
+    return max(1, min(n_jobs, room))
+
+
+def concurrent_runs(cfg: JobConfig, n_jobs: int) -> int:
+    """TorchTrainer runs the cluster holds at once (`runs_that_fit`); 1 when Ray is not started
+    yet (the trainer starts it)."""
     import ray
 
     if not ray.is_initialized():
         return 1
     total = ray.cluster_resources()
-    workers = cfg.fit.num_workers
-    room = int(total.get("CPU", 0) // (workers + 1))
-    if cfg.fit.use_gpu:
-        room = min(room, int(total.get("GPU", 0) // workers))
-    return max(1, min(n_jobs, room))
+    return runs_that_fit(total.get("CPU", 0.0), total.get("GPU", 0.0), cfg.fit, n_jobs)
 
 
 def fit_ray(
