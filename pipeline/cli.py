@@ -368,6 +368,20 @@ def _write_error_log(args: argparse.Namespace, err: BaseException) -> Path | Non
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    code = _run(args)
+    mirror = getattr(args, "mirror", None)
+    if mirror is not None:  # the output is a URI: send back what the command wrote, failed or not
+        try:
+            mirror.push()
+        except Exception as err:
+            print(f"segcal {args.command}: failed to copy {mirror.local} to {mirror.uri}: "
+                  f"{root_cause(err)} (the files are still in {mirror.local}; the next command "
+                  "on this machine sends them)", file=sys.stderr)
+            return code or FAILED
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
     from pipeline.preflight import PreflightError
     from pipeline.registry import RegistryError

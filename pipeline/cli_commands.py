@@ -40,12 +40,28 @@ class UsageError(Exception):
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> JobConfig:
+def _load(args: argparse.Namespace, *, mirror: bool = True) -> JobConfig:
+    """The config of ``args``; with ``mirror``, an ``output`` URI becomes its local mirror.
+
+    Then the run works in the mirror, pulled from the URI here; :func:`pipeline.cli._dispatch`
+    pushes it back when the command ends (see :mod:`pipeline.storage`).
+    """
     from pipeline.config import load_config
+    from pipeline.storage import Mirror, is_uri
 
     cfg = load_config(args.config, args.overrides)
+    if mirror and is_uri(cfg.output):
+        args.mirror = Mirror(cfg.output)
+        cfg = cfg.model_copy(update={"output": str(args.mirror.pull()), "store": cfg.output})
     args.output_dir = cfg.output  # where a failure's traceback goes (error.log)
     return cfg
+
+
+def _output_override(output: str) -> str:
+    """``--output``: a URI as given, a local folder resolved against the working directory."""
+    from pipeline.storage import is_uri
+
+    return f"output={output if is_uri(output) else Path(output).resolve()}"
 
 
 def _preflight(args: argparse.Namespace, cfg: JobConfig) -> None:
@@ -139,7 +155,7 @@ def _run_all(args: argparse.Namespace) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.output:  # resolved here: relative to the working directory, not to the config
-        args.overrides = [*args.overrides, f"output={Path(args.output).resolve()}"]
+        args.overrides = [*args.overrides, _output_override(args.output)]
     print(_run_all(args) / REPORT_HTML)
     return OK
 
@@ -154,7 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     weights = demo.ensure_espnet_weights(args.weights or os.environ.get("SEGCAL_ESPNET_WEIGHTS"))
     # The demo configs read both through ${CAMVID_ROOT:-...} / ${SEGCAL_ESPNET_WEIGHTS:-...}.
     os.environ["CAMVID_ROOT"], os.environ["SEGCAL_ESPNET_WEIGHTS"] = str(data), str(weights)
-    args.overrides = [f"output={Path(args.output).resolve()}"] if args.output else []
+    args.overrides = [_output_override(args.output)] if args.output else []
     output = _run_all(args)
     print()
     print(demo.headline_table(output))
@@ -177,7 +193,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from pipeline.preflight import preflight
 
-    cfg = _load(args)
+    cfg = _load(args, mirror=False)
     report = preflight(cfg, images_per_dataset=args.images, echo=print)
     for warning in report.warnings:
         print(f"segcal check: warning: {warning}", file=sys.stderr)
@@ -237,14 +253,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.storage import is_uri
     from pipeline.submit import PROJECT_ROOT, check_address, submit
 
     try:
         check_address(args.address)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    cfg = _load(args)  # fail here, with the file and key named, rather than on the cluster
-    if Path(cfg.output).resolve().is_relative_to(PROJECT_ROOT):
+    # Fail here, with the file and key named, rather than on the cluster.
+    cfg = _load(args, mirror=False)
+    if not is_uri(cfg.output) and Path(cfg.output).resolve().is_relative_to(PROJECT_ROOT):
         logger.warning(
             "output %s is inside the project folder: on a cluster it resolves inside the job's "
             "temporary copy of the project and is lost; use shared storage, e.g. "

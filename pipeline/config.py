@@ -373,8 +373,15 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
 
 
 def config_dict(cfg: JobConfig) -> dict[str, Any]:
-    """The config as plain JSON-able data (what ``config.resolved.yaml`` holds)."""
-    return cfg.model_dump(mode="json")
+    """The config as plain JSON-able data (what ``config.resolved.yaml`` holds).
+
+    A run whose ``output`` is a URI works in a local mirror (:mod:`pipeline.storage`); its
+    config still says the URI, so the hash and the resolved file do not depend on the machine.
+    """
+    data = cfg.model_dump(mode="json")
+    if cfg.store is not None:
+        data["output"] = cfg.store
+    return data
 
 
 def config_hash(cfg: JobConfig, *, sections: Sequence[str] | None = None) -> str:

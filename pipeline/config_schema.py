@@ -30,6 +30,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
+from pipeline.storage import check_uri, is_uri
+
 # Numbers and booleans are strict: `true` or "0.5" is not a number and 1 is not a boolean (a
 # YAML typo such as `n_bins: 1e9`, which YAML reads as a string, is refused rather than coerced).
 # A float field still takes an int (`scale: 1`).
@@ -342,6 +344,17 @@ class JobConfig(_Strict):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     refresh: RefreshConfig = Field(default_factory=RefreshConfig)
     source: Path | None = Field(default=None, exclude=True)
+    # Set by the CLI when `output` is a URI: then `output` is the driver's local mirror and
+    # this the URI, where shards live (see pipeline.storage). Never read from a config file.
+    store: str | None = Field(default=None, exclude=True)
+
+    @field_validator("store")
+    @classmethod
+    def _store_is_not_a_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("Expected no `store` key: segcal sets it itself when `output` is a "
+                             "URI; write the URI as `output`")
+        return value
 
     @field_validator("datasets")
     @classmethod
@@ -367,7 +380,8 @@ class JobConfig(_Strict):
     def _check_output_apart_from_inputs(self) -> JobConfig:
         if not self.output.strip():
             raise ValueError("Expected `output` to be a folder, but got an empty string")
-        if _is_url(self.output):
+        if is_uri(self.output):
+            check_uri(self.output, key="output")
             return self
         output = Path(self.output).expanduser().resolve()
         for i, ds in enumerate(self.datasets):

@@ -66,6 +66,7 @@ from pipeline.evaluate_rows import (  # the per-image half; its names are this s
     ROW_SCHEMA,
     ShardEvaluator,
     StageTimer,
+    artifact_files,
     image_rows,
     image_stats_per_calibrator,
     resolve_device,
@@ -542,15 +543,18 @@ def run(cfg: JobConfig, *, local: bool = False) -> Path:
     from pipeline.models import model_fingerprint
 
     output = Path(cfg.output)
-    paths = RunPaths(output, model_fingerprint(cfg.model))
+    paths = RunPaths.for_run(cfg, model_fingerprint(cfg.model))
     targets = plan_targets(cfg, paths)
     references = reference_datasets(targets)
     artifacts = check_artifacts(cfg, paths, targets)
     oracles = oracle_artifacts(cfg, paths)
     items = _work_items(targets)
-    kwargs = {"artifacts": artifacts, "n_bins": cfg.evaluate.n_bins,
+    # The artifacts' bytes, not their folders: actors on other nodes cannot see the driver's
+    # disk (a run at a URI keeps them in the driver's mirror, see pipeline.storage).
+    kwargs = {"artifacts": {k: artifact_files(v) for k, v in artifacts.items()},
+              "n_bins": cfg.evaluate.n_bins,
               "boundary_width": cfg.evaluate.boundary_width, "use_gpu": _use_gpu(cfg),
-              "oracles": oracles}
+              "oracles": {k: artifact_files(v) for k, v in oracles.items()}}
     logger.info("evaluating %d calibrators + uncalibrated on %d datasets (%d shards)",
                 len(artifacts), len(targets), len(items))
 

@@ -9,8 +9,10 @@ twins. :data:`ROW_SCHEMA` is the schema of ``per_image.parquet``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from pipeline.calibrators import Calibrator, load
+from pipeline.calibrators.artifacts import CARD, WEIGHTS
 from pipeline.evaluate_tables import UNCALIBRATED
 from pipeline.label_free import (
     CONF_EDGES,
@@ -47,6 +50,7 @@ from pipeline.shards import (
     logits_float32,
     upsample_logits,
 )
+from pipeline.storage import is_local, location
 
 logger = logging.getLogger(__name__)
 
@@ -355,15 +359,23 @@ def _list_array(parts: Sequence[np.ndarray], type_: pa.ListType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-def _iter_shard(path: Path, sha256: str, rows: int) -> Iterator[ImageRecord]:
-    """Records of one shard, one at a time, after checking it against its manifest entry."""
+def _iter_shard(path: Any, sha256: str, rows: int) -> Iterator[ImageRecord]:
+    """Records of one shard, one at a time, after checking it against its manifest entry.
+
+    ``path`` is a local path or a ``upath.UPath`` at the run's URI (see `pipeline.storage`).
+    """
     digest = file_sha256(path)
     if digest != sha256:
         raise ValueError(
             f"Expected shard {path} to have sha256 {sha256} as in its manifest, but got "
             f"{digest} (truncated or modified)"
         )
-    shard = pq.ParquetFile(path)
+    with contextlib.ExitStack() as stack:
+        source = path if is_local(path) else stack.enter_context(path.open("rb"))
+        yield from _shard_rows(path, pq.ParquetFile(source), rows)
+
+
+def _shard_rows(path: Any, shard: pq.ParquetFile, rows: int) -> Iterator[ImageRecord]:
     if shard.metadata.num_rows != rows:
         raise ValueError(
             f"Expected shard {path} to hold {rows} rows, but got {shard.metadata.num_rows}"
@@ -429,6 +441,24 @@ def resolve_device(use_gpu: object) -> torch.device:
     return torch.device("cpu")
 
 
+def artifact_files(directory: str | Path) -> dict[str, bytes]:
+    """The files `pipeline.calibrators.load` reads from an artifact folder, as bytes."""
+    return {name: (Path(directory) / name).read_bytes() for name in (CARD, WEIGHTS)}
+
+
+def _load(artifact: str | Mapping[str, bytes]) -> Calibrator:
+    """`pipeline.calibrators.load` of an artifact folder or of :func:`artifact_files`' bytes."""
+    if isinstance(artifact, str | Path):
+        return load(artifact)
+    unknown = set(artifact) - {CARD, WEIGHTS}
+    if unknown:
+        raise ValueError(f"Expected artifact files {[CARD, WEIGHTS]}, but got {sorted(unknown)}")
+    with tempfile.TemporaryDirectory(prefix="segcal-artifact-") as tmp:
+        for name, data in artifact.items():
+            (Path(tmp) / name).write_bytes(data)
+        return load(tmp)
+
+
 class ShardEvaluator:
     """Ray Data UDF (a callable class, so each actor loads the calibrators once).
 
@@ -437,27 +467,29 @@ class ShardEvaluator:
     image by image, and every calibrator is applied to an image before the next is decoded.
 
     Args:
-        artifacts: calibrator label -> artifact folder.
+        artifacts: calibrator label -> artifact folder, or its files' bytes
+            (:func:`artifact_files`: what the stage ships, so actors need not see the driver's
+            disk).
         n_bins: confidence bins.
         boundary_width: boundary width in pixels.
         threads: torch intra-op threads for this actor (None leaves torch's default).
         use_gpu: ``"auto"`` (CUDA when this actor sees a GPU), True or False; on a GPU the
             calibrators and the statistics run there and only the sums come back.
         timer: optional :class:`StageTimer` charging each stage (profiling).
-        oracles: test set -> its oracle temperature's artifact folder, applied to that set
-            only as calibrator ``oracle_ts`` (see :func:`pipeline.fit.fit_oracles`).
+        oracles: test set -> its oracle temperature's artifact (as ``artifacts``), applied to
+            that set only as calibrator ``oracle_ts`` (see :func:`pipeline.fit.fit_oracles`).
     """
 
     def __init__(
         self,
-        artifacts: Mapping[str, str],
+        artifacts: Mapping[str, str | Mapping[str, bytes]],
         *,
         n_bins: int,
         boundary_width: int,
         threads: int | None = None,
         use_gpu: object = "auto",
         timer: StageTimer | None = None,
-        oracles: Mapping[str, str] | None = None,
+        oracles: Mapping[str, str | Mapping[str, bytes]] | None = None,
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -466,10 +498,10 @@ class ShardEvaluator:
             _reuse_freed_memory()
         self.calibrators: dict[str, Calibrator | None] = {UNCALIBRATED: None}
         self.calibrators.update(
-            {label: load(path).to(self.device) for label, path in artifacts.items()}
+            {label: _load(value).to(self.device) for label, value in artifacts.items()}
         )
-        self.oracles = {name: load(path).to(self.device)
-                        for name, path in (oracles or {}).items()}
+        self.oracles = {name: _load(value).to(self.device)
+                        for name, value in (oracles or {}).items()}
         self.n_bins = n_bins
         self.boundary_width = boundary_width
         self.timer = timer
@@ -487,7 +519,7 @@ class ShardEvaluator:
             calibrators = self.calibrators
             if item["dataset"] in self.oracles:  # a test set's own temperature, there only
                 calibrators = {**calibrators, ORACLE: self.oracles[item["dataset"]]}
-            records = _iter_shard(Path(item["path"]), item["sha256"], item["rows"])
+            records = _iter_shard(location(item["path"]), item["sha256"], item["rows"])
             while True:
                 with timer("Parquet read + decode"):
                     record = next(records, None)

@@ -522,6 +522,6 @@ def run(cfg: JobConfig) -> dict[str, Path]:
             f"{cfg.extract.store_stride}"
         )
     fingerprint = model_fingerprint(cfg.model)
-    paths = RunPaths(Path(cfg.output), fingerprint)
+    paths = RunPaths.for_run(cfg, fingerprint)
     chash = config_hash(cfg)
     return {ds.name: _extract_dataset(cfg, ds, paths, fingerprint, chash) for ds in cfg.datasets}

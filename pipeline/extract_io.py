@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 from pipeline.config import DatasetConfig
 from pipeline.data import DataError, Sample, label_dtype, load_sample
 from pipeline.shards import ImageRecord, write_shard
+from pipeline.storage import location
 
 
 def _column(arrays: list[np.ndarray]) -> np.ndarray:
@@ -123,6 +123,6 @@ def write_shards(
         key = (logits.shape, labels.shape, labels.dtype.str)
         groups.setdefault(key, []).append(record)
     for records in groups.values():
-        path = Path(directory) / shard_name([r.image_id for r in records])
+        path = location(directory) / shard_name([r.image_id for r in records])
         meta.append(json.dumps({"shard": asdict(write_shard(path, records))}))
     return {"meta": np.array(meta, dtype=object)}

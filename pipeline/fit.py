@@ -87,6 +87,7 @@ from pipeline.sampling import (
     split_heldout,
 )
 from pipeline.shards import Manifest, data_fingerprint, iter_dataset
+from pipeline.storage import is_local
 
 __all__ = [
     "FIT_OPTIONS",
@@ -161,7 +162,8 @@ def _read_dataset(
             valid = labels != manifest.ignore_index
             if not valid.any():  # no pixel to fit (a fully ignored map adds nothing either)
                 continue
-            refs.append((str(directory.resolve()), shard_of[record.image_id], record.image_id,
+            where = directory.resolve() if is_local(directory) else directory  # a URI as is
+            refs.append((str(where), shard_of[record.image_id], record.image_id,
                          manifest.ignore_index))
             counts["pixels"] += min(fit.pixels_per_image, int(valid.sum()))
             step = fit.map_stride
@@ -482,7 +484,7 @@ def run(cfg: JobConfig) -> dict[str, Path]:
         FileNotFoundError: A calibration dataset was never extracted.
     """
     jobs = plan_jobs(cfg)
-    paths = RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
+    paths = RunPaths.for_run(cfg, model_fingerprint(cfg.model))
     calibration = cfg.datasets_with_role("calibration")
     manifests = read_manifests(cfg, paths, [d.name for d in calibration])
     if cfg.fit.mode == "auto":  # decided before reading: ray mode leaves fit pixels in shards

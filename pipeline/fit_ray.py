@@ -7,7 +7,6 @@ is its worker loop. `pipeline.fit.fit_specs` decides what runs where (`concurren
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 import uuid
@@ -22,6 +21,7 @@ from pipeline.calibrators import FitData, build_calibrator
 from pipeline.calibrators.reduce import DistributedReduce
 from pipeline.config import FitConfig, JobConfig
 from pipeline.sampling import FitSource
+from pipeline.storage import location, remove_tree
 
 __all__ = ["concurrent_runs", "fit_ray", "train_loop_per_worker"]
 
@@ -244,7 +244,9 @@ def fit_ray(
         "fit": cfg.fit,
     }
     resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.fit.use_gpu else {})}
-    storage = Path(cfg.output).resolve() / "ray_train"
+    # Every worker node must reach it: the run's URI when it has one (see pipeline.storage).
+    storage = location(cfg.store) / "ray_train" if cfg.store else \
+        Path(cfg.output).resolve() / "ray_train"
     name = f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -271,7 +273,7 @@ def fit_ray(
     with result.checkpoint.as_directory() as directory:
         states = [safetensors.torch.load_file(str(Path(directory) / f"{i}.safetensors"))
                   for i in range(len(jobs))]
-    shutil.rmtree(storage / name, ignore_errors=True)
+    remove_tree(storage / name)
     metrics = dict(result.metrics or {})
     fit_seconds = metrics.get("fit_seconds", {})
     timings = {

@@ -71,11 +71,27 @@ class RunPaths:
 
     output: Path
     model_fingerprint: str
+    store: str | None = None
+
+    @classmethod
+    def for_run(cls, cfg: Any, fingerprint: str) -> RunPaths:
+        """The paths of the run ``cfg`` (a ``JobConfig``) for the model with ``fingerprint``.
+
+        When ``cfg.output`` is a URI the CLI runs in a local mirror and keeps the URI in
+        ``cfg.store``: shards are then read and written there (see :mod:`pipeline.storage`).
+        """
+        return cls(Path(cfg.output), fingerprint, getattr(cfg, "store", None))
 
     @property
-    def shards_root(self) -> Path:
-        """Folder holding one sub-folder per dataset for this model."""
-        return self.output / "shards" / self.model_fingerprint[:12]
+    def shards_root(self) -> Any:
+        """Folder holding one sub-folder per dataset for this model.
+
+        A :class:`~pathlib.Path`, or a ``upath.UPath`` at the run's URI (:attr:`store`).
+        """
+        from pipeline.storage import location
+
+        base = location(self.store) if self.store else self.output
+        return base / "shards" / self.model_fingerprint[:12]
 
     @property
     def artifacts(self) -> Path:
@@ -87,7 +103,7 @@ class RunPaths:
         """Folder holding the report's PNG figures."""
         return self.output / "plots"
 
-    def dataset_dir(self, name: str) -> Path:
+    def dataset_dir(self, name: str) -> Any:
         """Shard folder of dataset ``name``.
 
         Raises:
@@ -138,7 +154,8 @@ def child(parent: str | Path, name: str, *, what: str = "name") -> Path:
         ...
         ValueError: Expected label to be one folder name inside /runs/a/artifacts, but got '..'
     """
-    parent = Path(parent)
+    if not hasattr(parent, "fs"):  # a upath.UPath at a URI stays one (no symlinks there)
+        parent = Path(parent)
     bad = (
         not isinstance(name, str)
         or name in ("", ".", "..")
@@ -148,7 +165,7 @@ def child(parent: str | Path, name: str, *, what: str = "name") -> Path:
         or "\0" in name
     )
     path = parent / name if not bad else parent
-    if bad or path.resolve().parent != parent.resolve():
+    if bad or (isinstance(parent, Path) and path.resolve().parent != parent.resolve()):
         raise ValueError(
             f"Expected {what} to be one folder name inside {parent}, but got {name!r}"
         )

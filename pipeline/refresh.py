@@ -44,7 +44,7 @@ def _source_changes(cfg: JobConfig) -> dict[str, dict[str, int]]:
     from pipeline.shards import read_manifest
 
     try:
-        paths = RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
+        paths = RunPaths.for_run(cfg, model_fingerprint(cfg.model))
     except (OSError, ValueError):  # a stubbed stage in tests, with no model file
         return {}
     out: dict[str, dict[str, int]] = {}

@@ -12,7 +12,6 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from pipeline.shards import (
     read_shard,
     upsample_logits,
 )
+from pipeline.storage import location
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def load_images(
         by_file.setdefault((directory, file), {})[image_id] = ignore
     parts = []
     for (directory, file), wanted in sorted(by_file.items()):
-        for record in read_shard(Path(directory) / file):
+        for record in read_shard(location(directory) / file):
             if record.image_id in wanted:
                 points, grid = fit_samples(
                     record, fit, wanted[record.image_id], common_ignore, held=False,

@@ -51,7 +51,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.paths import atomic_write_bytes, atomic_write_json
+from pipeline.storage import is_local, location, write_bytes
 
 if TYPE_CHECKING:  # torch is imported where logits are upsampled, not by shard writers
     import torch
@@ -330,17 +330,18 @@ def write_shard(path: str | Path, records: Sequence[ImageRecord]) -> ShardInfo:
     """Write records as one Parquet shard, atomically (temp file, then rename).
 
     Args:
-        path: the shard file; its parent folder is created.
+        path: the shard file (a local path or a URI, see :mod:`pipeline.storage`); its parent
+            folder is created.
         records: records of one shape (see :func:`encode_records`).
 
     Returns:
         The shard's file name, row count, sha256 of its bytes and image ids.
     """
-    path = Path(path)
+    path = location(path)
     buf = io.BytesIO()
     pq.write_table(encode_records(records), buf, **_WRITE_OPTIONS)
     data = buf.getvalue()
-    atomic_write_bytes(path, data)
+    write_bytes(path, data)
     return ShardInfo(
         file=path.name,
         rows=len(records),
@@ -350,11 +351,14 @@ def write_shard(path: str | Path, records: Sequence[ImageRecord]) -> ShardInfo:
     )
 
 
-def _read_table(path: Path) -> pa.Table:
+def _read_table(path: Any, columns: list[str] | None = None) -> pa.Table:
     if not path.is_file():
         raise FileNotFoundError(f"Expected shard {path} to exist, but it is missing")
     try:
-        return pq.read_table(path)
+        if is_local(path):
+            return pq.read_table(path, columns=columns)
+        with path.open("rb") as f:
+            return pq.read_table(f, columns=columns)
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"Expected {path} to be a readable Parquet shard, but got: {err}") from err
 
@@ -366,7 +370,7 @@ def read_shard(path: str | Path) -> list[ImageRecord]:
         FileNotFoundError: the file is missing.
         ValueError: the file is not a readable Parquet shard in this schema.
     """
-    path = Path(path)
+    path = location(path)
     table = _read_table(path)
     try:
         return decode_table(table)
@@ -423,17 +427,20 @@ def upsample_logits(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) ->
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    """sha256 of a file's bytes (a local path or a URI), read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with location(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
+def write_manifest(directory: str | Path, manifest: Manifest) -> Any:
     """Write ``directory/manifest.json`` atomically; call it after every shard it names."""
-    return atomic_write_json(Path(directory) / MANIFEST_NAME, asdict(manifest))
+    path = location(directory) / MANIFEST_NAME
+    text = json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n"
+    write_bytes(path, text.encode("utf-8"))
+    return path
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -443,7 +450,7 @@ def read_manifest(directory: str | Path) -> Manifest:
         FileNotFoundError: no manifest (the dataset was never extracted, or its run failed).
         ValueError: the manifest is not valid JSON or lacks fields.
     """
-    path = Path(directory) / MANIFEST_NAME
+    path = location(directory) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"Expected a manifest at {path}, but it is missing: extract the dataset first"
@@ -468,7 +475,7 @@ def iter_dataset(directory: str | Path, *, verify: bool = True) -> Iterator[Imag
         ValueError: a shard's checksum or row count differs from the manifest (truncated or
             modified) or it cannot be read.
     """
-    directory = Path(directory)
+    directory = location(directory)
     manifest = read_manifest(directory)
     wanted = manifest.image_ids()
     for shard in manifest.shards:
@@ -500,13 +507,15 @@ def describe_shard(path: str | Path) -> ShardInfo:
         FileNotFoundError: the file is missing.
         ValueError: the file is not a readable Parquet shard with an ``image_id`` column.
     """
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise FileNotFoundError(f"Expected shard {path} to exist, but it is missing")
     try:
-        names = pq.read_schema(path).names
-        table = pq.read_table(path, columns=["image_id", *(["source"] if "source" in names
-                                                         else [])])
+        with path.open("rb") as f:
+            names = pq.read_schema(f).names
+            f.seek(0)
+            table = pq.read_table(f, columns=["image_id", *(["source"] if "source" in names
+                                                           else [])])
         ids = table.column("image_id").to_pylist()
     except (pa.ArrowInvalid, OSError, KeyError) as err:
         raise ValueError(f"Expected {path} to be a readable Parquet shard, but got: {err}") from err

@@ -93,7 +93,7 @@ def _run_paths(cfg: JobConfig):  # -> RunPaths
     from pipeline.models import model_fingerprint
     from pipeline.paths import RunPaths
 
-    return RunPaths(Path(cfg.output), model_fingerprint(cfg.model))
+    return RunPaths.for_run(cfg, model_fingerprint(cfg.model))
 
 
 def _shards_digest(cfg: JobConfig, role: str | None) -> list[Any]:

@@ -68,6 +68,7 @@ DEPENDENCIES = {
     "matplotlib": "matplotlib",
     "pillow": "PIL",
     "fsspec": "fsspec",
+    "universal_pathlib": "upath",
 }
 PROBE_MARK = "SEGCAL_PROBE"
 PROBE_TIMEOUT_S = 120.0

@@ -12,6 +12,7 @@ output. Nodes are stopped through their ``ray start --block`` processes, never `
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from pipeline.models import load_model, model_fingerprint
 from pipeline.paths import RunPaths
 from pipeline.shards import iter_dataset, read_manifest
 from tests.extract_helpers import NUM_CLASSES, write_pairs
+from tests.s3_helpers import BUCKET, s3_server
 from tests.test_e2e_cluster import _free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -76,7 +78,17 @@ def _wait_for_nodes(env: dict, count: int, procs: list[subprocess.Popen], logs: 
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
+def s3env():
+    """An S3 server on loopback for the nodes to write to, or None without moto/s3fs."""
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None:
+        yield None
+        return
+    with s3_server() as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory, s3env):
     base = tmp_path_factory.mktemp("nodes")
     (base / "home").mkdir()
     (base / "nodelog").mkdir()
@@ -87,7 +99,9 @@ def two_nodes(tmp_path_factory):
            # "1": a cluster of several nodes (on loopback: --node-ip-address below).
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
            "PYTHONPATH": str(ROOT), "SEGCAL_TEST_NODE_LOG": str(base / "nodelog"),
-           "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+           "RAY_ADDRESS": f"127.0.0.1:{gcs}",
+           # The nodes' object-store credentials, as a real cluster's come from its role.
+           **(s3env or {})}
     env.pop("RAY_API_SERVER_ADDRESS", None)
     common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
               f"--object-store-memory={128 * 1024 * 1024}", "--disable-usage-stats"]
@@ -148,3 +162,51 @@ def test_extract_on_two_nodes_with_actors_on_the_second(two_nodes):
         expected = model(torch.from_numpy(image)[None])[0].half().numpy()
         # float16 of the same float32 computation, on another process: one float16 step apart.
         np.testing.assert_allclose(record.logits, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_extract_on_two_nodes_to_s3(two_nodes, s3env, monkeypatch):
+    """The same, with ``output`` in a bucket: the second node's tasks write the shards there."""
+    if s3env is None:
+        pytest.skip("moto[server] and s3fs (dev extra) serve S3 on loopback")
+    base, env = two_nodes["base"], two_nodes["env"]
+    for log in (base / "nodelog").iterdir():
+        log.unlink()
+    write_pairs(base / "data-s3", 6, (12, 16), seed=3)
+    uri = f"s3://{BUCKET}/two-nodes"
+    config = base / "run-s3.yaml"
+    config.write_text(yaml.safe_dump({
+        "output": uri,
+        "model": {"kind": "python", "path": "tests.extract_helpers:node_recording_net",
+                  "num_classes": NUM_CLASSES},
+        "datasets": [{"name": "toy", "role": "test", "domain": "day",
+                      "images": str(base / "data-s3" / "img"),
+                      "labels": str(base / "data-s3" / "lab")}],
+        "extract": {"batch_size": 2, "rows_per_shard": 2,
+                    "actor_resources": {"extract_node": 1}},
+    }))
+    done = subprocess.run([str(BIN / "segcal"), "extract", str(config)],
+                          env={**env, "SEGCAL_CACHE": str(base / "cache")}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    placements = [p.read_text().split() for p in (base / "nodelog").iterdir()]
+    assert placements
+    assert all(on_worker == "True" for _, on_worker in placements)
+
+    for key, value in s3env.items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    cfg = load_config(config)
+    directory = RunPaths(Path("/unused"), model_fingerprint(cfg.model), store=uri) \
+        .dataset_dir("toy")
+    manifest = read_manifest(directory)
+    assert manifest.n_images == 6
+    assert sorted(p.name for p in directory.glob("part-*.parquet")) == \
+        sorted(s.file for s in manifest.shards)
+    model = load_model(cfg.model)
+    for record in iter_dataset(directory):
+        image = np.array(Image.open(record.uri))
+        expected = model(torch.from_numpy(image)[None])[0].half().numpy()
+        np.testing.assert_allclose(record.logits, expected, rtol=1e-3, atol=1e-5)
+    s3fs.S3FileSystem.clear_instance_cache()
