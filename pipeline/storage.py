@@ -197,6 +197,8 @@ class Mirror:
         out = {}
         for path, info in fs.find(root, detail=True).items():
             rel = path[len(root):].lstrip("/")
+            if not rel or rel.endswith("/"):  # a folder marker, as pyarrow writes
+                continue
             if info.get("type") == "file" and not _remote_only(rel) and not _transient(rel):
                 out[rel] = info
         return out

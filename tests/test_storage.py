@@ -191,6 +191,19 @@ def test_mirror_keeps_a_file_that_never_reached_the_uri(uri, cache):
     assert _fs().cat_file(f"{uri}/report.html") == b"<html>"
 
 
+def test_mirror_skips_folder_markers(uri, cache):
+    import boto3
+
+    client = boto3.client("s3")  # endpoint and credentials from the environment, as s3fs
+    prefix = uri.split("/", 3)[3]
+    for key in (f"{prefix}/", f"{prefix}/ray_train/", f"{prefix}/plots/"):
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"")  # as pyarrow marks folders
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/plots/a.png", Body=b"png")
+    local = Mirror(uri).pull()
+    assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) \
+        == [".segcal-mirror.json", "plots/a.png"]
+
+
 def test_mirror_pushes_the_records_of_finished_work_last(uri, cache, monkeypatch):
     mirror = Mirror(uri)
     local = mirror.pull()

@@ -1,7 +1,8 @@
 """``segcal run`` with ``output: s3://...``: every stage against a real S3 server on loopback.
 
 The run folder lives at the URI: shards and manifests are written there by Ray Data's write
-tasks, the rest is pushed from the driver's mirror. A second machine (another cache folder)
+tasks and read there by Ray Train's workers (which keep their checkpoints there too); the rest
+is pushed from the driver's mirror. A second machine (another cache folder)
 sees the run as current; a manifest lost at the URI is rebuilt from the shards already there.
 """
 
@@ -60,7 +61,7 @@ def test_run_with_its_output_on_s3(tmp_path, monkeypatch):
         ],
         "extract": {"batch_size": 2, "rows_per_shard": 2, "num_actors": 1},
         "calibrators": [{"name": "temperature", "label": "ts"}],
-        "fit": {"mode": "local", "epochs": 2, "pixels_per_image": 64},
+        "fit": {"mode": "ray", "num_workers": 1, "epochs": 2, "pixels_per_image": 64},
         "evaluate": {"bootstrap": 0, "num_actors": 1},
     }))
     with s3_server() as s3env:
