@@ -221,11 +221,23 @@ class Mirror:
         atomic_write_json(self.local / _INDEX, self._index)
 
     def pull(self) -> Path:
-        """Bring the mirror up to date with the URI; returns the mirror folder."""
+        """Bring the mirror up to date with the URI; returns the mirror folder.
+
+        Raises:
+            FileNotFoundError: the URI's bucket does not exist (checked here, before any work:
+                shards would otherwise fail to write only once extraction is under way).
+        """
+        fs, root = self._fs()
+        bucket = root.split("/", 1)[0] if "/" in root.lstrip("/") else ""
+        if bucket and not fs.exists(bucket):
+            raise FileNotFoundError(
+                f"Expected the bucket {bucket!r} of `output` {self.uri} to exist and be readable "
+                "with this machine's credentials, but it is not there: create it, or check "
+                "the credentials and endpoint in the environment"
+            )
         self.local.mkdir(parents=True, exist_ok=True)
         index_file = self.local / _INDEX
         self._index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-        fs, root = self._fs()
         remote = self._remote_files(fs, root)
         fetched = 0
         for rel, info in remote.items():

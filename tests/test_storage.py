@@ -179,6 +179,12 @@ def test_mirror_round_trip(uri, cache):
     assert not (again / "artifacts" / "ts" / "calibrator.json").exists()
 
 
+def test_a_missing_bucket_is_named_before_any_work(s3, cache):
+    with pytest.raises(FileNotFoundError, match="bucket 'no-such-bucket' of `output` s3://"):
+        Mirror("s3://no-such-bucket/runs/x").pull()
+    assert not cache.exists()  # nothing made on the way
+
+
 def test_mirror_keeps_a_file_that_never_reached_the_uri(uri, cache):
     mirror = Mirror(uri)
     local = mirror.pull()
