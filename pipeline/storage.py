@@ -93,6 +93,22 @@ def check_uri(uri: str, *, key: str = "output") -> None:
                          f"{err}") from err
 
 
+def filesystem_requirement(uri: str) -> dict[str, str]:
+    """Distribution -> import name of the package fsspec needs for ``uri``'s scheme.
+
+    Example:
+        >>> filesystem_requirement("s3://bucket/runs/x")
+        {'s3fs': 's3fs'}
+        >>> filesystem_requirement("memory://runs/x")  # built into fsspec
+        {}
+    """
+    from fsspec.registry import known_implementations
+
+    impl = known_implementations.get(urlsplit(uri).scheme, {}).get("class", "")
+    module = impl.split(".", 1)[0]
+    return {} if module in ("", "fsspec") else {module: module}
+
+
 def location(value: str | os.PathLike) -> Any:
     """A path object for a local path or a URI: :class:`~pathlib.Path` or ``upath.UPath``.
 

@@ -211,8 +211,21 @@ def connect(address: str) -> JobSubmissionClient:
 # --- the cluster's Python -----------------------------------------------------------------------
 
 
-def _probe_snippet() -> str:
-    modules = sorted(set(DEPENDENCIES.values()))
+def requirements(cfg: JobConfig | None) -> dict[str, str]:
+    """Distribution -> import name of what the cluster must have to run ``cfg``.
+
+    :data:`DEPENDENCIES`, and the filesystem of an ``output`` URI (``s3://``: s3fs).
+    """
+    from pipeline.storage import filesystem_requirement, is_uri
+
+    needed = dict(DEPENDENCIES)
+    if cfg is not None and is_uri(cfg.output):
+        needed.update(filesystem_requirement(cfg.output))
+    return needed
+
+
+def _probe_snippet(needed: Mapping[str, str] = DEPENDENCIES) -> str:
+    modules = sorted(set(needed.values()))
     return (
         "import importlib.util as u, json, sys; "
         f"m = [n for n in {modules!r} if u.find_spec(n) is None]; "
@@ -221,14 +234,14 @@ def _probe_snippet() -> str:
     )
 
 
-def probe_entrypoint() -> str:
+def probe_entrypoint(needed: Mapping[str, str] = DEPENDENCIES) -> str:
     """A shell command that reports, for ``python`` on the PATH and for the interpreter Ray's
     workers run on, which of :data:`DEPENDENCIES` it cannot import (one JSON line each).
 
     Ray's worker interpreter is read from the raylet's ``--python_worker_command`` (the job
     runs as a child of a Ray worker, itself a child of the raylet; Linux ``/proc``).
     """
-    snippet = shlex.quote(_probe_snippet())
+    snippet = shlex.quote(_probe_snippet(needed))
     return (
         f"python -c {snippet} path 2>/dev/null; "
         "raylet=$(awk '/^PPid:/{print $2}' /proc/$PPID/status 2>/dev/null); "
@@ -250,8 +263,9 @@ def parse_probe(logs: str) -> list[dict[str, Any]]:
     return reports
 
 
-def _install_hint(python: str, missing: Sequence[str]) -> str:
-    dists = {module: dist for dist, module in DEPENDENCIES.items()}
+def _install_hint(python: str, missing: Sequence[str],
+                  needed: Mapping[str, str] = DEPENDENCIES) -> str:
+    dists = {module: dist for dist, module in needed.items()}
     names = " ".join(dists.get(m, m) for m in missing)
     return (
         f"install segcal's dependencies there on every node, e.g. `{python} -m pip install "
@@ -260,7 +274,10 @@ def _install_hint(python: str, missing: Sequence[str]) -> str:
     )
 
 
-def choose_python(reports: Sequence[Mapping[str, Any]], logs: str = "") -> str:
+def choose_python(
+    reports: Sequence[Mapping[str, Any]], logs: str = "",
+    needed: Mapping[str, str] = DEPENDENCIES,
+) -> str:
     """The interpreter the job should run on, from :func:`probe_entrypoint`'s reports.
 
     Ray's worker interpreter when it was found: the job's tasks run on it, and the driver must
@@ -284,8 +301,8 @@ def choose_python(reports: Sequence[Mapping[str, Any]], logs: str = "") -> str:
             raise SubmitError(
                 f"The cluster cannot run segcal: Ray's workers run on {python} (Python "
                 f"{ray_python.get('version')}), which cannot import {', '.join(missing)}{also}. "
-                f"Fix: {_install_hint(python, missing)}; or start Ray from an environment that "
-                "has them. Nothing was submitted."
+                f"Fix: {_install_hint(python, missing, needed)}; or start Ray from an "
+                "environment that has them. Nothing was submitted."
             )
         return python
     if path_python is not None:
@@ -295,8 +312,8 @@ def choose_python(reports: Sequence[Mapping[str, Any]], logs: str = "") -> str:
             raise SubmitError(
                 f"The cluster cannot run segcal: its `python` ({python}, Python "
                 f"{path_python.get('version')}) cannot import {', '.join(missing)}. "
-                f"Fix: {_install_hint(python, missing)}, or put the environment that has them "
-                "first on the PATH of `ray start`. Nothing was submitted."
+                f"Fix: {_install_hint(python, missing, needed)}, or put the environment that "
+                "has them first on the PATH of `ray start`. Nothing was submitted."
             )
         return "python"
     tail = "\n".join(logs.strip().splitlines()[-20:])
@@ -311,6 +328,7 @@ def probe_cluster(
     client: JobSubmissionClient,
     env: Mapping[str, str] | None = None,
     timeout_s: float = PROBE_TIMEOUT_S,
+    needed: Mapping[str, str] = DEPENDENCIES,
 ) -> str:
     """Run the probe job (no upload: it needs no files) and return the interpreter to use.
 
@@ -320,7 +338,7 @@ def probe_cluster(
     """
     try:
         probe_id = client.submit_job(
-            entrypoint=probe_entrypoint(),
+            entrypoint=probe_entrypoint(needed),
             runtime_env=runtime_env(env),
             metadata={"segcal": "dependency probe"},
         )
@@ -340,7 +358,7 @@ def probe_cluster(
     logs = client.get_job_logs(probe_id)
     with _quietly():
         client.delete_job(probe_id)  # keep the job list to real jobs
-    python = choose_python(parse_probe(logs), logs)
+    python = choose_python(parse_probe(logs), logs, needed)
     if python != "python":
         logger.info("The job runs on Ray's interpreter at the cluster: %s", python)
     return python
@@ -404,7 +422,7 @@ def submit(
     config_arg = config_argument(config, root)
     entrypoint(stage, config_arg, args, require_env=require_env)  # bad input: fail first
     client = connect(address)
-    python = probe_cluster(client, env) if check else "python"
+    python = probe_cluster(client, env, needed=requirements(cfg)) if check else "python"
     command = entrypoint(stage, config_arg, args, python=python, require_env=require_env)
     named = named_paths(cfg, root) if cfg is not None else {}
     with staged_package(config, named, root) as working_dir:

@@ -497,6 +497,27 @@ def test_submit_stops_before_the_job_when_the_cluster_lacks_dependencies(monkeyp
     assert client.submitted == {}
 
 
+def test_probe_asks_for_the_filesystem_of_an_output_uri(monkeypatch, tmp_path):
+    pytest.importorskip("s3fs")
+    from pipeline.config import parse_config
+
+    cfg = parse_config({"output": "s3://bucket/runs/x", "datasets": [],
+                        "model": {"kind": "python", "path": "m:f", "num_classes": 2}})
+    assert sub.requirements(cfg) == {**sub.DEPENDENCIES, "s3fs": "s3fs"}
+    assert sub.requirements(None) == sub.DEPENDENCIES
+    logs = _report("ray", "/opt/venv/bin/python", ["s3fs"]) + "\n"
+    client = FakeClient(probe_logs=logs)
+    monkeypatch.setattr(sub, "connect", lambda address: client)
+    _tree(tmp_path, CODE)
+    with pytest.raises(sub.SubmitError) as err:
+        sub.submit("http://h:8265", "run", tmp_path / "configs" / "a.yaml", cfg=cfg,
+                   root=tmp_path)
+    assert "'s3fs'" in client.probes[0]["entrypoint"]
+    assert "cannot import s3fs" in str(err.value)
+    assert "/opt/venv/bin/python -m pip install s3fs" in str(err.value)
+    assert client.submitted == {}
+
+
 @pytest.mark.parametrize(
     ("lines", "expected"),
     [
