@@ -9,7 +9,6 @@ twins. :data:`ROW_SCHEMA` is the schema of ``per_image.parquet``.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import tempfile
@@ -46,11 +45,11 @@ from pipeline.paths import (
 from pipeline.shards import (
     ImageRecord,
     decode_table,
-    file_sha256,
     logits_float32,
+    readable_copy,
     upsample_logits,
 )
-from pipeline.storage import is_local, location
+from pipeline.storage import location
 
 logger = logging.getLogger(__name__)
 
@@ -364,15 +363,14 @@ def _iter_shard(path: Any, sha256: str, rows: int) -> Iterator[ImageRecord]:
 
     ``path`` is a local path or a ``upath.UPath`` at the run's URI (see `pipeline.storage`).
     """
-    digest = file_sha256(path)
-    if digest != sha256:
-        raise ValueError(
-            f"Expected shard {path} to have sha256 {sha256} as in its manifest, but got "
-            f"{digest} (truncated or modified)"
-        )
-    with contextlib.ExitStack() as stack:
-        source = path if is_local(path) else stack.enter_context(path.open("rb"))
-        yield from _shard_rows(path, pq.ParquetFile(source), rows)
+    with readable_copy(path) as (local, digest):
+        if digest != sha256:
+            raise ValueError(
+                f"Expected shard {path} to have sha256 {sha256} as in its manifest, but got "
+                f"{digest} (truncated or modified)"
+            )
+        shard = pq.ParquetFile(local)
+        yield from _shard_rows(path, shard, rows)
 
 
 def _shard_rows(path: Any, shard: pq.ParquetFile, rows: int) -> Iterator[ImageRecord]:

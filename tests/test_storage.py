@@ -13,9 +13,11 @@ import pytest
 from pipeline import storage
 from pipeline.shards import (
     describe_shard,
+    file_sha256,
     iter_dataset,
     read_manifest,
     read_shard,
+    readable_copy,
     write_manifest,
     write_shard,
 )
@@ -122,6 +124,21 @@ def test_a_modified_shard_on_s3_is_refused(uri):
         list(iter_dataset(folder))
     with pytest.raises(ValueError, match="part-00001.parquet to be a readable Parquet shard"):
         describe_shard(folder / "part-00001.parquet")
+
+
+def test_a_shard_at_the_uri_is_fetched_once_to_a_temporary_copy(uri, tmp_path):
+    records = make_records(2)
+    info = write_shard(uri + "/part-1.parquet", records)
+    with readable_copy(location(uri) / "part-1.parquet") as (local, digest):
+        assert local.is_file()
+        assert digest == info.sha256 == file_sha256(local)
+        assert_records_equal(read_shard(local), records)
+    assert not local.exists()  # the copy goes with the context
+    here = tmp_path / "part-1.parquet"
+    write_shard(here, records)
+    with readable_copy(here) as (same, digest):  # a local shard is read where it lies
+        assert same == here
+        assert digest == info.sha256
 
 
 def test_run_paths_put_shards_at_the_store(tmp_path):
