@@ -79,7 +79,14 @@ class RunPaths:
 
         When ``cfg.output`` is a URI the CLI runs in a local mirror and keeps the URI in
         ``cfg.store``: shards are then read and written there (see :mod:`pipeline.storage`).
+
+        Raises:
+            ValueError: ``cfg.output`` is a URI not turned into a mirror
+                (`pipeline.storage.mirrored`).
         """
+        from pipeline.storage import check_local
+
+        check_local(cfg)
         return cls(Path(cfg.output), fingerprint, getattr(cfg, "store", None))
 
     @property

@@ -85,7 +85,9 @@ def _evaluate(cfg: JobConfig) -> Any:
 
 def _report(cfg: JobConfig) -> Any:
     from pipeline import report
+    from pipeline.storage import check_local
 
+    check_local(cfg)
     return report.write(cfg)
 
 
@@ -228,7 +230,9 @@ def run_stages(
     call = call or call_stage
     from pipeline.config import write_resolved_config
     from pipeline.paths import output_lock
+    from pipeline.storage import check_local
 
+    check_local(cfg)
     with output_lock(cfg.output):
         # What produced the outputs, beside them, before any stage writes.
         write_resolved_config(cfg)

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,49 @@ def filesystem_requirement(uri: str) -> dict[str, str]:
     impl = known_implementations.get(urlsplit(uri).scheme, {}).get("class", "")
     module = impl.split(".", 1)[0]
     return {} if module in ("", "fsspec") else {module: module}
+
+
+def check_local(cfg: Any) -> None:
+    """Refuse a config whose ``output`` is a URI not yet mirrored (see :func:`mirrored`).
+
+    The stages write the run folder with local-file operations; given a URI they would write
+    to a folder named like it under the working directory.
+
+    Raises:
+        ValueError: naming the URI and what to do.
+    """
+    if is_uri(cfg.output) and getattr(cfg, "store", None) is None:
+        raise ValueError(
+            f"Expected `output` to be a local folder here, but got the URI {cfg.output!r}: run "
+            "the stages through the `segcal` CLI, or inside `with pipeline.storage.mirrored(cfg) "
+            "as cfg:`, which works in a local mirror of it"
+        )
+
+
+@contextmanager
+def mirrored(cfg: Any) -> Iterator[Any]:
+    """``cfg`` with a URI ``output`` turned into its local mirror, pushed back on exit.
+
+    What the CLI does for every command (:class:`Mirror`), for callers of the stage functions
+    (``pipeline.extract.run`` and the rest). A local ``output`` passes through unchanged.
+
+    Example:
+        >>> from pipeline.config import parse_config
+        >>> cfg = parse_config({"output": "/runs/x", "datasets": [],
+        ...                     "model": {"kind": "python", "path": "m:f", "num_classes": 2}})
+        >>> with mirrored(cfg) as run:
+        ...     run is cfg
+        True
+    """
+    if not is_uri(cfg.output) or getattr(cfg, "store", None) is not None:
+        yield cfg
+        return
+    mirror = Mirror(cfg.output)
+    local = cfg.model_copy(update={"output": str(mirror.pull()), "store": mirror.uri})
+    try:
+        yield local
+    finally:
+        mirror.push()
 
 
 def location(value: str | os.PathLike) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -97,6 +98,30 @@ def test_the_hash_and_resolved_config_keep_the_uri(tmp_path):
     local = cfg.model_copy(update={"output": str(tmp_path), "store": cfg.output})
     assert config_dict(local)["output"] == "s3://bucket/x"
     assert config_hash(local) == config_hash(cfg)
+
+
+def test_stages_refuse_a_uri_output_that_is_not_mirrored(tmp_path, uri, cache, monkeypatch):
+    from pipeline import extract
+    from pipeline.config import parse_config
+    from pipeline.stages import run_stages
+
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config({"output": uri, "datasets": [],
+                        "model": {"kind": "python", "path": "tests.extract_helpers:tiny_net",
+                                  "num_classes": 4}})
+    with pytest.raises(ValueError, match="Expected `output` to be a local folder here, but got "
+                                         "the URI 's3://.*storage.mirrored"):
+        run_stages(cfg, ["report"])
+    with pytest.raises(ValueError, match="the URI"):
+        extract.run(cfg)
+    assert list(tmp_path.iterdir()) == []  # no folder named like the URI
+    calls = []
+    with storage.mirrored(cfg) as run:
+        assert run.store == uri
+        assert Path(run.output).is_relative_to(cache)
+        run_stages(run, ["report"], call=lambda c, stage: calls.append((c.output, stage)))
+    assert calls == [(run.output, "report")]
+    assert _fs().exists(f"{uri}/config.resolved.yaml")  # pushed on the way out
 
 
 # --- shards at the URI ----------------------------------------------------------------------
