@@ -25,6 +25,13 @@ exceeds them) from ../shared or CAMVID_ROOT, else generated ones::
     .venv/bin/python benchmarks/extract.py --model null --images 600       # any machine
     .venv/bin/python benchmarks/extract.py --model espnet --device cuda --stride 4
     .venv/bin/python benchmarks/extract.py --model deeplab --device cuda --stride 4 --images 64
+
+``--output URI`` writes the stage's shards to an object store instead of a local folder
+(credentials and endpoint from the environment, as for ``segcal``); ``--output local-s3`` starts
+an S3 server on loopback for it (moto, from the dev extra: a single Python process on this
+machine's CPUs, so a floor for what a real object store costs, not a figure for one)::
+
+    .venv/bin/python benchmarks/extract.py --model null --images 600 --output local-s3
 """
 
 from __future__ import annotations
@@ -150,7 +157,7 @@ def build_config(args: argparse.Namespace, tmp: Path) -> JobConfig:
     if args.batch_size is not None:
         extract["batch_size"] = args.batch_size
     return parse_config({
-        "output": str(tmp / "out"),
+        "output": args.output or str(tmp / "out"),
         "model": model,
         "datasets": [{"name": "bench", "role": "test", "domain": "day",
                       "images": str(data / "img"), "labels": str(data / "lab"),
@@ -279,6 +286,28 @@ def profile_steps(cfg: JobConfig, samples: list[Sample]) -> None:
         print(f"    {name:<18} {1000 * seconds / len(samples):7.2f} CPU ms per image")
 
 
+@contextlib.contextmanager
+def _output(args: argparse.Namespace, tmp: Path):  # noqa: ANN202
+    """``--output local-s3``: an S3 server on loopback for the run (its env set meanwhile)."""
+    if args.output != "local-s3":
+        yield
+        return
+    from tests.s3_helpers import BUCKET, s3_server
+
+    with s3_server() as env:
+        old = {k: os.environ.get(k) for k in (*env, "SEGCAL_CACHE")}
+        os.environ.update(env, SEGCAL_CACHE=str(tmp / "cache"))
+        args.output = f"s3://{BUCKET}/bench"
+        try:
+            yield
+        finally:
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -305,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic", action="store_true", help="generated images, not CamVid")
     parser.add_argument("--stats", action="store_true",
                         help="print Ray Data's per-stage statistics of the stage run")
+    parser.add_argument("--output", default=None,
+                        help="write the shards to this URI (s3://bucket/folder, ...), or "
+                             "`local-s3`: to an S3 server started on loopback")
     parser.add_argument("--profile", action="store_true",
                         help="also print CPU ms per image of each step (in-process)")
     args = parser.parse_args(argv)
@@ -322,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("pipeline.extract").setLevel(logging.DEBUG)
 
     cpus = args.num_cpus or os.cpu_count() or 1
-    with tempfile.TemporaryDirectory() as tmp_name:
+    with tempfile.TemporaryDirectory() as tmp_name, _output(args, Path(tmp_name)):
         tmp = Path(tmp_name)
         cfg = build_config(args, tmp)
         batch = cfg.extract.batch_size or extract.default_batch_size(device.type == "cuda")
@@ -353,12 +385,17 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
         init_s = time.perf_counter() - start
-        start = time.perf_counter()
-        (directory,) = extract.run(cfg).values()
-        stage_s = time.perf_counter() - start
+        from pipeline.storage import mirrored
+
+        with mirrored(cfg) as run_cfg:
+            start = time.perf_counter()
+            (directory,) = extract.run(run_cfg).values()
+            stage_s = time.perf_counter() - start
         ray.shutdown()
         stage = len(samples) / stage_s
         shard_bytes = sum(p.stat().st_size for p in directory.glob("part-*.parquet"))
+        if args.output:
+            print(f"    shards written to {directory}")
         print(f"(c) pipeline.extract.run:     {stage:8.1f} images/s "
               f"({stage_s:.1f} s; ray.init {init_s:.1f} s not included)")
         ceiling = min(alone, decode)
