@@ -3,7 +3,8 @@
 The run folder lives at the URI: shards and manifests are written there by Ray Data's write
 tasks and read there by Ray Train's workers (which keep their checkpoints there too); the rest
 is pushed from the driver's mirror. A second machine (another cache folder)
-sees the run as current; a manifest lost at the URI is rebuilt from the shards already there.
+sees the run as current; a manifest lost at the URI is rebuilt from the shards already there;
+an image changed at its source is extracted again and its old shard replaced at the URI.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def test_run_with_its_output_on_s3(tmp_path, monkeypatch):
         assert _stages(_segcal(env, "run", str(config))) == current
         other = {**env, "SEGCAL_CACHE": str(tmp_path / "other-machine")}
         assert _stages(_segcal(other, "-v", "run", str(config))) == current
+        fs.invalidate_cache()
         assert (fs.cat_file(f"{URI}/summary.csv")
                 == next((tmp_path / "other-machine").rglob("summary.csv")).read_bytes())
 
@@ -116,8 +118,27 @@ def test_run_with_its_output_on_s3(tmp_path, monkeypatch):
         fs.rm_file(f"{URI}/{shards_at}/cal/manifest.json")
         again = _segcal(env, "-v", "extract", str(config))
         assert "adopting" in again.stderr
+        fs.invalidate_cache()  # another process changed the bucket since this one listed it
         rebuilt = read_manifest(paths.dataset_dir("cal"))
         assert sorted((s.file, s.sha256) for s in rebuilt.shards) == \
             sorted((s.file, s.sha256) for s in manifest.shards)
         assert _stages(_segcal(env, "run", str(config))) == current
+
+        # An image changed at the source: its shard is rewritten at the URI without the stale
+        # row, the new row is extracted, and the old shard object goes after the manifest.
+        changed = tmp_path / "cal" / "img" / "f00.png"
+        Image.fromarray(np.full((12, 16, 3), 200, np.uint8)).save(changed)
+        os.utime(changed, (1, 1))  # an mtime unlike the stored one, even within a second
+        _segcal(env, "extract", str(config))
+        fs.invalidate_cache()
+        after = read_manifest(paths.dataset_dir("cal"))
+        assert after.changes == {"added": 0, "changed": 1, "removed": 0}
+        old_files = {s.file for s in manifest.shards}
+        new_files = {s.file for s in after.shards}
+        assert len(old_files - new_files) == 1
+        listed = {p.rsplit("/", 1)[-1] for p in fs.find(f"{URI}/{shards_at}/cal")}
+        assert listed == new_files | {"manifest.json"}
+        record = next(r for r in iter_dataset(paths.dataset_dir("cal")) if r.uri == str(changed))
+        expected = model(torch.from_numpy(np.array(Image.open(changed)))[None])[0].half().numpy()
+        np.testing.assert_allclose(record.logits, expected, rtol=1e-3, atol=1e-5)
         s3fs.S3FileSystem.clear_instance_cache()
