@@ -252,6 +252,7 @@ class Mirror:
         return fs, root.rstrip("/")
 
     def _remote_files(self, fs: Any, root: str) -> dict[str, dict[str, Any]]:
+        fs.invalidate_cache(root)  # other machines may have written since this process listed
         if not fs.exists(root):
             return {}
         out = {}
