@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -331,20 +332,25 @@ class Mirror:
             top = rel.split("/", 1)[0]
             return (_LAST.index(top) + 1 if top in _LAST else 0, rel)
 
-        sent = 0
-        for rel in sorted(files, key=order):
+        def send(rel: str) -> bool:
             stamp = self._local_stamp(files[rel])
             if self._index.get(rel, {}).get("local") == stamp:
-                continue
+                return False
             fs.makedirs(f"{root}/{rel}".rsplit("/", 1)[0], exist_ok=True)
             fs.put_file(str(files[rel]), f"{root}/{rel}")
-            info = fs.info(f"{root}/{rel}")
-            self._index[rel] = {"remote": _stamp(info), "local": stamp}
-            self._save_index()
-            sent += 1
+            self._index[rel] = {"remote": _stamp(fs.info(f"{root}/{rel}")), "local": stamp}
+            self._save_index()  # after each file: a push cut short resumes where it stopped
+            return True
+
+        ordered = sorted(files, key=order)
+        first = [rel for rel in ordered if order(rel)[0] == 0]
+        sent = sum(send(rel) for rel in first)
         for rel in [r for r in self._index if r not in files]:
-            fs.rm_file(f"{root}/{rel}")  # the command deleted it here
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(f"{root}/{rel}")  # the command deleted it here
             del self._index[rel]
+        # Then the records of finished work, once what they describe is in place.
+        sent += sum(send(rel) for rel in ordered[len(first):])
         self._save_index()
         logger.info("%s: %d files pushed from %s", self.uri, sent, self.local)
         return sent

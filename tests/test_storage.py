@@ -220,6 +220,14 @@ def test_mirror_round_trip(uri, cache):
     assert (again / "summary.csv").read_text() == "a\n2\n"
     assert not (again / "artifacts" / "ts" / "calibrator.json").exists()
 
+    # Deleted here and, meanwhile, there too: the push still goes through.
+    third = Mirror(uri)
+    third.pull()
+    (third.local / "summary.csv").unlink()
+    fs.rm_file(f"{uri}/summary.csv")
+    assert third.push() == 0
+    assert not fs.exists(f"{uri}/summary.csv")
+
 
 def test_a_missing_bucket_is_named_before_any_work(s3, cache):
     with pytest.raises(FileNotFoundError, match="bucket 'no-such-bucket' of `output` s3://"):
