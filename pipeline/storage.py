@@ -37,7 +37,6 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +127,7 @@ def check_local(cfg: Any) -> None:
         )
 
 
-@contextmanager
+@contextlib.contextmanager
 def mirrored(cfg: Any) -> Iterator[Any]:
     """``cfg`` with a URI ``output`` turned into its local mirror, pushed back on exit.
 
