@@ -249,11 +249,13 @@ def _features_cpu(probs: torch.Tensor, logits: torch.Tensor, preds: np.ndarray) 
         preds: (H * W,) int64 first argmax of ``logits``.
     """
     c = probs.shape[0]
+    counts = np.zeros(c, np.int64)
     conf_sum, entropy_sum, hist = confidence_sums(
-        probs.numpy().reshape(c, -1), logits.numpy().reshape(c, -1), preds, CONF_EDGES[1:-1])
+        probs.numpy().reshape(c, -1), logits.numpy().reshape(c, -1), preds, CONF_EDGES[1:-1],
+        pred_counts=counts)
     return {
         "lf_n_pixels": int(preds.size), "lf_conf_sum": conf_sum, "lf_entropy_sum": entropy_sum,
-        "lf_conf_hist": hist, PRED_HIST_COLUMN: np.bincount(preds, minlength=c).astype(np.int64),
+        "lf_conf_hist": hist, PRED_HIST_COLUMN: counts,
     }
 
 

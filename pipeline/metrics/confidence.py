@@ -23,7 +23,8 @@ __all__ = ["confidence_sums"]
 
 
 def confidence_sums(
-    probs: np.ndarray, logits: np.ndarray, preds: np.ndarray, interior_edges: np.ndarray
+    probs: np.ndarray, logits: np.ndarray, preds: np.ndarray, interior_edges: np.ndarray,
+    *, pred_counts: np.ndarray | None = None,
 ) -> tuple[float, float, np.ndarray]:
     """Sum of top-label confidences, sum of entropies and the confidence histogram.
 
@@ -33,6 +34,8 @@ def confidence_sums(
         preds: (P,) int64 predicted class per pixel (an argmax of ``logits``).
         interior_edges: (K - 1,) increasing float64 bin edges strictly inside (0, 1): bin k
             holds confidences in (edges[k - 1], edges[k]] (0 in the first bin, 1 in the last).
+        pred_counts: optional (C,) int64 array; each pixel adds 1 at its predicted class
+            (``np.bincount(preds, minlength=C)``, counted in the same pass).
 
     Returns:
         ``(conf_sum, entropy_sum, hist)``: float64 sums over pixels (entropy in nats) and the
@@ -55,11 +58,16 @@ def confidence_sums(
         )
     if preds.shape != (probs.shape[1],):
         raise ValueError(f"Expected `preds` of shape ({probs.shape[1]},), but got {preds.shape}")
+    if pred_counts is None:
+        pred_counts = np.zeros(probs.shape[0], np.int64)
+    elif pred_counts.shape != (probs.shape[0],) or pred_counts.dtype != np.int64:
+        raise ValueError(f"Expected `pred_counts` of shape ({probs.shape[0]},) and dtype int64, "
+                         f"but got {pred_counts.shape} {pred_counts.dtype}")
     edges = np.ascontiguousarray(interior_edges, dtype=np.float64)
     hist = np.zeros(len(edges) + 1, np.int64)
     conf_sum, entropy_sum = _kernel(
         np.ascontiguousarray(probs), np.ascontiguousarray(logits),
-        np.ascontiguousarray(preds, dtype=np.int64), edges, hist,
+        np.ascontiguousarray(preds, dtype=np.int64), edges, hist, pred_counts,
     )
     return float(conf_sum), float(entropy_sum), hist
 
@@ -68,7 +76,7 @@ _BLOCK = 2048  # pixels per block: the per-pixel scratch below stays in L1/L2
 
 
 @numba.njit(cache=True, nogil=True)
-def _kernel(probs, logits, preds, edges, hist):
+def _kernel(probs, logits, preds, edges, hist, pred_counts):
     # Pixel blocks, and selects instead of branches in the per-class loop, so that loop
     # vectorises. Per pixel the operations and their order are those of the direct form (the
     # sums over classes, then over pixels, in index order), so the results are bit-identical
@@ -87,6 +95,7 @@ def _kernel(probs, logits, preds, edges, hist):
         m = min(_BLOCK, n - j0)
         for i in range(m):
             t = preds[j0 + i]
+            pred_counts[t] += 1
             top_z[i] = logits[t, j0 + i]
             p_top = probs[t, j0 + i]
             log_p_top[i] = math.log(p_top) if p_top > 0 else -math.inf

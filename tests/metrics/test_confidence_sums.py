@@ -36,7 +36,14 @@ def _cases():
 def test_sums_match_the_direct_float64_computation(name, logits):
     probs = logits.softmax(0)  # float32, as evaluation has them
     preds = logits.argmax(0).numpy()
-    conf, entropy, hist = confidence_sums(probs.numpy(), logits.numpy(), preds, EDGES)
+    counts = np.full(logits.shape[0], 5, np.int64)  # added to, not overwritten
+    conf, entropy, hist = confidence_sums(probs.numpy(), logits.numpy(), preds, EDGES,
+                                          pred_counts=counts)
+    assert counts.tolist() == (np.bincount(preds, minlength=logits.shape[0]) + 5).tolist()
+    # Without counting: the same pass, in the same order, so the same values.
+    again = confidence_sums(probs.numpy(), logits.numpy(), preds, EDGES)
+    assert again[:2] == (conf, entropy)
+    assert again[2].tolist() == hist.tolist()
     want_conf, want_entropy, want_hist = _direct(logits)
     n = logits.shape[1]
     # float32 probabilities: per pixel ~1e-6 relative, so the sums agree to 1e-5 per pixel
@@ -62,6 +69,8 @@ def test_mismatched_inputs_are_refused():
         confidence_sums(z, z.astype(np.float64), np.zeros(4, np.int64), EDGES)
     with pytest.raises(ValueError, match=r"Expected `preds` of shape \(4,\)"):
         confidence_sums(z, z, np.zeros(3, np.int64), EDGES)
+    with pytest.raises(ValueError, match=r"Expected `pred_counts` of shape \(3,\) and dtype int64"):
+        confidence_sums(z, z, np.zeros(4, np.int64), EDGES, pred_counts=np.zeros(3, np.int32))
 
 
 def test_histogram_bins_equal_searchsorted_on_and_around_edges():
