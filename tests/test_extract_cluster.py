@@ -129,34 +129,38 @@ def two_nodes(tmp_path_factory, s3env):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_extract_on_two_nodes_with_actors_on_the_second(two_nodes):
-    base, env = two_nodes["base"], two_nodes["env"]
-    write_pairs(base / "data", 10, (12, 16))
-    config = base / "run.yaml"
+def _extract(two_nodes, output: str, data: Path, rows_per_shard: int, **env: str) -> Path:
+    """``segcal extract`` of ``data`` into ``output`` on the two nodes; returns the config."""
+    base = two_nodes["base"]
+    for log in (base / "nodelog").iterdir():
+        log.unlink()
+    config = data.parent / f"{data.name}.yaml"
     config.write_text(yaml.safe_dump({
-        "output": str(base / "out"),
+        "output": output,
         "model": {"kind": "python", "path": "tests.extract_helpers:node_recording_net",
                   "num_classes": NUM_CLASSES},
         "datasets": [{"name": "toy", "role": "test", "domain": "day",
-                      "images": str(base / "data" / "img"), "labels": str(base / "data" / "lab")}],
-        "extract": {"batch_size": 2, "rows_per_shard": 3,
+                      "images": str(data / "img"), "labels": str(data / "lab")}],
+        "extract": {"batch_size": 2, "rows_per_shard": rows_per_shard,
                     "actor_resources": {"extract_node": 1}},
     }))
-    done = subprocess.run([str(BIN / "segcal"), "extract", str(config)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(BIN / "segcal"), "extract", str(config)],
+                          env={**two_nodes["env"], **env}, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-
     placements = [p.read_text().split() for p in (base / "nodelog").iterdir()]
     assert placements, "the model was never built in an actor"
     assert all(on_worker == "True" for _, on_worker in placements)
+    return config
 
-    cfg = load_config(config)
-    directory = RunPaths(Path(cfg.output), model_fingerprint(cfg.model)).dataset_dir("toy")
+
+def _check_shards(config: Path, directory, count: int) -> None:
+    """The manifest lists exactly the shards there, which hold the model's logits."""
     manifest = read_manifest(directory)
-    assert manifest.n_images == 10
+    assert manifest.n_images == count
     assert sorted(p.name for p in directory.glob("part-*.parquet")) == \
         sorted(s.file for s in manifest.shards)
-    model = load_model(cfg.model)
+    model = load_model(load_config(config).model)
     for record in iter_dataset(directory):
         image = np.array(Image.open(record.uri))
         expected = model(torch.from_numpy(image)[None])[0].half().numpy()
@@ -164,49 +168,28 @@ def test_extract_on_two_nodes_with_actors_on_the_second(two_nodes):
         np.testing.assert_allclose(record.logits, expected, rtol=1e-3, atol=1e-5)
 
 
+def test_extract_on_two_nodes_with_actors_on_the_second(two_nodes):
+    base = two_nodes["base"]
+    write_pairs(base / "data", 10, (12, 16))
+    config = _extract(two_nodes, str(base / "out"), base / "data", 3)
+    cfg = load_config(config)
+    directory = RunPaths(Path(cfg.output), model_fingerprint(cfg.model)).dataset_dir("toy")
+    _check_shards(config, directory, 10)
+
+
 def test_extract_on_two_nodes_to_s3(two_nodes, s3env, monkeypatch):
     """The same, with ``output`` in a bucket: the second node's tasks write the shards there."""
     if s3env is None:
         pytest.skip("moto[server] and s3fs (dev extra) serve S3 on loopback")
-    base, env = two_nodes["base"], two_nodes["env"]
-    for log in (base / "nodelog").iterdir():
-        log.unlink()
+    base = two_nodes["base"]
     write_pairs(base / "data-s3", 6, (12, 16), seed=3)
     uri = f"s3://{BUCKET}/two-nodes"
-    config = base / "run-s3.yaml"
-    config.write_text(yaml.safe_dump({
-        "output": uri,
-        "model": {"kind": "python", "path": "tests.extract_helpers:node_recording_net",
-                  "num_classes": NUM_CLASSES},
-        "datasets": [{"name": "toy", "role": "test", "domain": "day",
-                      "images": str(base / "data-s3" / "img"),
-                      "labels": str(base / "data-s3" / "lab")}],
-        "extract": {"batch_size": 2, "rows_per_shard": 2,
-                    "actor_resources": {"extract_node": 1}},
-    }))
-    done = subprocess.run([str(BIN / "segcal"), "extract", str(config)],
-                          env={**env, "SEGCAL_CACHE": str(base / "cache")}, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    placements = [p.read_text().split() for p in (base / "nodelog").iterdir()]
-    assert placements
-    assert all(on_worker == "True" for _, on_worker in placements)
-
+    config = _extract(two_nodes, uri, base / "data-s3", 2, SEGCAL_CACHE=str(base / "cache"))
     for key, value in s3env.items():
         monkeypatch.setenv(key, value)
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    cfg = load_config(config)
-    directory = RunPaths(Path("/unused"), model_fingerprint(cfg.model), store=uri) \
-        .dataset_dir("toy")
-    manifest = read_manifest(directory)
-    assert manifest.n_images == 6
-    assert sorted(p.name for p in directory.glob("part-*.parquet")) == \
-        sorted(s.file for s in manifest.shards)
-    model = load_model(cfg.model)
-    for record in iter_dataset(directory):
-        image = np.array(Image.open(record.uri))
-        expected = model(torch.from_numpy(image)[None])[0].half().numpy()
-        np.testing.assert_allclose(record.logits, expected, rtol=1e-3, atol=1e-5)
+    fingerprint = model_fingerprint(load_config(config).model)
+    _check_shards(config, RunPaths(Path("/unused"), fingerprint, store=uri).dataset_dir("toy"), 6)
     s3fs.S3FileSystem.clear_instance_cache()
