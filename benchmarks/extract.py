@@ -292,20 +292,11 @@ def _output(args: argparse.Namespace, tmp: Path):  # noqa: ANN202
     if args.output != "local-s3":
         yield
         return
-    from tests.s3_helpers import BUCKET, s3_server
+    from tests.s3_helpers import BUCKET, as_client, s3_server
 
-    with s3_server() as env:
-        old = {k: os.environ.get(k) for k in (*env, "SEGCAL_CACHE")}
-        os.environ.update(env, SEGCAL_CACHE=str(tmp / "cache"))
+    with s3_server() as env, as_client({**env, "SEGCAL_CACHE": str(tmp / "cache")}):
         args.output = f"s3://{BUCKET}/bench"
-        try:
-            yield
-        finally:
-            for key, value in old.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        yield
 
 
 # --------------------------------------------------------------------------- main

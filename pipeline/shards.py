@@ -535,17 +535,17 @@ def describe_shard(path: str | Path) -> ShardInfo:
     path = location(path)
     if not path.is_file():
         raise FileNotFoundError(f"Expected shard {path} to exist, but it is missing")
-    try:
-        with path.open("rb") as f:
-            names = pq.read_schema(f).names
-            f.seek(0)
-            table = pq.read_table(f, columns=["image_id", *(["source"] if "source" in names
-                                                           else [])])
-        ids = table.column("image_id").to_pylist()
-    except (pa.ArrowInvalid, OSError, KeyError) as err:
-        raise ValueError(f"Expected {path} to be a readable Parquet shard, but got: {err}") from err
+    with readable_copy(path) as (local, digest):
+        try:
+            names = pq.read_schema(local).names
+            table = pq.read_table(local, columns=["image_id", *(["source"] if "source" in names
+                                                               else [])])
+            ids = table.column("image_id").to_pylist()
+        except (pa.ArrowInvalid, OSError, KeyError) as err:
+            raise ValueError(
+                f"Expected {path} to be a readable Parquet shard, but got: {err}") from err
     sources = table.column("source").to_pylist() if "source" in table.column_names else []
-    return ShardInfo(file=path.name, rows=len(ids), sha256=file_sha256(path), image_ids=ids,
+    return ShardInfo(file=path.name, rows=len(ids), sha256=digest, image_ids=ids,
                      sources=sources)
 
 

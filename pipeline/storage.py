@@ -169,8 +169,8 @@ def location(value: str | os.PathLike) -> Any:
 
 
 def is_local(path: Any) -> bool:
-    """Whether a :func:`location` is a local :class:`~pathlib.Path`."""
-    return isinstance(path, Path) and not is_uri(str(path))
+    """Whether a :func:`location` is a local :class:`~pathlib.Path` (a URI's ``UPath`` is not)."""
+    return isinstance(path, Path)
 
 
 def write_bytes(path: Any, data: bytes) -> None:

@@ -8,12 +8,14 @@ Nothing is mocked inside the processes under test: they talk HTTP to a real serv
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 
@@ -24,6 +26,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def as_client(env: dict[str, str]) -> Iterator[None]:
+    """This process as a client of the server ``env`` describes (plus any other variables).
+
+    The variables are set and s3fs's cached clients (built for an earlier server, or none)
+    dropped; both are undone on exit.
+    """
+    import s3fs
+
+    with mock.patch.dict(os.environ, env):
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            yield
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from pipeline.models import load_model, model_fingerprint
 from pipeline.paths import RunPaths
 from pipeline.shards import iter_dataset, read_manifest
 from tests.extract_helpers import NUM_CLASSES, write_pairs
-from tests.s3_helpers import BUCKET, s3_server
+from tests.s3_helpers import BUCKET, as_client, s3_server
 from tests.test_e2e_cluster import _free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -177,7 +177,7 @@ def test_extract_on_two_nodes_with_actors_on_the_second(two_nodes):
     _check_shards(config, directory, 10)
 
 
-def test_extract_on_two_nodes_to_s3(two_nodes, s3env, monkeypatch):
+def test_extract_on_two_nodes_to_s3(two_nodes, s3env):
     """The same, with ``output`` in a bucket: the second node's tasks write the shards there."""
     if s3env is None:
         pytest.skip("moto[server] and s3fs (dev extra) serve S3 on loopback")
@@ -185,11 +185,7 @@ def test_extract_on_two_nodes_to_s3(two_nodes, s3env, monkeypatch):
     write_pairs(base / "data-s3", 6, (12, 16), seed=3)
     uri = f"s3://{BUCKET}/two-nodes"
     config = _extract(two_nodes, uri, base / "data-s3", 2, SEGCAL_CACHE=str(base / "cache"))
-    for key, value in s3env.items():
-        monkeypatch.setenv(key, value)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
     fingerprint = model_fingerprint(load_config(config).model)
-    _check_shards(config, RunPaths(Path("/unused"), fingerprint, store=uri).dataset_dir("toy"), 6)
-    s3fs.S3FileSystem.clear_instance_cache()
+    with as_client(s3env):
+        _check_shards(config, RunPaths(Path("/unused"), fingerprint, store=uri)
+                      .dataset_dir("toy"), 6)

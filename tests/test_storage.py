@@ -23,28 +23,15 @@ from pipeline.shards import (
     write_shard,
 )
 from pipeline.storage import Mirror, check_uri, location
-from tests.s3_helpers import BUCKET, s3_server
+from tests.s3_helpers import BUCKET, as_client, s3_server
 from tests.test_shards import assert_records_equal, make_manifest, make_records, write_dataset
 
 
 @pytest.fixture(scope="module")
 def s3():
     """The moto server's client variables, set in this process for the module's tests."""
-    with s3_server() as env:
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()  # no client of an earlier server
-        try:
-            yield env
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            for key, value in old.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with s3_server() as env, as_client(env):
+        yield env
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from pipeline.models import load_model, model_fingerprint
 from pipeline.paths import RunPaths
 from pipeline.shards import iter_dataset, read_manifest
 from tests.extract_helpers import NUM_CLASSES, write_pairs
-from tests.s3_helpers import BUCKET, s3_server
+from tests.s3_helpers import BUCKET, as_client, s3_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -46,7 +46,7 @@ def _stages(done: subprocess.CompletedProcess) -> dict[str, str]:
                 if line.split(":")[0] in ("extract", "fit", "evaluate", "report"))
 
 
-def test_run_with_its_output_on_s3(tmp_path, monkeypatch):
+def test_run_with_its_output_on_s3(tmp_path):
     write_pairs(tmp_path / "cal", 6, (12, 16), seed=0)
     write_pairs(tmp_path / "test", 4, (12, 16), seed=1)
     config = tmp_path / "run.yaml"
@@ -65,13 +65,9 @@ def test_run_with_its_output_on_s3(tmp_path, monkeypatch):
         "fit": {"mode": "ray", "num_workers": 1, "epochs": 2, "pixels_per_image": 64},
         "evaluate": {"bootstrap": 0, "num_actors": 1},
     }))
-    with s3_server() as s3env:
-        for key, value in s3env.items():
-            monkeypatch.setenv(key, value)
+    with s3_server() as s3env, as_client(s3env):
         import fsspec
-        import s3fs
 
-        s3fs.S3FileSystem.clear_instance_cache()
         fs = fsspec.filesystem("s3")
         env = {**os.environ, "SEGCAL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
         env.pop("RAY_ADDRESS", None)
@@ -141,4 +137,3 @@ def test_run_with_its_output_on_s3(tmp_path, monkeypatch):
         record = next(r for r in iter_dataset(paths.dataset_dir("cal")) if r.uri == str(changed))
         expected = model(torch.from_numpy(np.array(Image.open(changed)))[None])[0].half().numpy()
         np.testing.assert_allclose(record.logits, expected, rtol=1e-3, atol=1e-5)
-        s3fs.S3FileSystem.clear_instance_cache()
